@@ -1,0 +1,21 @@
+"""vitlab: train, compare and fine-tune Vision Transformer variants."""
+from .errors import VitlabError
+from .registry import create_model, list_models, register_model
+
+__version__ = "0.1.0"
+
+
+def load_pretrained(model, path, **kwargs):
+    """Load a local .safetensors / .pth / JAX .npz checkpoint into `model` (see `vitlab.pretrained`)."""
+    from .pretrained import load_pretrained as _load
+    return _load(model, path, **kwargs)
+
+
+def load_config(path=None, overrides=()):
+    """Load a YAML config, apply `section.key=value` overrides, validate (see `vitlab.config`)."""
+    from .config import load_config as _load
+    return _load(path, overrides)
+
+
+__all__ = ["VitlabError", "__version__", "create_model", "list_models", "load_config", "load_pretrained",
+           "register_model"]

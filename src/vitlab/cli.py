@@ -1,0 +1,167 @@
+"""The `vitlab` command: train, evaluate, predict, models.
+
+Thin by design: parse, build a config, call library functions. A user error (VitlabError, bad flags)
+prints one line on stderr and exits 2; no traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from .errors import VitlabError
+
+TRAIN_FLAGS = {  # flag dest -> config key (seed 000's and seed 001/002's flags)
+    "data_dir": "data.data_dir", "output": "output.dir", "savefile": "output.savefile",
+    "num_workers": "data.num_workers", "model": "model.name", "dataset": "data.dataset",
+    "epochs": "train.epochs", "batch_size": "train.batch_size", "lr": "optim.lr",
+}
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # argparse prints usage + error; we print one line
+        raise VitlabError(f"{message} (see `{self.prog} --help`)")
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="vitlab", description="Train, evaluate and compare Vision Transformers.")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    t = sub.add_parser("train", help="train a model from a YAML config plus overrides")
+    t.add_argument("--config", help="YAML config file (e.g. configs/quickstart.yaml)")
+    t.add_argument("--data_dir", "--data-dir", help="dataset folder (data.data_dir)")
+    t.add_argument("--output", help="base output folder (output.dir, default ./output)")
+    t.add_argument("--savefile", help="run name under <output>/<task_name>/ (output.savefile, default run_01)")
+    t.add_argument("--reload", action="store_true", help="resume the run from its last checkpoint")
+    t.add_argument("--local", action="store_true",
+                   help="force one local process even under torchrun/SLURM (training is single-process for now)")
+    t.add_argument("--num_workers", "--num-workers", type=int, help="data loader workers (data.num_workers, default 8)")
+    t.add_argument("--model", help="model name (model.name); `vitlab models` lists them")
+    t.add_argument("--dataset", help="dataset name (data.dataset)")
+    t.add_argument("--epochs", type=int, help="train.epochs")
+    t.add_argument("--batch-size", "--batch_size", dest="batch_size", type=int, help="train.batch_size")
+    t.add_argument("--lr", type=float, help="optim.lr")
+    t.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. optim.lr=3e-4")
+
+    e = sub.add_parser("evaluate", help="loss, top-1 and top-5 of a checkpoint on a dataset split (JSON)")
+    e.add_argument("--checkpoint", required=True, help="run dir, checkpoint dir or model.safetensors")
+    e.add_argument("--dataset", help="dataset name (default: the one it was trained on)")
+    e.add_argument("--data_dir", "--data-dir", help="dataset folder")
+    e.add_argument("--split", choices=("train", "val", "test"), default="test")
+    e.add_argument("--batch-size", "--batch_size", dest="batch_size", type=int, default=256)
+    e.add_argument("--device", default="auto")
+
+    pr = sub.add_parser("predict", help="top-k labels for image files")
+    pr.add_argument("--checkpoint", required=True, help="run dir, checkpoint dir or model.safetensors")
+    pr.add_argument("images", nargs="+", metavar="IMAGE")
+    pr.add_argument("--topk", type=int, default=5)
+
+    m = sub.add_parser("models", help="list model names with parameters and GFLOPs")
+    m.add_argument("pattern", nargs="?", default="*", help="shell pattern, e.g. 'vit_small*'")
+    m.add_argument("--aliases", action="store_true", help="also list aliases (b16, l16, ...)")
+    return p
+
+
+def cmd_train(args) -> int:
+    from .config import build_config, parse_override, read_yaml
+    from .train import train
+
+    tree = read_yaml(args.config) if args.config else {}
+    overrides = [(key, getattr(args, dest)) for dest, key in TRAIN_FLAGS.items() if getattr(args, dest) is not None]
+    overrides += [parse_override(o) for o in args.overrides]
+    cfg = build_config(tree, overrides)
+    train(cfg, reload=args.reload)
+    return 0
+
+
+def cmd_evaluate(args) -> int:
+    import dataclasses
+
+    import torch
+
+    from .data import build_data
+    from .train import evaluate, load_checkpoint
+    from .train.trainer import resolve_device
+
+    model, cfg, _ = load_checkpoint(args.checkpoint)
+    data_cfg = dataclasses.replace(cfg.data, dataset=args.dataset or cfg.data.dataset,
+                                   data_dir=args.data_dir or cfg.data.data_dir)
+    from .config import validate
+    validate(dataclasses.replace(cfg, data=data_cfg))
+    a = model.vitlab_args
+    data = build_data(data_cfg, img_size=a["img_size"], in_chans=a["in_chans"])
+    if data.info.num_classes != a["num_classes"]:
+        raise VitlabError(f"the checkpoint predicts {a['num_classes']} classes but {data.info.name} has "
+                          f"{data.info.num_classes}; evaluate on the dataset it was trained for")
+    device = resolve_device(args.device)
+    loader = data.loader(args.split, args.batch_size, min(cfg.data.num_workers, 4), pin_memory=device.type == "cuda")
+    with torch.inference_mode():
+        metrics = evaluate(model.to(device), loader, device, cfg.train.amp)
+    print(json.dumps({"checkpoint": str(args.checkpoint), "dataset": data.info.name, "split": args.split,
+                      "top1": metrics["top1"], "top5": metrics["top5"], "loss": metrics["loss"], "n": metrics["n"]}))
+    return 0
+
+
+def cmd_predict(args) -> int:
+    import torch
+    from PIL import Image, UnidentifiedImageError
+
+    from .data import DatasetInfo
+    from .data.transforms import build_transform
+    from .train import load_checkpoint, predict
+
+    model, _, extra = load_checkpoint(args.checkpoint)
+    info = DatasetInfo(**extra["dataset_info"])
+    a = model.vitlab_args
+    tf = build_transform(info, a["img_size"], a["in_chans"], "none", train=False)
+    batch = []
+    for path in args.images:
+        try:
+            with Image.open(path) as im:
+                batch.append(tf(im.convert("RGB" if info.in_chans == 3 else "L")))
+        except FileNotFoundError:
+            raise VitlabError(f"image '{path}' not found") from None
+        except UnidentifiedImageError:
+            raise VitlabError(f"'{path}' is not an image file PIL can read") from None
+    probs, idx = predict(model, torch.stack(batch), args.topk)
+    names = info.class_names or [str(i) for i in range(a["num_classes"])]
+    for path, p_row, i_row in zip(args.images, probs.tolist(), idx.tolist()):
+        print(f"{path}: " + ", ".join(f"{names[i]} {p:.3f}" for p, i in zip(p_row, i_row)))
+    return 0
+
+
+def cmd_models(args) -> int:
+    from .registry import list_models
+    from .stats import model_stats
+
+    names = list_models(args.pattern, aliases=args.aliases)
+    if not names:
+        raise VitlabError(f"no model matches '{args.pattern}'; try `vitlab models` for the full list")
+    print(f"{'model':<28} {'params (M)':>11} {'GFLOPs':>9} {'img':>5}")
+    for name in names:
+        s = model_stats(name)
+        print(f"{name:<28} {s['params'] / 1e6:>11.2f} {s['gflops']:>9.3f} {s['img_size']:>5}")
+    print("GFLOPs: multiply-accumulates of one forward pass at the model's own resolution, in billions "
+          "(the timm/fvcore convention; ViT-S/16 = 4.6)")
+    return 0
+
+
+COMMANDS = {"train": cmd_train, "evaluate": cmd_evaluate, "predict": cmd_predict, "models": cmd_models}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        args = _parser().parse_args(argv)
+        return COMMANDS[args.command](args)
+    except VitlabError as exc:
+        print(f"vitlab: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("vitlab: interrupted; the last checkpoint is intact (resume with --reload)", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

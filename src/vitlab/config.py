@@ -1,0 +1,303 @@
+"""The run configuration: one dataclass tree, serialised as YAML, overridden by `section.key=value`.
+
+Precedence (lowest first): dataclass defaults < YAML file < CLI flags (--epochs ...) < `key=value` overrides.
+Unknown keys and wrong types are `VitlabError`s that name the key and the closest valid one. `None` in the
+model section means "the registered model's default".
+"""
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Literal, Optional, Union
+
+import yaml
+
+from .errors import VitlabError, did_you_mean
+
+
+@dataclass
+class ModelConfig:
+    name: str = "vit_micro_patch2_8"
+    img_size: Optional[int] = None  # defaults to data.img_size, then the dataset's native size
+    patch_size: Optional[int] = None
+    in_chans: Optional[int] = None  # defaults to the dataset's channels
+    num_classes: Optional[int] = None  # defaults to the dataset's classes
+    embed_dim: Optional[int] = None
+    depth: Optional[int] = None
+    num_heads: Optional[int] = None
+    mlp_ratio: Optional[float] = None
+    qkv_bias: Optional[bool] = None
+    class_token: Optional[bool] = None
+    global_pool: Optional[Literal["token", "avg"]] = None
+    drop_rate: Optional[float] = None
+    attn_drop_rate: Optional[float] = None
+    drop_path_rate: Optional[float] = None
+    init_values: Optional[float] = None  # LayerScale initial value; None = no LayerScale
+    pretrained: Optional[str] = None  # local .safetensors/.pth/.npz file to start from
+
+
+@dataclass
+class DataConfig:
+    dataset: str = "digits"
+    data_dir: str = "./data"
+    download: bool = False  # try to download missing torchvision datasets
+    img_size: Optional[int] = None  # resize to this; default: the model's, else the dataset's native size
+    augment: Literal["none", "basic", "randaugment"] = "basic"
+    mixup: float = 0.0  # MixUp alpha (0 = off)
+    cutmix: float = 0.0  # CutMix alpha (0 = off)
+    val_fraction: float = 0.1  # carved from train when the dataset has no validation split
+    test_fraction: float = 0.2  # carved (before val) when the dataset has no test split
+    split_seed: int = 0
+    num_workers: int = 8
+    synthetic_size: int = 1024  # `synthetic` only: number of training images
+    synthetic_classes: int = 10
+
+
+@dataclass
+class OptimConfig:
+    name: Literal["adamw", "sgd"] = "adamw"
+    lr: float = 1e-3
+    weight_decay: float = 0.05
+    betas: tuple[float, float] = (0.9, 0.999)
+    momentum: float = 0.9  # sgd
+    nesterov: bool = False  # sgd
+    schedule: Literal["cosine", "constant"] = "cosine"
+    warmup_steps: int = 0
+    warmup_epochs: float = 0.0  # used when warmup_steps is 0
+    min_lr: float = 0.0
+    label_smoothing: float = 0.0
+    clip_grad: float = 0.0  # max global grad norm; 0 = off
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 10
+    batch_size: int = 128
+    eval_batch_size: Optional[int] = None  # default: 2 x batch_size
+    accum_steps: int = 1
+    seed: int = 0
+    deterministic: bool = True  # deterministic algorithms (CPU runs are then bit-reproducible)
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    amp: Literal["auto", "bf16", "fp16", "none"] = "auto"  # auto: bf16 on CUDA, none on CPU
+    compile: bool = False  # torch.compile the model
+    ema: bool = False
+    ema_decay: float = 0.999
+    val_every_n_batches: int = 0  # also log one validation batch's loss every N train batches; 0 = off
+    log_every: int = 20  # flush per-batch metrics (and the progress line) every N batches
+
+
+@dataclass
+class OutputConfig:
+    dir: str = "./output"
+    savefile: str = "run_01"
+    tensorboard: bool = True
+    progress: Literal["auto", "bar", "plain", "none"] = "auto"  # auto: a bar on a terminal, else plain lines
+
+
+@dataclass
+class Config:
+    task_name: str = "vitlab"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.output.dir) / self.task_name / self.output.savefile
+
+    def to_dict(self) -> dict[str, Any]:
+        return _plain(dataclasses.asdict(self))
+
+    def dump(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+def all_keys(cfg: Config | None = None) -> list[str]:
+    """Every dotted key of the schema, e.g. 'optim.lr'."""
+    cfg = cfg or Config()
+    keys = []
+    for f in dataclasses.fields(cfg):
+        sub = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(sub):
+            keys += [f"{f.name}.{g.name}" for g in dataclasses.fields(sub)]
+        else:
+            keys.append(f.name)
+    return keys
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    if origin is tuple:
+        return "a list of " + ", ".join(_type_name(a) for a in typing.get_args(tp))
+    return {type(None): "null"}.get(tp, getattr(tp, "__name__", str(tp)))
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check `value` against the annotation `tp`; ints are accepted for floats, lists for tuples."""
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        for arg in typing.get_args(tp):
+            try:
+                return _coerce(value, arg, key)
+            except VitlabError:
+                pass
+    elif origin is Literal:
+        if value in typing.get_args(tp):
+            return value
+        raise VitlabError(f"config key '{key}' must be {_type_name(tp)}, got {value!r}"
+                          f"{did_you_mean(str(value), map(str, typing.get_args(tp)))}")
+    elif origin is tuple:
+        args = typing.get_args(tp)
+        if isinstance(value, (list, tuple)) and len(value) == len(args):
+            return tuple(_coerce(v, a, key) for v, a in zip(value, args))
+    elif tp is type(None):
+        if value is None:
+            return None
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif isinstance(value, tp):
+        return value
+    raise VitlabError(f"config key '{key}' must be {_type_name(tp)}, got {value!r} ({type(value).__name__})")
+
+
+def _apply(cfg: Config, key: str, value: Any) -> None:
+    parts = key.split(".")
+    target: Any = cfg
+    for part in parts[:-1]:
+        sub = getattr(target, part, None) if part in {f.name for f in dataclasses.fields(target)} else None
+        if not dataclasses.is_dataclass(sub):
+            raise VitlabError(f"unknown config key '{key}'{did_you_mean(key, all_keys())}")
+        target = sub
+    names = {f.name: f for f in dataclasses.fields(target)}
+    leaf = parts[-1]
+    if leaf not in names or dataclasses.is_dataclass(getattr(target, leaf)):
+        raise VitlabError(f"unknown config key '{key}'{did_you_mean(key, all_keys())}")
+    hints = typing.get_type_hints(type(target))
+    setattr(target, leaf, _coerce(value, hints[leaf], key))
+
+
+def _flatten(tree: dict[str, Any], prefix: str = "") -> Iterable[tuple[str, Any]]:
+    for k, v in tree.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            yield from _flatten(v, key + ".")
+        else:
+            yield key, v
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """'optim.lr=3e-4' -> ('optim.lr', 0.0003); the value is read as YAML (numbers, bools, null, lists)."""
+    if "=" not in text:
+        raise VitlabError(f"override '{text}' is not of the form section.key=value (e.g. optim.lr=3e-4)")
+    key, raw = text.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    if isinstance(value, str) and _looks_numeric(raw):
+        value = float(raw)  # YAML 1.1 reads '1e-3' as a string
+    return key.strip(), value
+
+
+def _looks_numeric(raw: str) -> bool:
+    try:
+        float(raw)
+        return True
+    except ValueError:
+        return False
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise VitlabError(f"config file '{path}' not found; pass an existing YAML file (e.g. configs/quickstart.yaml)")
+    try:
+        tree = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        raise VitlabError(f"config file '{path}' is not valid YAML{where}: "
+                          f"{getattr(exc, 'problem', None) or exc}; fix the syntax") from None
+    if not isinstance(tree, dict):
+        raise VitlabError(f"config file '{path}' must be a mapping of sections (model:, data:, ...), "
+                          f"not a {type(tree).__name__}")
+    return tree
+
+
+def build_config(tree: dict[str, Any] | None = None, overrides: Iterable[tuple[str, Any]] = ()) -> Config:
+    """Defaults, then a nested dict (from YAML), then (key, value) overrides; validated."""
+    cfg = Config()
+    for key, value in _flatten(_numeric_strings(tree or {})):
+        _apply(cfg, key, value)
+    for key, value in overrides:
+        _apply(cfg, key, value)
+    validate(cfg)
+    return cfg
+
+
+def _numeric_strings(tree: dict[str, Any]) -> dict[str, Any]:
+    """YAML 1.1 reads '1e-3' (no dot) as a string; users mean a number."""
+    out = {}
+    for k, v in tree.items():
+        if isinstance(v, dict):
+            out[k] = _numeric_strings(v)
+        elif isinstance(v, str) and _looks_numeric(v) and not v.strip().isdigit():
+            out[k] = float(v)
+        else:
+            out[k] = v
+    return out
+
+
+def load_config(path: str | Path | None = None, overrides: Iterable[str] = ()) -> Config:
+    """Load `path` (YAML) and apply `section.key=value` strings."""
+    tree = read_yaml(path) if path is not None else {}
+    return build_config(tree, [parse_override(o) for o in overrides])
+
+
+def config_from_dict(tree: dict[str, Any]) -> Config:
+    """Rebuild a Config saved in a run directory or checkpoint."""
+    return build_config(tree)
+
+
+def validate(cfg: Config) -> None:
+    """Cross-field checks and name lookups (model and dataset names must exist)."""
+    from .data import dataset_names
+    from .registry import resolve_name
+
+    resolve_name(cfg.model.name)
+    if cfg.data.dataset not in dataset_names():
+        raise VitlabError(f"unknown dataset '{cfg.data.dataset}'{did_you_mean(cfg.data.dataset, dataset_names())}; "
+                          f"choose one of: {', '.join(dataset_names())}")
+    positive = {"train.epochs": cfg.train.epochs, "train.batch_size": cfg.train.batch_size,
+                "train.accum_steps": cfg.train.accum_steps, "train.log_every": cfg.train.log_every,
+                "optim.lr": cfg.optim.lr}
+    for key, value in positive.items():
+        if value <= 0:
+            raise VitlabError(f"config key '{key}' must be positive, got {value}")
+    for key in ("data.val_fraction", "data.test_fraction"):
+        value = getattr(cfg.data, key.split(".")[1])
+        if not 0 <= value < 1:
+            raise VitlabError(f"config key '{key}' must be in [0, 1), got {value}")
+    if cfg.data.num_workers < 0:
+        raise VitlabError(f"config key 'data.num_workers' must be >= 0, got {cfg.data.num_workers}")

@@ -1,0 +1,210 @@
+"""Datasets by name, each returning raw (image, label) pairs; transforms are added by `build_splits`.
+
+Small datasets (digits, MNIST, Fashion-MNIST, CIFAR) are held in memory as one uint8 tensor, which makes
+per-sample transforms cheap. Folder datasets (imagefolder, bach) read files lazily. Every dataset ends up
+with train/val/test splits: a dataset without a test split gets one carved off by a seeded split, and
+validation is always carved from train unless the dataset has its own (a `val/` folder next to `test/`).
+"""
+from __future__ import annotations
+
+import urllib.error
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch.utils.data import Dataset, Subset
+
+from ..errors import VitlabError
+
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+@dataclass
+class DatasetInfo:
+    """What a dataset is: sizes, statistics and which augmentations make sense for it."""
+    name: str
+    num_classes: int
+    in_chans: int
+    img_size: int  # native (or typical) side length
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    hflip: bool = True  # mirrored digits are not digits
+    crop: str = "pad"  # "pad": padded random crop (small images); "rrc": RandomResizedCrop (photos)
+    class_names: list[str] = field(default_factory=list)
+
+
+@dataclass
+class RawSplits:
+    info: DatasetInfo
+    train: Dataset
+    test: Dataset
+    val: Dataset | None = None  # None: carve from train
+
+
+class TensorImages(Dataset):
+    """Images as one uint8 tensor (N, C, H, W) plus int64 labels."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor):
+        self.images, self.labels = images, labels
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        return self.images[i], int(self.labels[i])
+
+
+def _require_dir(data_dir: str, name: str) -> Path:
+    root = Path(data_dir).expanduser()
+    if not root.is_dir():
+        raise VitlabError(f"data directory '{root}' does not exist; pass --data_dir pointing at the {name} data "
+                          f"(or data.download=true for torchvision datasets)")
+    return root
+
+
+def _torchvision(cls_name: str, name: str, num_classes: int, in_chans: int, img_size: int,
+                 mean: tuple[float, ...], std: tuple[float, ...], hflip: bool) -> Callable[..., RawSplits]:
+    def build(data_dir: str, download: bool, **_) -> RawSplits:
+        import torchvision
+
+        root = Path(data_dir).expanduser()
+        if not download:
+            _require_dir(data_dir, name)
+        cls = getattr(torchvision.datasets, cls_name)
+        try:
+            parts = [cls(str(root), train=train, download=download) for train in (True, False)]
+        except (RuntimeError, urllib.error.URLError, OSError) as exc:
+            if download:  # torchvision wraps network errors in a multi-line RuntimeError: keep its first line
+                reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0].rstrip(":")
+                raise VitlabError(f"downloading {name} into '{root}' failed ({reason}); this machine may be "
+                                  f"offline: copy the dataset there and run with data.download=false") from None
+            raise VitlabError(f"{name} not found under '{root}'; pass --data_dir pointing at the folder that "
+                              f"holds it, or set data.download=true where the internet is reachable") from None
+        splits = []
+        for ds in parts:
+            images = torch.as_tensor(ds.data)
+            images = images.unsqueeze(1) if images.ndim == 3 else images.permute(0, 3, 1, 2)  # (N, C, H, W)
+            splits.append(TensorImages(images.contiguous(), torch.as_tensor(ds.targets, dtype=torch.long)))
+        info = DatasetInfo(name, num_classes, in_chans, img_size, mean, std, hflip, "pad", list(parts[0].classes))
+        return RawSplits(info, splits[0], splits[1])
+    return build
+
+
+def _digits(test_fraction: float, split_seed: int, **_) -> RawSplits:
+    """scikit-learn's bundled 8x8 digits (1,797 images, 16 grey levels): works offline, trains in seconds."""
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    images = torch.as_tensor(d.images * (255.0 / 16.0)).round().to(torch.uint8).unsqueeze(1)  # (N, 1, 8, 8)
+    full = TensorImages(images, torch.as_tensor(d.target, dtype=torch.long))
+    train, test = seeded_split(full, test_fraction, split_seed)
+    mean, std = float(images.float().mean() / 255), float(images.float().std() / 255)
+    info = DatasetInfo("digits", 10, 1, 8, (mean,), (std,), hflip=False, class_names=[str(i) for i in range(10)])
+    return RawSplits(info, train, test)
+
+
+class SyntheticImages(Dataset):
+    """Random images and labels, generated on the fly from a seed: for benchmarks and smoke tests only."""
+
+    def __init__(self, n: int, num_classes: int, img_size: int, in_chans: int, seed: int):
+        self.n, self.num_classes, self.shape, self.seed = n, num_classes, (in_chans, img_size, img_size), seed
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + i)
+        image = torch.randint(0, 256, self.shape, generator=g, dtype=torch.uint8)
+        return image, int(torch.randint(self.num_classes, (1,), generator=g))
+
+
+def _synthetic(img_size: int | None, synthetic_size: int, synthetic_classes: int, split_seed: int, **_) -> RawSplits:
+    size = img_size or 224
+    info = DatasetInfo("synthetic", synthetic_classes, 3, size, (0.5,) * 3, (0.5,) * 3,
+                       class_names=[str(i) for i in range(synthetic_classes)])
+    n_eval = max(synthetic_size // 10, 1)
+    return RawSplits(info, SyntheticImages(synthetic_size, synthetic_classes, size, 3, split_seed),
+                     SyntheticImages(n_eval, synthetic_classes, size, 3, split_seed + 1))
+
+
+def _pil_rgb(path: str):
+    from PIL import Image
+
+    with Image.open(path) as im:
+        return im.convert("RGB")
+
+
+def _image_folder(root: Path):
+    from torchvision.datasets import ImageFolder
+
+    return ImageFolder(str(root), loader=_pil_rgb)
+
+
+def _folder_splits(name: str, data_dir: str, test_fraction: float, split_seed: int,
+                   expect_classes: int | None = None, **_) -> RawSplits:
+    """train/ [val/] [test/] folders of class subfolders; or class subfolders directly (all carved)."""
+    root = _require_dir(data_dir, name)
+    sub = {s: root / s for s in ("train", "val", "test") if (root / s).is_dir()}
+    try:
+        if "train" in sub:
+            train = _image_folder(sub["train"])
+            if "test" in sub:  # a dedicated val split only when a test split exists beside it
+                test, val = _image_folder(sub["test"]), _image_folder(sub["val"]) if "val" in sub else None
+            elif "val" in sub:  # ImageNet layout: report on val/, carve validation from train
+                test, val = _image_folder(sub["val"]), None
+            else:
+                train, test = seeded_split(train, test_fraction, split_seed)
+                val = None
+        else:
+            full = _image_folder(root)
+            train, test = seeded_split(full, test_fraction, split_seed)
+            val = None
+    except FileNotFoundError as exc:
+        raise VitlabError(f"'{root}' has no images in the expected layout ({exc}); use "
+                          f"{root}/train/<class>/*.jpg (and val/ or test/), or {root}/<class>/*.jpg") from None
+    classes = _base(train).classes
+    if expect_classes is not None and len(classes) != expect_classes:
+        raise VitlabError(f"{name} needs {expect_classes} class folders, found {len(classes)} under '{root}' "
+                          f"({', '.join(classes)}); check --data_dir")
+    info = DatasetInfo(name, len(classes), 3, 224, IMAGENET_MEAN, IMAGENET_STD, True, "rrc", list(classes))
+    return RawSplits(info, train, test, val)
+
+
+def _base(ds: Dataset) -> Dataset:
+    while isinstance(ds, Subset):
+        ds = ds.dataset
+    return ds
+
+
+def seeded_split(ds: Dataset, fraction: float, seed: int) -> tuple[Dataset, Dataset]:
+    """Split off `fraction` of `ds` by a seeded permutation: (rest, part)."""
+    n = len(ds)
+    n_part = int(round(n * fraction))
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
+    return Subset(ds, perm[n_part:]), Subset(ds, perm[:n_part])
+
+
+_MNIST = ((0.1307,), (0.3081,))
+_FASHION = ((0.2860,), (0.3530,))
+_CIFAR10 = ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616))
+_CIFAR100 = ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762))
+
+DATASETS: dict[str, Callable[..., RawSplits]] = {
+    "digits": _digits,
+    "mnist": _torchvision("MNIST", "mnist", 10, 1, 28, *_MNIST, hflip=False),
+    "fashion_mnist": _torchvision("FashionMNIST", "fashion_mnist", 10, 1, 28, *_FASHION, hflip=True),
+    "cifar10": _torchvision("CIFAR10", "cifar10", 10, 3, 32, *_CIFAR10, hflip=True),
+    "cifar100": _torchvision("CIFAR100", "cifar100", 100, 3, 32, *_CIFAR100, hflip=True),
+    "imagefolder": lambda **kw: _folder_splits("imagefolder", **kw),
+    "bach": lambda **kw: _folder_splits("bach", expect_classes=4, **kw),
+    "synthetic": _synthetic,
+}
+
+
+def dataset_names() -> list[str]:
+    return list(DATASETS)
+
+
+def load_raw(name: str, **kwargs) -> RawSplits:
+    return DATASETS[name](**kwargs)

@@ -1,0 +1,92 @@
+"""Turn a `DataConfig` into train/val/test splits and their loaders."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data.distributed import DistributedSampler
+
+from ..config import DataConfig
+from .datasets import DatasetInfo, TensorImages, load_raw, seeded_split
+from .tensor_loader import TensorBatchLoader
+from .transforms import MixCollate, build_transform
+
+
+class Transformed(Dataset):
+    def __init__(self, ds: Dataset, transform):
+        self.ds, self.transform = ds, transform
+
+    def __len__(self) -> int:
+        return len(self.ds)
+
+    def __getitem__(self, i: int):
+        image, label = self.ds[i]
+        return self.transform(image), label
+
+
+@dataclass
+class DataBundle:
+    """Raw splits plus how to transform them; `loader(split)` picks the fastest correct loader."""
+    info: DatasetInfo
+    img_size: int
+    in_chans: int
+    augment: str
+    splits: dict[str, Dataset]
+
+    def dataset(self, split: str) -> Dataset:
+        """The split with per-sample torchvision transforms (training augmentation only on 'train')."""
+        train = split == "train"
+        return Transformed(self.splits[split], build_transform(self.info, self.img_size, self.in_chans,
+                                                               self.augment, train))
+
+    def loader(self, split: str, batch_size: int, num_workers: int = 0, seed: int = 0,
+               mix: MixCollate | None = None, pin_memory: bool = False):
+        """In-memory datasets get the batched `TensorBatchLoader`; others a DataLoader with workers.
+
+        Train loaders shuffle as a function of (seed, epoch) alone (`set_epoch`), so a resumed run sees the
+        same batches; the DistributedSampler is the world-size-1 case of data-parallel sharding."""
+        train = split == "train"
+        tensors = _tensors(self.splits[split])
+        if tensors is not None and not (train and self.augment == "randaugment"):
+            return TensorBatchLoader(*tensors, self.info, self.img_size, self.in_chans, batch_size, train,
+                                     self.augment, seed, mix if train else None)
+        ds = self.dataset(split)
+        sampler = DistributedSampler(ds, num_replicas=1, rank=0, shuffle=True, seed=seed) if train else None
+        return DataLoader(ds, batch_size=batch_size, sampler=sampler, num_workers=min(num_workers, os.cpu_count() or 1),
+                          collate_fn=mix if train else None, pin_memory=pin_memory,
+                          generator=torch.Generator().manual_seed(seed) if train else None)
+
+
+def _tensors(ds: Dataset) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(images, labels) when `ds` is a TensorImages or a Subset of one, else None."""
+    index = None
+    while isinstance(ds, Subset):
+        idx = torch.as_tensor(ds.indices)
+        index = idx if index is None else idx[index]
+        ds = ds.dataset
+    if not isinstance(ds, TensorImages):
+        return None
+    return (ds.images, ds.labels) if index is None else (ds.images[index], ds.labels[index])
+
+
+def build_data(cfg: DataConfig, img_size: int | None = None, in_chans: int | None = None) -> DataBundle:
+    """Load `cfg.dataset`; `img_size`/`in_chans` default to the data's own."""
+    raw = load_raw(cfg.dataset, data_dir=cfg.data_dir, download=cfg.download, test_fraction=cfg.test_fraction,
+                   split_seed=cfg.split_seed, img_size=cfg.img_size or img_size,
+                   synthetic_size=cfg.synthetic_size, synthetic_classes=cfg.synthetic_classes)
+    train, val = raw.train, raw.val
+    if val is None:
+        train, val = seeded_split(train, cfg.val_fraction, cfg.split_seed + 1)
+    return DataBundle(raw.info, cfg.img_size or img_size or raw.info.img_size, in_chans or raw.info.in_chans,
+                      cfg.augment, {"train": train, "val": val, "test": raw.test})
+
+
+def set_epoch(loader, epoch: int) -> None:
+    """Make the loader's order and augmentation for this epoch a function of (seed, epoch)."""
+    if isinstance(loader, TensorBatchLoader):
+        loader.set_epoch(epoch)
+    elif isinstance(loader.sampler, DistributedSampler):
+        loader.sampler.set_epoch(epoch)
+        loader.generator.manual_seed(loader.sampler.seed * 100_003 + epoch)  # worker seeds

@@ -1,0 +1,126 @@
+"""Loading pretrained weights from local files into a vitlab model.
+
+Formats: `.safetensors` (timm / Hugging Face / vitlab), `.pth`/`.pt`/`.bin` (a state dict, possibly under
+'model' or 'state_dict'), and `.npz` from the original JAX ViT (google-research/vision_transformer) or
+big_vision, converted to our (= timm's) key layout. On the way in:
+  * `module.` / `_orig_mod.` prefixes (DDP, torch.compile) are stripped;
+  * the position embedding is resampled (bicubic, antialiased) to the model's grid;
+  * 3-channel patch weights are summed for a 1-channel model (and tiled for more channels);
+  * a classifier head whose shape does not match (other num_classes) is dropped and keeps its fresh init.
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from .errors import VitlabError
+from .layers import resample_pos_embed
+
+
+def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """A flat {key: tensor} from any supported file, in timm's key layout."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise VitlabError(f"pretrained file '{path}' not found; pass a local .safetensors, .pth or .npz file")
+    suffix = path.suffix.lower()
+    if suffix == ".safetensors":
+        from safetensors.torch import load_file
+        sd = load_file(str(path))
+    elif suffix in (".pth", ".pt", ".bin"):
+        sd = torch.load(path, map_location="cpu", weights_only=True)
+        for key in ("model", "state_dict", "model_state"):
+            if isinstance(sd, dict) and isinstance(sd.get(key), dict):
+                sd = sd[key]
+    elif suffix == ".npz":
+        sd = convert_jax_npz(dict(np.load(path)))
+    else:
+        raise VitlabError(f"unsupported checkpoint format '{suffix}' ({path}); use .safetensors, .pth or .npz")
+    return {_strip(k): v for k, v in sd.items() if isinstance(v, torch.Tensor)}
+
+
+def _strip(key: str) -> str:
+    for prefix in ("module.", "_orig_mod."):
+        while key.startswith(prefix):
+            key = key[len(prefix):]
+    return key
+
+
+def convert_jax_npz(w: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
+    """Original ViT (`Transformer/encoderblock_i/...`) or big_vision (`params/...`) arrays -> timm keys."""
+    prefix = next((p for p in ("", "opt/target/", "params/") if f"{p}embedding/kernel" in w), None)
+    if prefix is None:
+        raise VitlabError("the .npz file has no 'embedding/kernel': not a JAX ViT checkpoint")
+    big_vision = f"{prefix}pos_embedding" in w
+    mha, mlp, ln2 = ("MultiHeadDotProductAttention_0", "MlpBlock_0", "LayerNorm_1") if big_vision else \
+        ("MultiHeadDotProductAttention_1", "MlpBlock_3", "LayerNorm_2")
+    t = lambda a: torch.from_numpy(np.ascontiguousarray(a)).float()  # noqa: E731
+    sd = {"patch_embed.proj.weight": t(w[f"{prefix}embedding/kernel"].transpose(3, 2, 0, 1)),  # HWIO -> OIHW
+          "patch_embed.proj.bias": t(w[f"{prefix}embedding/bias"]),
+          "pos_embed": t(w[f"{prefix}pos_embedding" if big_vision else
+                           f"{prefix}Transformer/posembed_input/pos_embedding"]),
+          "norm.weight": t(w[f"{prefix}Transformer/encoder_norm/scale"]),
+          "norm.bias": t(w[f"{prefix}Transformer/encoder_norm/bias"])}
+    if f"{prefix}cls" in w:
+        sd["cls_token"] = t(w[f"{prefix}cls"])
+    if f"{prefix}head/kernel" in w:
+        sd["head.weight"], sd["head.bias"] = t(w[f"{prefix}head/kernel"].T), t(w[f"{prefix}head/bias"])
+    depth = sum(1 for k in w if k.startswith(f"{prefix}Transformer/encoderblock_") and k.endswith("LayerNorm_0/scale"))
+    for i in range(depth):
+        b, o = f"{prefix}Transformer/encoderblock_{i}/", f"blocks.{i}."
+        a = f"{b}{mha}/"
+        D = w[f"{a}query/kernel"].shape[0]
+        # query/key/value kernels are (D, heads, head_dim); qkv is Linear(D, 3D) with weight (3D, D).
+        sd[o + "attn.qkv.weight"] = t(np.concatenate([w[f"{a}{n}/kernel"].reshape(D, -1).T
+                                                     for n in ("query", "key", "value")]))
+        sd[o + "attn.qkv.bias"] = t(np.concatenate([w[f"{a}{n}/bias"].reshape(-1) for n in ("query", "key", "value")]))
+        sd[o + "attn.proj.weight"] = t(w[f"{a}out/kernel"].reshape(-1, D).T)  # (heads, head_dim, D) -> (D, D)
+        sd[o + "attn.proj.bias"] = t(w[f"{a}out/bias"])
+        for ours, theirs in (("norm1", "LayerNorm_0"), ("norm2", ln2)):
+            sd[o + f"{ours}.weight"], sd[o + f"{ours}.bias"] = t(w[f"{b}{theirs}/scale"]), t(w[f"{b}{theirs}/bias"])
+        for r in range(2):
+            sd[o + f"mlp.fc{r + 1}.weight"] = t(w[f"{b}{mlp}/Dense_{r}/kernel"].T)
+            sd[o + f"mlp.fc{r + 1}.bias"] = t(w[f"{b}{mlp}/Dense_{r}/bias"])
+    return sd
+
+
+def adapt_state_dict(sd: dict[str, torch.Tensor], model: nn.Module) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """Make a checkpoint fit `model` where that is well defined; returns the adapted dict and what changed."""
+    own = model.state_dict()
+    notes = []
+    if "pos_embed" in sd and "pos_embed" in own and sd["pos_embed"].shape != own["pos_embed"].shape:
+        prefix = getattr(model, "num_prefix_tokens", 1)
+        new_grid = math.isqrt(own["pos_embed"].shape[1] - prefix)
+        old = sd["pos_embed"].shape[1] - prefix
+        sd["pos_embed"] = resample_pos_embed(sd["pos_embed"], new_grid, prefix)
+        notes.append(f"pos_embed resampled from a {math.isqrt(old)}x{math.isqrt(old)} to a {new_grid}x{new_grid} grid")
+    key = "patch_embed.proj.weight"
+    if key in sd and key in own and sd[key].shape[1] != own[key].shape[1]:
+        w, c = sd[key], own[key].shape[1]
+        if w.shape[2:] != own[key].shape[2:]:
+            raise VitlabError(f"checkpoint patch size {tuple(w.shape[2:])} differs from the model's "
+                              f"{tuple(own[key].shape[2:])}; build the model with the checkpoint's patch_size")
+        sd[key] = w.sum(1, keepdim=True) if c == 1 else w.repeat(1, math.ceil(c / w.shape[1]), 1, 1)[:, :c] * (w.shape[1] / c)
+        notes.append(f"patch embedding adapted from {w.shape[1]} to {c} input channels")
+    for k in ("head.weight", "head.bias"):
+        if k in sd and (k not in own or sd[k].shape != own[k].shape):
+            del sd[k]
+            notes.append(f"{k} dropped (checkpoint shape differs from the model's)")
+    return sd, notes
+
+
+def load_pretrained(model: nn.Module, path: str | Path, strict: bool = True) -> list[str]:
+    """Load a local checkpoint into `model`; returns notes on what was adapted.
+
+    With `strict`, every model parameter except a dropped head must come from the file, and the file may
+    hold no keys the model lacks; mismatches are a VitlabError listing the first few keys."""
+    sd, notes = adapt_state_dict(read_state_dict(path), model)
+    missing, unexpected = model.load_state_dict(sd, strict=False)
+    missing = [k for k in missing if not k.startswith("head.")]
+    if strict and (missing or unexpected):
+        raise VitlabError(f"'{path}' does not fit model {getattr(model, 'vitlab_name', type(model).__name__)}: "
+                          f"missing {missing[:4]}, unexpected {unexpected[:4]}; check the model size and patch size")
+    return notes

@@ -1,0 +1,94 @@
+"""Model registry: every model is built by name through `create_model`.
+
+A registered entry is a builder (a class or function) plus default keyword arguments; `create_model`
+merges user overrides over the defaults (None overrides are dropped so defaults win), checks them against
+the builder's signature, builds the model and records the name and resolved arguments on it
+(`model.vitlab_name`, `model.vitlab_args`) so checkpoints can rebuild it.
+"""
+from __future__ import annotations
+
+import fnmatch
+import inspect
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from torch import nn
+
+from .errors import VitlabError, did_you_mean
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    name: str
+    builder: Callable[..., nn.Module]
+    defaults: dict[str, Any] = field(default_factory=dict)
+    family: str = "vit"
+
+
+_REGISTRY: dict[str, ModelEntry] = {}
+_ALIASES: dict[str, str] = {}
+
+
+def register_model(name: str, builder: Callable[..., nn.Module], family: str = "vit",
+                   aliases: tuple[str, ...] = (), **defaults: Any) -> None:
+    if name in _REGISTRY or name in _ALIASES:
+        raise RuntimeError(f"model name {name!r} registered twice")
+    _REGISTRY[name] = ModelEntry(name, builder, dict(defaults), family)
+    for alias in aliases:
+        _ALIASES[alias] = name
+
+
+def resolve_name(name: str) -> str:
+    """The canonical name for a name or alias; a one-line error naming the closest model otherwise."""
+    _ensure_loaded()
+    if name in _REGISTRY:
+        return name
+    if name in _ALIASES:
+        return _ALIASES[name]
+    hint = did_you_mean(name, list(_REGISTRY) + list(_ALIASES))
+    raise VitlabError(f"unknown model '{name}'{hint}; `vitlab models` lists the available names")
+
+
+def list_models(pattern: str = "*", aliases: bool = False) -> list[str]:
+    """Registered names matching a shell-style pattern (e.g. 'vit_small*'), sorted."""
+    _ensure_loaded()
+    names = list(_REGISTRY) + (list(_ALIASES) if aliases else [])
+    return sorted(n for n in names if fnmatch.fnmatch(n, pattern))
+
+
+def model_entry(name: str) -> ModelEntry:
+    return _REGISTRY[resolve_name(name)]
+
+
+def model_args(name: str, **overrides: Any) -> dict[str, Any]:
+    """The full keyword arguments `create_model(name, **overrides)` would build with, validated."""
+    entry = model_entry(name)
+    params = inspect.signature(entry.builder).parameters
+    overrides = {k: v for k, v in overrides.items() if v is not None}
+    for key in overrides:
+        if key not in params:
+            raise VitlabError(f"model '{entry.name}' has no argument '{key}'{did_you_mean(key, params)}")
+    args = {k: p.default for k, p in params.items() if p.default is not inspect.Parameter.empty
+            and isinstance(p.default, (int, float, str, bool, type(None)))}
+    args.update(entry.defaults)
+    args.update(overrides)
+    img, patch = args.get("img_size"), args.get("patch_size")
+    if img is not None and patch is not None and img % patch:
+        raise VitlabError(f"image size {img} is not divisible by patch size {patch}; "
+                          f"set model.img_size/data.img_size to a multiple of {patch} "
+                          f"(e.g. {max(patch, img // patch * patch)}) or choose another patch_size")
+    return args
+
+
+def create_model(name: str, **overrides: Any) -> nn.Module:
+    """Build a registered model, e.g. `create_model("vit_small_patch16_224", num_classes=10)`."""
+    entry = model_entry(name)
+    args = model_args(entry.name, **overrides)
+    model = entry.builder(**args)
+    model.vitlab_name = entry.name
+    model.vitlab_args = args
+    return model
+
+
+def _ensure_loaded() -> None:
+    from . import models  # noqa: F401  (importing registers the families)

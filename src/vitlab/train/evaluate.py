@@ -1,0 +1,74 @@
+"""Evaluation (loss, top-1, top-5 over a whole split), checkpoint loading and prediction."""
+from __future__ import annotations
+
+import json
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import Config, config_from_dict
+from ..errors import VitlabError
+from ..registry import create_model
+from .checkpoint import EMA_FILE, load_weights, read_metadata, resolve_checkpoint
+
+
+def autocast(device: torch.device, amp: str):
+    """bf16 (or fp16) autocast on CUDA; nothing on CPU unless asked for."""
+    if amp == "auto":
+        amp = "bf16" if device.type == "cuda" else "none"
+    if amp == "none":
+        return nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader: Iterable, device: torch.device, amp: str = "auto") -> dict[str, float]:
+    """Mean cross-entropy, top-1 and top-5 accuracy (fractions) over every sample of `loader`."""
+    was_training = model.training
+    model.eval()
+    loss_sum = torch.zeros((), device=device, dtype=torch.float64)
+    top1 = torch.zeros((), device=device, dtype=torch.long)
+    top5 = torch.zeros((), device=device, dtype=torch.long)
+    n = 0
+    for x, y in loader:
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        with autocast(device, amp):
+            logits = model(x)
+        logits = logits.float()
+        loss_sum += F.cross_entropy(logits, y, reduction="sum")
+        k = min(5, logits.shape[1])
+        pred = logits.topk(k, dim=1).indices  # (B, k)
+        hits = pred.eq(y.unsqueeze(1))
+        top1 += hits[:, 0].sum()
+        top5 += hits.any(dim=1).sum()
+        n += y.shape[0]
+    model.train(was_training)
+    if n == 0:
+        raise VitlabError("the evaluation split is empty; lower data.val_fraction/test_fraction or add data")
+    return {"loss": loss_sum.item() / n, "top1": top1.item() / n, "top5": top5.item() / n, "n": n}
+
+
+def load_checkpoint(path: str | Path, use_ema: bool = True) -> tuple[nn.Module, Config, dict]:
+    """Rebuild the model saved at `path` (file, checkpoint dir or run dir); EMA weights when present."""
+    file = resolve_checkpoint(path)
+    meta = read_metadata(file)
+    if "model_name" not in meta:
+        raise VitlabError(f"'{file}' has no vitlab metadata; use vitlab.load_pretrained() for foreign weights")
+    model = create_model(meta["model_name"], **json.loads(meta["model_args"]))
+    ema = file.with_name(EMA_FILE)
+    model.load_state_dict(load_weights(ema if use_ema and ema.is_file() else file))
+    import yaml
+    cfg = config_from_dict(yaml.safe_load(meta["config"]))
+    extra = {k: json.loads(v) for k, v in meta.items() if k not in ("model_name", "model_args", "config")}
+    return model.eval(), cfg, extra
+
+
+@torch.no_grad()
+def predict(model: nn.Module, images: torch.Tensor, topk: int = 5) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-k (probabilities, class indices) for a normalised batch (B, C, H, W)."""
+    probs = model(images).float().softmax(dim=-1)
+    return probs.topk(min(topk, probs.shape[-1]), dim=-1)

@@ -1,0 +1,100 @@
+"""The `vitlab` command: every user error is one line on stderr with exit code 2; the happy paths work."""
+import json
+
+import pytest
+from PIL import Image
+
+from conftest import ROOT, run_cli, run_subprocess
+
+
+@pytest.fixture
+def cfg_file(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("train:\n  epochs: 1\n")
+    return f
+
+
+ERRORS = [
+    (["train", "--config", "missing.yaml"], "config file 'missing.yaml' not found"),
+    (["train", "--config", "{bad}"], "is not valid YAML"),
+    (["train", "--config", "{cfg}", "optim.lrr=1"], "unknown config key 'optim.lrr' (did you mean 'optim.lr'?)"),
+    (["train", "--config", "{cfg}", "--model", "vit_tiny"], "unknown model 'vit_tiny'"),
+    (["train", "--config", "{cfg}", "--dataset", "mnits"], "unknown dataset 'mnits' (did you mean 'mnist'?)"),
+    (["train", "--config", "{cfg}", "--dataset", "cifar10", "--data_dir", "{tmp}/none"], "data directory"),
+    (["train", "--config", "{cfg}", "model.img_size=10"], "image size 10 is not divisible by patch size 2"),
+    (["train", "--config", "{cfg}", "--epochs", "x"], "argument --epochs: invalid int value: 'x'"),
+    (["train", "--bogus"], "unrecognized arguments: --bogus"),
+    (["evaluate", "--checkpoint", "{tmp}/nothing"], "no checkpoint at"),
+    (["predict", "--checkpoint", "{tmp}/nothing", "a.png"], "no checkpoint at"),
+    (["models", "resnet*"], "no model matches 'resnet*'"),
+    (["fly"], "invalid choice: 'fly'"),
+]
+
+
+@pytest.mark.parametrize("argv,message", ERRORS, ids=[" ".join(a[:2]) + f"-{i}" for i, (a, _) in enumerate(ERRORS)])
+def test_user_errors_exit_2_with_one_line(argv, message, tmp_path, cfg_file, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: [\n")
+    argv = [a.format(cfg=cfg_file, bad=bad, tmp=tmp_path) for a in argv]
+    code, out, err = run_cli(argv + (["--output", str(tmp_path)] if argv[0] == "train" and "--bogus" not in argv else []),
+                             capsys)
+    assert code == 2
+    assert err.count("\n") == 1 and err.startswith("vitlab: error: "), err
+    assert message in err
+    assert "Traceback" not in err + out
+
+
+def test_real_process_prints_no_traceback(tmp_path):
+    r = run_subprocess(["-m", "vitlab", "train", "--model", "vit_nope", "--output", tmp_path])
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "Traceback" not in r.stderr
+    r = run_subprocess(["main.py", "--config", tmp_path / "absent.yaml"])  # seed 000's entry point
+    assert r.returncode == 2 and "config file" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_evaluate_prints_json(trained_run, capsys):
+    run_dir, results = trained_run
+    code, out, _ = run_cli(["evaluate", "--checkpoint", run_dir / "checkpoints" / "last"], capsys)
+    assert code == 0
+    got = json.loads(out)
+    assert got["split"] == "test" and got["n"] == 359
+    assert got["top1"] == pytest.approx(results["test_top1"]) and got["loss"] == pytest.approx(results["test_loss"])
+    code, out, _ = run_cli(["evaluate", "--checkpoint", run_dir, "--split", "val"], capsys)
+    assert code == 0 and json.loads(out)["n"] == 144
+    code, _, err = run_cli(["evaluate", "--checkpoint", run_dir, "--dataset", "cifar100", "--data_dir", run_dir],
+                           capsys)
+    assert code == 2 and "cifar100" in err
+
+
+def test_predict_prints_topk(trained_run, tmp_path, capsys):
+    from sklearn.datasets import load_digits
+    d = load_digits()
+    paths = []
+    for i in range(3):
+        p = tmp_path / f"digit{i}.png"
+        Image.fromarray((d.images[i] * 255 / 16).astype("uint8")).resize((8, 8)).save(p)
+        paths.append(p)
+    code, out, _ = run_cli(["predict", "--checkpoint", trained_run[0], *paths, "--topk", "3"], capsys)
+    assert code == 0
+    lines = out.strip().splitlines()
+    assert len(lines) == 3 and all(line.count(",") == 2 for line in lines)
+    code, _, err = run_cli(["predict", "--checkpoint", trained_run[0], tmp_path / "none.png"], capsys)
+    assert code == 2 and "image" in err and "not found" in err
+
+
+def test_models_lists_params_and_gflops(capsys):
+    code, out, _ = run_cli(["models", "vit_small_patch16_2*"], capsys)
+    assert code == 0
+    row = next(line for line in out.splitlines() if line.startswith("vit_small_patch16_224"))
+    assert row.split()[1:3] == ["22.05", "4.599"]
+    code, out, _ = run_cli(["models", "b1*", "--aliases"], capsys)
+    assert "b16" in out
+
+
+def test_train_via_cli_flags(tmp_path, capsys):
+    code, out, err = run_cli(["train", "--model", "vit_micro_patch2_8", "--dataset", "digits", "--epochs", "1",
+                              "--batch-size", "128", "--lr", "0.003", "--output", tmp_path, "--savefile", "x",
+                              "--num_workers", "0", "--local", "model.depth=1", "output.progress=plain"], capsys)
+    assert code == 0, err
+    assert "test top-1" in out and "run saved in" in out
+    assert "img/s" in out and "eta" in out
+    assert (tmp_path / "vitlab" / "x" / "results.json").is_file()
