@@ -21,7 +21,7 @@ ERRORS = [
     (["train", "--config", "{cfg}", "--model", "vit_tiny"], "unknown model 'vit_tiny'"),
     (["train", "--config", "{cfg}", "--dataset", "mnits"], "unknown dataset 'mnits' (did you mean 'mnist'?)"),
     (["train", "--config", "{cfg}", "--dataset", "cifar10", "--data_dir", "{tmp}/none"], "data directory"),
-    (["train", "--config", "{cfg}", "model.img_size=10"], "image size 10 is not divisible by patch size 2"),
+    (["train", "--config", "{cfg}", "model.img_size=9"], "image size 9 is not divisible by patch size 2"),
     (["train", "--config", "{cfg}", "--epochs", "x"], "argument --epochs: invalid int value: 'x'"),
     (["train", "--bogus"], "unrecognized arguments: --bogus"),
     (["evaluate", "--checkpoint", "{tmp}/nothing"], "no checkpoint at"),
