@@ -79,7 +79,7 @@ class TrainConfig:
     eval_batch_size: Optional[int] = None  # default: 2 x batch_size
     accum_steps: int = 1
     seed: int = 0
-    deterministic: bool = True  # deterministic algorithms (CPU runs are then bit-reproducible)
+    deterministic: bool = False  # torch.use_deterministic_algorithms (CUDA; CPU runs are reproducible without it)
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     amp: Literal["auto", "bf16", "fp16", "none"] = "auto"  # auto: bf16 on CUDA, none on CPU
     compile: bool = False  # torch.compile the model
