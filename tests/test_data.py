@@ -10,17 +10,27 @@ from vitlab.data.tensor_loader import TensorBatchLoader
 from vitlab.errors import VitlabError
 
 
+def _absolute(ds):
+    """Indices of a (nested) Subset into the underlying dataset."""
+    idx = None
+    while isinstance(ds, torch.utils.data.Subset):
+        here = torch.as_tensor(ds.indices)
+        idx = here if idx is None else here[idx]
+        ds = ds.dataset
+    return set(idx.tolist())
+
+
 def test_digits_splits_are_seeded_and_disjoint():
     a = build_data(DataConfig(dataset="digits"))
     b = build_data(DataConfig(dataset="digits"))
     sizes = {k: len(v) for k, v in a.splits.items()}
     assert sizes == {"train": 1294, "val": 144, "test": 359}
-    idx = {k: set(v.indices) for k, v in a.splits.items() if k == "test"}
-    assert idx["test"] == set(b.splits["test"].indices)
-    train_images = {tuple(a.splits["train"][i][0].flatten().tolist()) for i in range(50)}
-    assert a.info.num_classes == 10 and a.in_chans == 1 and a.img_size == 8
-    assert not a.info.hflip
-    assert len(train_images) == 50
+    parts = {k: _absolute(v) for k, v in a.splits.items()}
+    assert set.union(*parts.values()) == set(range(1797)) and sum(map(len, parts.values())) == 1797
+    assert parts == {k: _absolute(v) for k, v in b.splits.items()}  # same seed, same split
+    c = build_data(DataConfig(dataset="digits", split_seed=1))
+    assert _absolute(c.splits["test"]) != parts["test"]
+    assert a.info.num_classes == 10 and a.in_chans == 1 and a.img_size == 8 and not a.info.hflip
 
 
 @pytest.mark.skipif(not (MNIST_DIR / "MNIST" / "raw").is_dir(), reason="shared MNIST not present")
