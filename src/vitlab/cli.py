@@ -80,17 +80,17 @@ def cmd_evaluate(args) -> int:
 
     import torch
 
+    from .config import validate
     from .data import build_data
     from .train import evaluate, load_checkpoint
     from .train.trainer import resolve_device
 
     model, cfg, _ = load_checkpoint(args.checkpoint)
-    data_cfg = dataclasses.replace(cfg.data, dataset=args.dataset or cfg.data.dataset,
-                                   data_dir=args.data_dir or cfg.data.data_dir)
-    from .config import validate
-    validate(dataclasses.replace(cfg, data=data_cfg))
+    cfg = dataclasses.replace(cfg, data=dataclasses.replace(
+        cfg.data, dataset=args.dataset or cfg.data.dataset, data_dir=args.data_dir or cfg.data.data_dir))
+    validate(cfg)
     a = model.vitlab_args
-    data = build_data(data_cfg, img_size=a["img_size"], in_chans=a["in_chans"])
+    data = build_data(cfg.data, img_size=a["img_size"], in_chans=a["in_chans"])
     if data.info.num_classes != a["num_classes"]:
         raise VitlabError(f"the checkpoint predicts {a['num_classes']} classes but {data.info.name} has "
                           f"{data.info.num_classes}; evaluate on the dataset it was trained for")

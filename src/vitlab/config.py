@@ -215,17 +215,17 @@ def parse_override(text: str) -> tuple[str, Any]:
         value = yaml.safe_load(raw) if raw.strip() else ""
     except yaml.YAMLError:
         value = raw
-    if isinstance(value, str) and _looks_numeric(raw):
-        value = float(raw)  # YAML 1.1 reads '1e-3' as a string
-    return key.strip(), value
+    return key.strip(), _as_number(value)
 
 
-def _looks_numeric(raw: str) -> bool:
-    try:
-        float(raw)
-        return True
-    except ValueError:
-        return False
+def _as_number(value: Any) -> Any:
+    """YAML 1.1 reads '1e-3' (no dot) as a string; users mean a number."""
+    if isinstance(value, str) and not value.strip().isdigit():
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    return value
 
 
 def read_yaml(path: str | Path) -> dict[str, Any]:
@@ -248,25 +248,12 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
 def build_config(tree: dict[str, Any] | None = None, overrides: Iterable[tuple[str, Any]] = ()) -> Config:
     """Defaults, then a nested dict (from YAML), then (key, value) overrides; validated."""
     cfg = Config()
-    for key, value in _flatten(_numeric_strings(tree or {})):
-        _apply(cfg, key, value)
+    for key, value in _flatten(tree or {}):
+        _apply(cfg, key, _as_number(value))
     for key, value in overrides:
         _apply(cfg, key, value)
     validate(cfg)
     return cfg
-
-
-def _numeric_strings(tree: dict[str, Any]) -> dict[str, Any]:
-    """YAML 1.1 reads '1e-3' (no dot) as a string; users mean a number."""
-    out = {}
-    for k, v in tree.items():
-        if isinstance(v, dict):
-            out[k] = _numeric_strings(v)
-        elif isinstance(v, str) and _looks_numeric(v) and not v.strip().isdigit():
-            out[k] = float(v)
-        else:
-            out[k] = v
-    return out
 
 
 def load_config(path: str | Path | None = None, overrides: Iterable[str] = ()) -> Config:

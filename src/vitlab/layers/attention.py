@@ -9,13 +9,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..errors import VitlabError
+
 
 class Attention(nn.Module):
     def __init__(self, dim: int, num_heads: int = 8, qkv_bias: bool = True, attn_drop: float = 0.0,
                  proj_drop: float = 0.0):
         super().__init__()
         if dim % num_heads:
-            raise ValueError(f"embed_dim {dim} is not divisible by num_heads {num_heads}")
+            raise VitlabError(f"embed_dim {dim} is not divisible by num_heads {num_heads}; "
+                              f"set model.embed_dim to a multiple of model.num_heads")
         self.num_heads = num_heads
         self.head_dim = dim // num_heads
         self.attn_drop = attn_drop

@@ -15,6 +15,7 @@ from typing import Callable, Literal
 import torch
 from torch import nn
 
+from ..errors import VitlabError
 from ..layers import Attention, Block, Mlp, PatchEmbed
 from ..layers.block import LayerNorm
 
@@ -28,9 +29,10 @@ class VisionTransformer(nn.Module):
                  attn_layer: Callable[..., nn.Module] = Attention, mlp_layer: Callable[..., nn.Module] = Mlp):
         super().__init__()
         if global_pool not in ("token", "avg"):
-            raise ValueError(f"global_pool must be 'token' or 'avg', got {global_pool!r}")
+            raise VitlabError(f"global_pool must be 'token' or 'avg', got {global_pool!r}")
         if global_pool == "token" and not class_token:
-            raise ValueError("global_pool='token' needs class_token=True")
+            raise VitlabError("global_pool='token' pools the class token, which class_token=False removes; "
+                              "set model.global_pool=avg or model.class_token=true")
         self.num_classes = num_classes
         self.global_pool = global_pool
         self.embed_dim = embed_dim

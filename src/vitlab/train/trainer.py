@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import Config
+from ..config import Config, ModelConfig
 from ..data import MixCollate, build_data, set_epoch
 from ..errors import VitlabError
 from ..registry import create_model, model_args
@@ -29,8 +29,9 @@ from .evaluate import autocast, evaluate
 from .metrics import RunLogger
 from .optim import build_optimizer, build_scheduler
 
-MODEL_KEYS = ("patch_size", "embed_dim", "depth", "num_heads", "mlp_ratio", "qkv_bias", "class_token",
-              "global_pool", "drop_rate", "attn_drop_rate", "drop_path_rate", "init_values")
+# ModelConfig fields passed to create_model as-is; the others are resolved from the data or handled apart.
+MODEL_KEYS = tuple(f.name for f in dataclasses.fields(ModelConfig)
+                   if f.name not in ("name", "pretrained", "img_size", "in_chans", "num_classes"))
 
 
 def resolve_device(spec: str) -> torch.device:
@@ -206,7 +207,7 @@ class Trainer:
         first_batch, first_step = 1, self.step + 1
         images, t0, t_flush = 0, time.perf_counter(), time.perf_counter()
         self.log.start_epoch(epoch, tc.epochs, n_batches)
-        val_iter = None
+        val_iter, val_losses = None, []
         for i, (x, y) in enumerate(self.train_loader):
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             group_start = i - i % accum
@@ -224,8 +225,10 @@ class Trainer:
             lrs.append(self.optimizer.param_groups[0]["lr"])
             images += y.shape[0]
             if tc.val_every_n_batches and (i + 1) % tc.val_every_n_batches == 0:
-                val_iter = self._val_batch(val_iter, epoch, i + 1)
+                val_iter, loss_val = self._val_batch(val_iter)
+                val_losses.append((epoch, i + 1, self.step, loss_val))
             if len(losses) == tc.log_every or i + 1 == n_batches:
+                self._flush_val(val_losses)
                 loss_avg, acc = self.log.batches(epoch, first_batch, first_step, losses, correct, sizes, lrs)
                 now = time.perf_counter()
                 done = (epoch - 1) * n_batches + i + 1
@@ -249,8 +252,16 @@ class Trainer:
         if self.ema is not None:
             self.ema.update_parameters(self.model)
 
-    def _val_batch(self, it, epoch: int, batch: int):
-        """Loss of the next validation batch (seed 002 logs train and validation loss per batch)."""
+    def _flush_val(self, pending: list) -> None:
+        """Write buffered validation-batch losses with one device-to-host copy."""
+        if pending:
+            values = torch.stack([p[3] for p in pending]).tolist()
+            for (epoch, batch, step, _), loss in zip(pending, values):
+                self.log.record("val_batch", epoch=epoch, batch=batch, step=step, loss=loss)
+            pending.clear()
+
+    def _val_batch(self, it):
+        """(iterator, loss tensor) of the next validation batch (seed 002 logs train and validation loss per batch)."""
         if it is None:
             it = iter(self.val_loader)
         try:
@@ -263,8 +274,7 @@ class Trainer:
         with torch.no_grad(), autocast(self.device, self.cfg.train.amp):
             loss = F.cross_entropy(model(x.to(self.device)).float(), y.to(self.device))
         model.train()
-        self.log.record("val_batch", epoch=epoch, batch=batch, step=self.step, loss=loss.item())
-        return it
+        return it, loss
 
     def _finish(self, wall: float, train_time: float, train_images: int) -> dict[str, Any]:
         test = evaluate(self.eval_model(), self.test_loader, self.device, self.cfg.train.amp)
