@@ -75,3 +75,26 @@ def test_patch_embed_matmul_equals_strided_conv():
     x = torch.randn(2, 3, 28, 28)
     conv = torch.nn.functional.conv2d(x, m.patch_embed.proj.weight, m.patch_embed.proj.bias, stride=4)
     torch.testing.assert_close(m.patch_embed(x), conv.flatten(2).transpose(1, 2), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("img,patch,channels", [(28, 7, [16, 32, 64]), (32, 4, [32, 64]), (224, 16, [8, 16, 32, 64]),
+                                                (8, 2, [64])])
+def test_conv_stem_reaches_the_patch_grid(img, patch, channels):
+    """stem=conv: ceil-halving 3x3 stride-2 convs land on the same (img/patch)^2 tokens as the patchify, with
+    channels doubling up to D; the whole model trains (every parameter gets a gradient)."""
+    torch.manual_seed(0)
+    model = vitlab.create_model("vit_micro_patch7_28", img_size=img, patch_size=patch, in_chans=1, num_classes=3,
+                                depth=1, stem="conv").train()
+    convs = [m for m in model.patch_embed.stem if isinstance(m, torch.nn.Conv2d)]
+    assert [c.out_channels for c in convs] == channels and all(c.stride == (2, 2) for c in convs)
+    x = torch.randn(2, 1, img, img)
+    assert model.patch_embed(x).shape == (2, (img // patch) ** 2, 64)
+    model(x).square().mean().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters())
+
+
+def test_conv_stem_rejects_an_unreachable_grid():
+    with pytest.raises(VitlabError, match="conv stem halves 224 px to 14, not to the 16-token grid"):
+        vitlab.create_model("vit_huge_patch14_224", stem="conv", depth=1)
+    with pytest.raises(VitlabError, match="stem must be 'patch'"):
+        vitlab.create_model("vit_micro_patch7_28", stem="convnext")

@@ -27,3 +27,43 @@ class PatchEmbed(nn.Module):
         P, G = self.patch_size, self.grid_size
         x = x.reshape(B, C, G, P, G, P).permute(0, 2, 4, 1, 3, 5).reshape(B, G * G, C * P * P)  # (B, N, C*P*P)
         return F.linear(x, self.proj.weight.reshape(self.proj.out_channels, -1), self.proj.bias)  # (B, N, D)
+
+
+class ConvStem(nn.Module):
+    """Convolutional stem (Xiao et al., arXiv 2106.14881, "ViT_C"): k stacked 3x3 stride-2 conv-BN-ReLU
+    layers, then a 1x1 conv to D, in place of the P x P patchify.
+
+    Each conv halves the grid (ceil), so k = ceil(log2 P) convs turn an S x S image into (S/P) x (S/P)
+    tokens: 28 -> 14 -> 7 -> 4 for P=7, 224 -> 14 for P=16. Channels double up to D at the last conv
+    (D/8, D/4, D/2, D for P=16: the paper's 48-96-192-384 for ViT-S).
+    The early 3x3 convolutions give the transformer local features from the first step, which makes small
+    ViTs converge much faster and with less sensitivity to the learning rate (the paper's Fig. 1, 5).
+    """
+
+    def __init__(self, img_size: int, patch_size: int, in_chans: int, embed_dim: int):
+        super().__init__()
+        self.img_size = img_size
+        self.patch_size = patch_size
+        self.grid_size = img_size // patch_size
+        n_convs, size = 0, img_size
+        while size > self.grid_size:
+            size, n_convs = -(-size // 2), n_convs + 1
+        if size != self.grid_size:
+            raise ValueError(f"a conv stem halves {img_size} px to {size}, not to the {self.grid_size}-token grid "
+                             f"of patch size {patch_size}; choose a patch size that halving reaches "
+                             f"(e.g. 4, 7 or 8 at 28 px, 16 at 224 px)")
+        self.num_patches = self.grid_size ** 2
+        layers, c_in = [], in_chans
+        for i in range(n_convs):
+            c_out = max(embed_dim >> (n_convs - 1 - i), 8)
+            layers += [nn.Conv2d(c_in, c_out, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(c_out),
+                       nn.ReLU(inplace=True)]
+            c_in = c_out
+        self.stem = nn.Sequential(*layers)
+        self.proj = nn.Conv2d(c_in, embed_dim, kernel_size=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        H, W = x.shape[-2:]
+        if H != self.img_size or W != self.img_size:
+            raise ValueError(f"input is {H}x{W} but the model was built for {self.img_size}x{self.img_size}")
+        return self.proj(self.stem(x)).flatten(2).transpose(1, 2)  # (B, D, G, G) -> (B, G*G, D)

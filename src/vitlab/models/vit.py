@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from ..errors import VitlabError
-from ..layers import Attention, Block, Mlp, PatchEmbed
+from ..layers import Attention, Block, ConvStem, Mlp, PatchEmbed
 from ..layers.block import LayerNorm
 
 
@@ -26,10 +26,13 @@ class VisionTransformer(nn.Module):
                  qkv_bias: bool = True, class_token: bool = True,
                  global_pool: Literal["token", "avg"] = "token", drop_rate: float = 0.0,
                  attn_drop_rate: float = 0.0, drop_path_rate: float = 0.0, init_values: float | None = None,
+                 stem: Literal["patch", "conv"] = "patch",
                  attn_layer: Callable[..., nn.Module] = Attention, mlp_layer: Callable[..., nn.Module] = Mlp):
         super().__init__()
         if global_pool not in ("token", "avg"):
             raise VitlabError(f"global_pool must be 'token' or 'avg', got {global_pool!r}")
+        if stem not in ("patch", "conv"):
+            raise VitlabError(f"stem must be 'patch' (ViT's P x P patchify) or 'conv' (3x3 conv stem), got {stem!r}")
         if global_pool == "token" and not class_token:
             raise VitlabError("global_pool='token' pools the class token, which class_token=False removes; "
                               "set model.global_pool=avg or model.class_token=true")
@@ -38,7 +41,11 @@ class VisionTransformer(nn.Module):
         self.embed_dim = embed_dim
         self.num_prefix_tokens = 1 if class_token else 0
 
-        self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim)
+        embed_layer = ConvStem if stem == "conv" else PatchEmbed
+        try:
+            self.patch_embed = embed_layer(img_size, patch_size, in_chans, embed_dim)
+        except ValueError as exc:
+            raise VitlabError(str(exc)) from None
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim)) if class_token else None
         self.pos_embed = nn.Parameter(torch.zeros(1, self.patch_embed.num_patches + self.num_prefix_tokens, embed_dim))
         self.pos_drop = nn.Dropout(drop_rate) if drop_rate > 0 else nn.Identity()
@@ -68,6 +75,9 @@ class VisionTransformer(nn.Module):
         w = self.patch_embed.proj.weight  # LeCun-normal on the flattened patch projection, like a Linear layer
         nn.init.trunc_normal_(w, std=(1.0 / w[0].numel()) ** 0.5)
         nn.init.zeros_(self.patch_embed.proj.bias)
+        for m in self.patch_embed.modules():  # conv stem: He init for the ReLU convs (BN starts at identity)
+            if isinstance(m, nn.Conv2d) and m is not self.patch_embed.proj:
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
 
     def no_weight_decay(self) -> set[str]:
         """Parameters that the optimizer should not decay (besides biases and norms)."""
