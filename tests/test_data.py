@@ -62,10 +62,10 @@ def test_batched_random_crop_is_per_sample_shift():
     d = build_data(DataConfig(dataset="digits"), img_size=8)
     loader = d.loader("train", 16, seed=3)
     raw = loader.images[:16].float()
-    out = loader._random_crop(raw, torch.Generator().manual_seed(1))
-    padded = torch.nn.functional.pad(raw, (1, 1, 1, 1))
     g = torch.Generator().manual_seed(1)
     oy, ox = torch.randint(0, 3, (16, 1), generator=g), torch.randint(0, 3, (16, 1), generator=g)
+    out = loader._random_crop(raw, oy, ox)
+    padded = torch.nn.functional.pad(raw, (1, 1, 1, 1))
     for i in range(16):
         assert torch.equal(out[i], padded[i, :, oy[i, 0]:oy[i, 0] + 8, ox[i, 0]:ox[i, 0] + 8])
 

@@ -35,7 +35,7 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--savefile", help="run name under <output>/<task_name>/ (output.savefile, default run_01)")
     t.add_argument("--reload", action="store_true", help="resume the run from its last checkpoint")
     t.add_argument("--local", action="store_true",
-                   help="force one local process even under torchrun/SLURM (training is single-process for now)")
+                   help="train in this one process even under torchrun/srun (seed 000's fallback; other ranks exit)")
     t.add_argument("--num_workers", "--num-workers", type=int, help="data loader workers (data.num_workers, default 8)")
     t.add_argument("--model", help="model name (model.name); `vitlab models` lists them")
     t.add_argument("--dataset", help="dataset name (data.dataset)")
@@ -71,7 +71,7 @@ def cmd_train(args) -> int:
     overrides = [(key, getattr(args, dest)) for dest, key in TRAIN_FLAGS.items() if getattr(args, dest) is not None]
     overrides += [parse_override(o) for o in args.overrides]
     cfg = build_config(tree, overrides)
-    train(cfg, reload=args.reload)
+    train(cfg, reload=args.reload, local=args.local)
     return 0
 
 
@@ -83,7 +83,7 @@ def cmd_evaluate(args) -> int:
     from .config import validate
     from .data import build_data
     from .train import evaluate, load_checkpoint
-    from .train.trainer import resolve_device
+    from .train.distributed import DistEnv, resolve_device
 
     model, cfg, _ = load_checkpoint(args.checkpoint)
     cfg = dataclasses.replace(cfg, data=dataclasses.replace(
@@ -94,7 +94,7 @@ def cmd_evaluate(args) -> int:
     if data.info.num_classes != a["num_classes"]:
         raise VitlabError(f"the checkpoint predicts {a['num_classes']} classes but {data.info.name} has "
                           f"{data.info.num_classes}; evaluate on the dataset it was trained for")
-    device = resolve_device(args.device)
+    device = resolve_device(args.device, DistEnv())
     loader = data.loader(args.split, args.batch_size, min(cfg.data.num_workers, 4), pin_memory=device.type == "cuda")
     with torch.inference_mode():
         metrics = evaluate(model.to(device), loader, device, cfg.train.amp)
@@ -147,6 +147,15 @@ def cmd_models(args) -> int:
     return 0
 
 
+def _rank_prefix() -> str:
+    """'[rank 3] ' inside a multi-process launch, so a failing rank is identifiable; '' otherwise."""
+    import os
+
+    rank, world = os.environ.get("RANK", os.environ.get("SLURM_PROCID")), os.environ.get("WORLD_SIZE",
+                                                                                         os.environ.get("SLURM_NTASKS"))
+    return f"[rank {rank}] " if rank is not None and world not in (None, "1") else ""
+
+
 COMMANDS = {"train": cmd_train, "evaluate": cmd_evaluate, "predict": cmd_predict, "models": cmd_models}
 
 
@@ -156,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
         args = _parser().parse_args(argv)
         return COMMANDS[args.command](args)
     except VitlabError as exc:
-        print(f"vitlab: error: {exc}", file=sys.stderr)
+        print(f"vitlab: error: {_rank_prefix()}{exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("vitlab: interrupted; the last checkpoint is intact (resume with --reload)", file=sys.stderr)

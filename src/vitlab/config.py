@@ -36,6 +36,7 @@ class ModelConfig:
     attn_drop_rate: Optional[float] = None
     drop_path_rate: Optional[float] = None
     init_values: Optional[float] = None  # LayerScale initial value; None = no LayerScale
+    stem: Optional[Literal["patch", "conv"]] = None  # patch: ViT's P x P patchify; conv: 3x3 conv stem (ViT_C)
     pretrained: Optional[str] = None  # local .safetensors/.pth/.npz file to start from
 
 
@@ -70,12 +71,16 @@ class OptimConfig:
     min_lr: float = 0.0
     label_smoothing: float = 0.0
     clip_grad: float = 0.0  # max global grad norm; 0 = off
+    # The learning rate used is lr x (global batch / base_batch_size)^k, k = 1 (linear), 1/2 (sqrt) or 0 (none);
+    # global batch = train.batch_size x world size x train.accum_steps. The run log prints the result.
+    lr_scaling: Literal["none", "linear", "sqrt"] = "none"
+    base_batch_size: int = 256
 
 
 @dataclass
 class TrainConfig:
     epochs: int = 10
-    batch_size: int = 128
+    batch_size: int = 128  # per device (process); the global batch is batch_size x world size x accum_steps
     eval_batch_size: Optional[int] = None  # default: 2 x batch_size
     accum_steps: int = 1
     seed: int = 0
@@ -83,6 +88,8 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     amp: Literal["auto", "bf16", "fp16", "none"] = "auto"  # auto: bf16 on CUDA, none on CPU
     compile: bool = False  # torch.compile the model
+    strategy: Literal["ddp", "fsdp"] = "ddp"  # data parallel with replicated (ddp) or sharded (fsdp) weights
+    dist_timeout: float = 600.0  # seconds any collective may wait before the job fails instead of hanging
     ema: bool = False
     ema_decay: float = 0.999
     val_every_n_batches: int = 0  # also log one validation batch's loss every N train batches; 0 = off

@@ -26,6 +26,22 @@ class Transformed(Dataset):
         return self.transform(image), label
 
 
+class EvalShard(Dataset):
+    """Samples rank, rank + world, ... of `ds`, padded to ceil(n / world) with label -100 (ignored)."""
+
+    def __init__(self, ds: Dataset, rank: int, world: int):
+        self.ds, self.rank, self.world = ds, rank, world
+
+    def __len__(self) -> int:
+        return -(-len(self.ds) // self.world)
+
+    def __getitem__(self, i: int):
+        j = self.rank + i * self.world
+        if j < len(self.ds):
+            return self.ds[j]
+        return self.ds[0][0], -100
+
+
 @dataclass
 class DataBundle:
     """Raw splits plus how to transform them; `loader(split)` picks the fastest correct loader."""
@@ -42,21 +58,27 @@ class DataBundle:
                                                                self.augment, train))
 
     def loader(self, split: str, batch_size: int, num_workers: int = 0, seed: int = 0,
-               mix: MixCollate | None = None, pin_memory: bool = False):
-        """In-memory datasets get the batched `TensorBatchLoader`; others a DataLoader with workers.
+               mix: MixCollate | None = None, pin_memory: bool = False, rank: int = 0, world: int = 1):
+        """This rank's loader of `split`: the batched `TensorBatchLoader` for in-memory datasets, else a
+        DataLoader with workers. `batch_size` is per rank.
 
         Train loaders shuffle as a function of (seed, epoch) alone (`set_epoch`), so a resumed run sees the
-        same batches; the DistributedSampler is the world-size-1 case of data-parallel sharding."""
+        same batches, and shard with DistributedSampler's interleaving: the ranks' k-th batches together are
+        the k-th batch of one process with `batch_size x world`. Evaluation shards never repeat a sample;
+        short ranks get padding labelled -100, which `evaluate` ignores."""
         train = split == "train"
         tensors = _tensors(self.splits[split])
         if tensors is not None and not (train and self.augment == "randaugment"):
             return TensorBatchLoader(*tensors, self.info, self.img_size, self.in_chans, batch_size, train,
-                                     self.augment, seed, mix if train else None)
+                                     self.augment, seed, mix if train else None, rank=rank, world=world)
         ds = self.dataset(split)
-        sampler = DistributedSampler(ds, num_replicas=1, rank=0, shuffle=True, seed=seed) if train else None
-        return DataLoader(ds, batch_size=batch_size, sampler=sampler, num_workers=min(num_workers, os.cpu_count() or 1),
-                          collate_fn=mix if train else None, pin_memory=pin_memory,
-                          generator=torch.Generator().manual_seed(seed) if train else None)
+        workers = min(num_workers, os.cpu_count() or 1)
+        if not train:
+            return DataLoader(EvalShard(ds, rank, world), batch_size=batch_size, num_workers=workers,
+                              pin_memory=pin_memory)
+        sampler = DistributedSampler(ds, num_replicas=world, rank=rank, shuffle=True, seed=seed)
+        return DataLoader(ds, batch_size=batch_size, sampler=sampler, num_workers=workers, collate_fn=mix,
+                          pin_memory=pin_memory, generator=torch.Generator().manual_seed(seed))
 
 
 def _tensors(ds: Dataset) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -88,5 +110,6 @@ def set_epoch(loader, epoch: int) -> None:
     if isinstance(loader, TensorBatchLoader):
         loader.set_epoch(epoch)
     elif isinstance(loader.sampler, DistributedSampler):
-        loader.sampler.set_epoch(epoch)
-        loader.generator.manual_seed(loader.sampler.seed * 100_003 + epoch)  # worker seeds
+        sampler = loader.sampler
+        sampler.set_epoch(epoch)
+        loader.generator.manual_seed((sampler.seed * 100_003 + epoch) * 1_009 + sampler.rank)  # worker seeds

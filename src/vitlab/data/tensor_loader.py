@@ -15,11 +15,23 @@ from .datasets import DatasetInfo
 
 
 class TensorBatchLoader:
+    """Batches of an in-memory split, sharded over `world` ranks.
+
+    Training: every rank draws the same permutation and the same augmentation parameters for each *global*
+    batch of `batch_size x world` images and keeps its own contiguous slice, so the union over ranks is
+    exactly the batch one process would see with the global batch size (a short last batch is padded by
+    wrapping to a multiple of `world`, as DistributedSampler does). Evaluation: rank r takes samples
+    r, r + world, ...; ranks short of ceil(n / world) samples get padding labelled -100, which the loss
+    and accuracy ignore, so a reduction over ranks counts every sample exactly once.
+    """
+
     def __init__(self, images: torch.Tensor, labels: torch.Tensor, info: DatasetInfo, img_size: int,
-                 in_chans: int, batch_size: int, train: bool, augment: str, seed: int = 0, mix=None):
+                 in_chans: int, batch_size: int, train: bool, augment: str, seed: int = 0, mix=None,
+                 rank: int = 0, world: int = 1):
         self.images, self.labels = images, labels  # (N, C, H, W) uint8, (N,) int64
         self.info, self.img_size, self.in_chans = info, img_size, in_chans
         self.batch_size, self.train, self.seed, self.mix = batch_size, train, seed, mix
+        self.rank, self.world = rank, world
         self.augment = train and augment != "none"
         self.pad = max(img_size // 8, 1)
         self.mean = torch.tensor(match_channels(info.mean, in_chans)).view(1, -1, 1, 1)
@@ -31,40 +43,71 @@ class TensorBatchLoader:
         self.epoch = epoch
 
     def __len__(self) -> int:
-        return -(-len(self.labels) // self.batch_size)
+        n = len(self.labels)
+        if self.train:
+            return -(-n // (self.batch_size * self.world))
+        return -(-(-(-n // self.world)) // self.batch_size)
 
     def __iter__(self):
+        return self._train_batches() if self.train else self._eval_batches()
+
+    def _train_batches(self):
         g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
-        n = len(self.labels)
-        order = torch.randperm(n, generator=g) if self.train else torch.arange(n)
-        for start in range(0, n, self.batch_size):
-            idx = order[start:start + self.batch_size]
-            x, y = self.transform(self.images[idx], g), self.labels[idx]
+        n, step = len(self.labels), self.batch_size * self.world
+        order = torch.randperm(n, generator=g)
+        for start in range(0, n, step):
+            idx = order[start:start + step]
+            if len(idx) % self.world:  # pad the last global batch by wrapping, so every rank gets as many
+                idx = torch.cat([idx, order[:self.world - len(idx) % self.world]])
+            params = self._draw(len(idx), g)  # for the global batch: identical on every rank
+            per = len(idx) // self.world
+            part = slice(self.rank * per, (self.rank + 1) * per)
+            x = self.transform(self.images[idx[part]], *(p[part] for p in params))
+            y = self.labels[idx[part]]
             yield self.mix(list(zip(x, y))) if self.mix is not None else (x, y)
 
-    def transform(self, x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+    def _eval_batches(self):
+        n = len(self.labels)
+        idx = torch.arange(self.rank, n, self.world)
+        short = -(-n // self.world) - len(idx)
+        labels = torch.cat([self.labels[idx], torch.full((short,), -100, dtype=self.labels.dtype)])
+        idx = torch.cat([idx, torch.zeros(short, dtype=idx.dtype)])  # padding: any image, label ignored
+        for start in range(0, len(idx), self.batch_size):
+            part = slice(start, start + self.batch_size)
+            yield self.transform(self.images[idx[part]]), labels[part]
+
+    def _draw(self, n: int, g: torch.Generator) -> tuple[torch.Tensor, ...]:
+        """Per-sample augmentation parameters: crop offsets (n, 1) x 2 and flips (n,)."""
+        if not self.augment:
+            return ()
+        span = 2 * self.pad + 1
+        oy, ox = torch.randint(0, span, (n, 1), generator=g), torch.randint(0, span, (n, 1), generator=g)
+        flip = torch.rand(n, generator=g) < 0.5 if self.info.hflip else torch.zeros(n, dtype=torch.bool)
+        return oy, ox, flip
+
+    def transform(self, x: torch.Tensor, oy: torch.Tensor | None = None, ox: torch.Tensor | None = None,
+                  flip: torch.Tensor | None = None) -> torch.Tensor:
         x = x.float().div_(255.0)  # (B, C, H, W) in [0, 1]
         if x.shape[1] != self.in_chans:
             x = x.expand(-1, 3, -1, -1) if self.in_chans == 3 else _grey(x)
         if x.shape[-1] != self.img_size:
             x = F.interpolate(x, size=(self.img_size, self.img_size), mode="bilinear", antialias=True,
                               align_corners=False)
-        if self.augment:
-            x = self._random_crop(x, g)
-            if self.info.hflip:
-                flip = torch.rand(x.shape[0], generator=g) < 0.5
-                x = torch.where(flip.view(-1, 1, 1, 1), x.flip(-1), x)
+        if oy is not None:
+            x = self._random_crop(x, oy, ox)
+            x = torch.where(flip.view(-1, 1, 1, 1), x.flip(-1), x)
         return x.sub_(self.mean).div_(self.std)
 
-    def _random_crop(self, x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+    def _random_crop(self, x: torch.Tensor, oy: torch.Tensor, ox: torch.Tensor) -> torch.Tensor:
+        """Shift each image by its own offset inside a zero border (v2.RandomCrop(padding=p) on uint8)."""
         B, C, H, W = x.shape
         p = self.pad
-        padded = F.pad(x, (p, p, p, p))  # zero fill, like v2.RandomCrop(padding=p) on uint8 images
-        oy = torch.randint(0, 2 * p + 1, (B, 1), generator=g) + torch.arange(H)  # (B, H) source rows
-        ox = torch.randint(0, 2 * p + 1, (B, 1), generator=g) + torch.arange(W)  # (B, W) source columns
+        padded = F.pad(x, (p, p, p, p))
+        rows = (oy + torch.arange(H)).view(B, 1, H, 1)  # source rows per sample
+        cols = (ox + torch.arange(W)).view(B, 1, 1, W)  # source columns per sample
         b = torch.arange(B).view(B, 1, 1, 1)
         c = torch.arange(C).view(1, C, 1, 1)
-        return padded[b, c, oy.view(B, 1, H, 1), ox.view(B, 1, 1, W)]  # (B, C, H, W)
+        return padded[b, c, rows, cols]  # (B, C, H, W)
 
 
 def _grey(x: torch.Tensor) -> torch.Tensor:

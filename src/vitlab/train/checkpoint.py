@@ -38,13 +38,15 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
-def _state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    return {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+def _state_dict(weights: nn.Module | dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    sd = weights.state_dict() if isinstance(weights, nn.Module) else weights
+    return {k: v.detach().contiguous().cpu() for k, v in sd.items()}
 
 
-def save_checkpoint(path: Path, model: nn.Module, metadata: dict[str, str], trainer_state: dict[str, Any] | None,
-                    ema: nn.Module | None = None) -> None:
-    """Atomically replace the checkpoint directory `path`."""
+def save_checkpoint(path: Path, model: nn.Module | dict[str, torch.Tensor], metadata: dict[str, str],
+                    trainer_state: dict[str, Any] | None,
+                    ema: nn.Module | dict[str, torch.Tensor] | None = None) -> None:
+    """Atomically replace the checkpoint directory `path` (weights given as a module or a state dict)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))

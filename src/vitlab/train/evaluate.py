@@ -14,6 +14,7 @@ from ..config import Config, config_from_dict
 from ..errors import VitlabError
 from ..registry import create_model
 from .checkpoint import EMA_FILE, load_weights, read_metadata, resolve_checkpoint
+from .distributed import all_reduce_sum
 
 
 def autocast(device: torch.device, amp: str):
@@ -27,29 +28,27 @@ def autocast(device: torch.device, amp: str):
 
 @torch.no_grad()
 def evaluate(model: nn.Module, loader: Iterable, device: torch.device, amp: str = "auto") -> dict[str, float]:
-    """Mean cross-entropy, top-1 and top-5 accuracy (fractions) over every sample of `loader`."""
+    """Mean cross-entropy, top-1 and top-5 accuracy (fractions) over every sample of `loader`.
+
+    Under data parallelism each rank passes its shard; the sums are reduced over ranks in one collective,
+    and padding labelled -100 counts nowhere, so the result equals a one-process evaluation."""
     was_training = model.training
     model.eval()
-    loss_sum = torch.zeros((), device=device, dtype=torch.float64)
-    top1 = torch.zeros((), device=device, dtype=torch.long)
-    top5 = torch.zeros((), device=device, dtype=torch.long)
-    n = 0
+    totals = torch.zeros(4, device=device, dtype=torch.float64)  # loss sum, top-1 hits, top-5 hits, samples
     for x, y in loader:
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         with autocast(device, amp):
             logits = model(x)
         logits = logits.float()
-        loss_sum += F.cross_entropy(logits, y, reduction="sum")
         k = min(5, logits.shape[1])
-        pred = logits.topk(k, dim=1).indices  # (B, k)
-        hits = pred.eq(y.unsqueeze(1))
-        top1 += hits[:, 0].sum()
-        top5 += hits.any(dim=1).sum()
-        n += y.shape[0]
+        hits = logits.topk(k, dim=1).indices.eq(y.unsqueeze(1))  # (B, k); a -100 label never hits
+        totals += torch.stack([F.cross_entropy(logits, y, reduction="sum").double(), hits[:, 0].sum(),
+                               hits.any(dim=1).sum(), (y >= 0).sum()]).double()
     model.train(was_training)
+    loss_sum, top1, top5, n = all_reduce_sum(totals).tolist()
     if n == 0:
         raise VitlabError("the evaluation split is empty; lower data.val_fraction/test_fraction or add data")
-    return {"loss": loss_sum.item() / n, "top1": top1.item() / n, "top5": top5.item() / n, "n": n}
+    return {"loss": loss_sum / n, "top1": top1 / n, "top5": top5 / n, "n": int(n)}
 
 
 def load_checkpoint(path: str | Path, use_ema: bool = True) -> tuple[nn.Module, Config, dict]:

@@ -1,7 +1,7 @@
 """Run logging: per-batch JSON lines, a human-readable log, TensorBoard scalars and a progress display.
 
-Per-batch values arrive as device tensors and are converted in one `tolist()` per `log_every` batches, so
-the hot loop never waits on the GPU for logging.
+The trainer buffers per-batch values as device tensors and converts them in one `tolist()` per `log_every`
+batches, so the hot loop never waits on the GPU for logging. Only rank 0 logs; other ranks get `NullLogger`.
 """
 from __future__ import annotations
 
@@ -11,7 +11,6 @@ import time
 from pathlib import Path
 from typing import Any, TextIO
 
-import torch
 
 
 class RunLogger:
@@ -50,18 +49,15 @@ class RunLogger:
                     self.tb.add_scalar(f"{kind}/{k}", v, values["step"])
 
     # -- per-batch training values -----------------------------------------------------------------------
-    def batches(self, epoch: int, first_batch: int, first_step: int, losses: list[torch.Tensor],
-                correct: list[torch.Tensor], sizes: list[int], lrs: list[float]) -> tuple[float, float]:
-        """Write buffered per-batch records; returns (mean loss, accuracy) of the buffer."""
-        loss_vals = torch.stack(losses).float().tolist()
-        correct_vals = torch.stack(correct).tolist()
+    def batches(self, epoch: int, first_batch: int, first_step: int, losses: list[float], accs: list[float],
+                lrs: list[float]) -> None:
+        """Write buffered per-batch records (values already reduced over ranks)."""
         lines = []
-        for i, (loss, c, n, lr) in enumerate(zip(loss_vals, correct_vals, sizes, lrs)):
+        for i, (loss, acc, lr) in enumerate(zip(losses, accs, lrs)):
             batch, step = first_batch + i, first_step + i
-            self.record("train_batch", epoch=epoch, batch=batch, step=step, loss=loss, acc=c / n, lr=lr)
-            lines.append(f"epoch {epoch} batch {batch} step {step} loss {loss:.4f} acc {c / n:.3f} lr {lr:.3e}")
+            self.record("train_batch", epoch=epoch, batch=batch, step=step, loss=loss, acc=acc, lr=lr)
+            lines.append(f"epoch {epoch} batch {batch} step {step} loss {loss:.4f} acc {acc:.3f} lr {lr:.3e}")
         self.log_file.write("\n".join(lines) + "\n")
-        return sum(loss_vals) / len(loss_vals), sum(correct_vals) / sum(sizes)
 
     # -- progress ----------------------------------------------------------------------------------------
     def start_epoch(self, epoch: int, epochs: int, total_batches: int) -> None:
@@ -90,6 +86,18 @@ class RunLogger:
             f.close()
         if self.tb is not None:
             self.tb.close()
+
+
+class NullLogger:
+    """The logger of ranks other than 0: data-parallel jobs write one run directory and print once."""
+
+    def info(self, text: str) -> None: ...
+    def record(self, kind: str, **values: Any) -> None: ...
+    def batches(self, *args: Any) -> None: ...
+    def start_epoch(self, *args: Any) -> None: ...
+    def update(self, *args: Any) -> None: ...
+    def end_epoch(self) -> None: ...
+    def close(self) -> None: ...
 
 
 def _hms(seconds: float) -> str:

@@ -20,13 +20,21 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def build_optimizer(model: nn.Module, cfg: OptimConfig, device: torch.device) -> torch.optim.Optimizer:
+def scaled_lr(cfg: OptimConfig, global_batch: int) -> float:
+    """`optim.lr`, scaled by `optim.lr_scaling` for the global batch (explicit in the config, never implied)."""
+    power = {"none": 0.0, "linear": 1.0, "sqrt": 0.5}[cfg.lr_scaling]
+    return cfg.lr * (global_batch / cfg.base_batch_size) ** power
+
+
+def build_optimizer(model: nn.Module, cfg: OptimConfig, device: torch.device,
+                    lr: float | None = None) -> torch.optim.Optimizer:
     groups = param_groups(model, cfg.weight_decay)
+    lr = cfg.lr if lr is None else lr
     # Fused kernels (one launch for all parameters) on CUDA; foreach elsewhere.
     fused = {"fused": True} if device.type == "cuda" else {"foreach": True}
     if cfg.name == "adamw":
-        return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, **fused)
-    return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov, **fused)
+        return torch.optim.AdamW(groups, lr=lr, betas=cfg.betas, **fused)
+    return torch.optim.SGD(groups, lr=lr, momentum=cfg.momentum, nesterov=cfg.nesterov, **fused)
 
 
 def lr_factor(step: int, total: int, warmup: int, schedule: str, min_ratio: float) -> float:

@@ -25,22 +25,21 @@ from ..data import MixCollate, build_data, set_epoch
 from ..errors import VitlabError
 from ..registry import create_model, model_args
 from . import checkpoint as ckpt
+from .distributed import (DistEnv, all_gather_object, all_reduce_sum, detect, full_state, load_full_state, no_sync,
+                          parallelize, process_group, resolve_device)
 from .evaluate import autocast, evaluate
-from .metrics import RunLogger
-from .optim import build_optimizer, build_scheduler
+from .metrics import NullLogger, RunLogger
+from .optim import build_optimizer, build_scheduler, scaled_lr
 
 # ModelConfig fields passed to create_model as-is; the others are resolved from the data or handled apart.
 MODEL_KEYS = tuple(f.name for f in dataclasses.fields(ModelConfig)
                    if f.name not in ("name", "pretrained", "img_size", "in_chans", "num_classes"))
 
 
-def resolve_device(spec: str) -> torch.device:
-    if spec == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(spec)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise VitlabError(f"train.device is '{spec}' but no CUDA device is available; use train.device=cpu or auto")
-    return device
+def seed_all(seed: int) -> None:
+    torch.manual_seed(seed)
+    random.seed(seed)
+    np.random.seed(seed)
 
 
 def rng_state() -> dict[str, Any]:
@@ -77,17 +76,22 @@ def resolve_img_size(cfg: Config) -> int:
 
 
 class Trainer:
-    def __init__(self, cfg: Config, reload: bool = False, stream=None):
+    """Trains one run. Under data parallelism every rank builds its own Trainer with its `DistEnv`; only
+    rank 0 writes the run directory, and every value it logs is reduced over ranks."""
+
+    def __init__(self, cfg: Config, reload: bool = False, stream=None, env: DistEnv | None = None):
         self.cfg, tc = cfg, cfg.train
+        self.env = env = env or DistEnv()
         self.run_dir = cfg.run_dir
         last = ckpt.existing(self.run_dir / "checkpoints" / "last")
         if last is not None and not reload:
             raise VitlabError(f"'{self.run_dir}' already holds a run; pass --reload to resume it, "
                               f"or --savefile NAME for a new run")
-        self.device = resolve_device(tc.device)
-        torch.manual_seed(tc.seed)
-        random.seed(tc.seed)
-        np.random.seed(tc.seed)
+        if tc.strategy == "fsdp" and tc.ema:
+            raise VitlabError("train.ema is not supported with train.strategy=fsdp yet; use train.strategy=ddp "
+                              "or train.ema=false")
+        self.device = resolve_device(tc.device, env)
+        seed_all(tc.seed)  # the same on every rank: identical initial weights
         if tc.deterministic:
             os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
             torch.use_deterministic_algorithms(True, warn_only=True)
@@ -103,38 +107,54 @@ class Trainer:
             from ..pretrained import load_pretrained
             load_pretrained(self.model, cfg.model.pretrained)
         self.model.to(self.device)
-        self.train_model = torch.compile(self.model) if tc.compile else self.model
         self.ema = None
         if tc.ema:
             from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
             self.ema = AveragedModel(self.model, multi_avg_fn=get_ema_multi_avg_fn(tc.ema_decay), use_buffers=True)
+        # `model` stays the plain module (checkpoints, evaluation); `train_model` is what the loop calls.
+        self.train_model = parallelize(self.model, self.device, tc.strategy, tc.compile)
+        seed_all(tc.seed + env.rank)  # per-rank streams for dropout, drop-path, mixup
 
         pin = self.device.type == "cuda"
         mix = MixCollate(info.num_classes, cfg.data.mixup, cfg.data.cutmix) if cfg.data.mixup or cfg.data.cutmix else None
         eval_bs = tc.eval_batch_size or 2 * tc.batch_size
-        self.train_loader = self.data.loader("train", tc.batch_size, cfg.data.num_workers, tc.seed, mix, pin)
-        self.val_loader = self.data.loader("val", eval_bs, cfg.data.num_workers, pin_memory=pin)
-        self.test_loader = self.data.loader("test", eval_bs, cfg.data.num_workers, pin_memory=pin)
+        shard = {"rank": env.rank, "world": env.world_size}
+        self.train_loader = self.data.loader("train", tc.batch_size, cfg.data.num_workers, tc.seed, mix, pin, **shard)
+        self.val_loader = self.data.loader("val", eval_bs, cfg.data.num_workers, pin_memory=pin, **shard)
+        self.test_loader = self.data.loader("test", eval_bs, cfg.data.num_workers, pin_memory=pin, **shard)
         self.steps_per_epoch = math.ceil(len(self.train_loader) / tc.accum_steps)
-        self.optimizer = build_optimizer(self.model, cfg.optim, self.device)
+        self.global_batch = tc.batch_size * env.world_size * tc.accum_steps
+        self.lr = scaled_lr(cfg.optim, self.global_batch)
+        self.optimizer = build_optimizer(self.model, cfg.optim, self.device, self.lr)
         self.scheduler = build_scheduler(self.optimizer, cfg.optim, self.steps_per_epoch, tc.epochs)
         self.scaler = torch.amp.GradScaler("cuda", enabled=tc.amp == "fp16" and self.device.type == "cuda")
         self.criterion = nn.CrossEntropyLoss(label_smoothing=cfg.optim.label_smoothing)
 
         self.epoch, self.step, self.best_val_loss = 0, 0, float("inf")
-        self.run_dir.mkdir(parents=True, exist_ok=True)
         resumed = reload and last is not None
         if resumed:
             self._resume(last)
-        _atomic_write(self.run_dir / "config.yaml", cfg.dump())
-        self.log = RunLogger(self.run_dir, cfg.output.tensorboard, cfg.output.progress, append=resumed,
-                             stream=stream)
-        self.params = sum(p.numel() for p in self.model.parameters())
+        if env.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            if resumed:
+                _truncate_metrics(self.run_dir / "metrics.jsonl", self.epoch)
+            _atomic_write(self.run_dir / "config.yaml", cfg.dump())
+            self.log = RunLogger(self.run_dir, cfg.output.tensorboard, cfg.output.progress, append=resumed,
+                                 stream=stream)
+        else:
+            self.log = NullLogger()
+        self.params = sum(p.numel() for p in self.model.parameters())  # FSDP's DTensors report global sizes
+        backend = torch.distributed.get_backend() if env.launcher != "none" else "none"
         self.log.info(f"run {self.run_dir} | model {self.model.vitlab_name} ({self.params / 1e6:.2f}M params, "
                       f"{self.data.img_size}px, {self.data.in_chans}ch) | data {info.name}: "
                       f"{len(self.data.splits['train'])} train / {len(self.data.splits['val'])} val / "
                       f"{len(self.data.splits['test'])} test | device {self.device} "
                       f"(threads {torch.get_num_threads()}, amp {tc.amp}, compile {tc.compile})")
+        self.log.info(f"world size {env.world_size} (launcher {env.launcher}, backend {backend}, strategy "
+                      f"{tc.strategy if env.launcher != 'none' else 'single'}) | batch {tc.batch_size}/device x "
+                      f"{env.world_size} x accum {tc.accum_steps} = {self.global_batch} global | lr {self.lr:.3g}"
+                      + (f" (optim.lr {cfg.optim.lr:g}, {cfg.optim.lr_scaling} scaling from "
+                         f"{cfg.optim.base_batch_size})" if cfg.optim.lr_scaling != "none" else ""))
         if reload:
             self.log.info(f"resumed from {last} at epoch {self.epoch}, step {self.step}" if resumed
                           else "nothing to resume: starting a new run")
@@ -144,16 +164,19 @@ class Trainer:
         extra = {"dataset_info": dataclasses.asdict(self.data.info), "epoch": self.epoch, "step": self.step}
         return ckpt.model_metadata(self.model, self.cfg.dump(), extra)
 
-    def _trainer_state(self) -> dict[str, Any]:
-        return {"epoch": self.epoch, "step": self.step, "best_val_loss": self.best_val_loss,
-                "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                "scaler": self.scaler.state_dict(), "rng": rng_state(),
-                "ema_n_averaged": self.ema.n_averaged if self.ema is not None else None,
-                "config": self.cfg.to_dict()}
-
     def save(self, name: str) -> None:
-        ckpt.save_checkpoint(self.run_dir / "checkpoints" / name, self.model, self._metadata(),
-                             self._trainer_state(), self.ema.module if self.ema is not None else None)
+        """Called on every rank (gathering is collective); rank 0 writes. RNG states are kept per rank."""
+        weights, optim_state = full_state(self.model, self.optimizer)
+        rngs = all_gather_object(rng_state())
+        if not self.env.is_main:
+            return
+        state = {"epoch": self.epoch, "step": self.step, "best_val_loss": self.best_val_loss,
+                 "optimizer": optim_state, "scheduler": self.scheduler.state_dict(),
+                 "scaler": self.scaler.state_dict(), "rng": rngs,
+                 "ema_n_averaged": self.ema.n_averaged if self.ema is not None else None,
+                 "config": self.cfg.to_dict()}
+        ckpt.save_checkpoint(self.run_dir / "checkpoints" / name, weights, self._metadata(), state,
+                             self.ema.module if self.ema is not None else None)
 
     def _resume(self, path: Path) -> None:
         state = ckpt.load_trainer_state(path)
@@ -161,16 +184,18 @@ class Trainer:
         if saved_model != self.cfg.to_dict()["model"]:
             raise VitlabError(f"the model config differs from the run being resumed ({path}); resume with the "
                               f"same model settings or start a new --savefile")
-        self.model.load_state_dict(ckpt.load_weights(path / ckpt.MODEL_FILE))
-        self.optimizer.load_state_dict(state["optimizer"])
+        load_full_state(self.model, self.optimizer, ckpt.load_weights(path / ckpt.MODEL_FILE), state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
         if self.ema is not None and (path / ckpt.EMA_FILE).is_file():
             self.ema.module.load_state_dict(ckpt.load_weights(path / ckpt.EMA_FILE))
             self.ema.n_averaged.fill_(state["ema_n_averaged"])
         self.epoch, self.step, self.best_val_loss = state["epoch"], state["step"], state["best_val_loss"]
-        set_rng_state(state["rng"])
-        _truncate_metrics(self.run_dir / "metrics.jsonl", self.epoch)
+        rngs = state["rng"]
+        if len(rngs) == self.env.world_size:  # same world size: continue each rank's own streams exactly
+            set_rng_state(rngs[self.env.rank])
+        else:  # another world size: fresh per-rank streams, still a function of (seed, rank, epoch)
+            seed_all(self.cfg.train.seed + self.env.rank + 1_000_003 * self.epoch)
 
     # -- training ----------------------------------------------------------------------------------------
     def eval_model(self) -> nn.Module:
@@ -199,6 +224,7 @@ class Trainer:
         return self._finish(time.perf_counter() - start, train_time, train_images)
 
     def _train_epoch(self, epoch: int) -> tuple[float, int]:
+        """One pass over this rank's shard; returns (seconds, images seen by all ranks together)."""
         tc, model, device = self.cfg.train, self.train_model, self.device
         model.train()
         set_epoch(self.train_loader, epoch)
@@ -212,11 +238,13 @@ class Trainer:
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             group_start = i - i % accum
             group_size = min(accum, n_batches - group_start)
-            with autocast(device, tc.amp):
-                logits = model(x)
-            loss = self.criterion(logits.float(), y)
-            self.scaler.scale(loss / group_size).backward()
-            if i + 1 == group_start + group_size:
+            step_now = i + 1 == group_start + group_size
+            with no_sync(model, sync=step_now):  # all-reduce gradients only on a group's last micro-batch
+                with autocast(device, tc.amp):
+                    logits = model(x)
+                loss = self.criterion(logits.float(), y)
+                self.scaler.scale(loss / group_size).backward()
+            if step_now:
                 self._optimizer_step()
             hard = y.argmax(dim=-1) if y.ndim == 2 else y  # soft (mixed) targets: the dominant class
             losses.append(loss.detach())
@@ -229,16 +257,29 @@ class Trainer:
                 val_losses.append((epoch, i + 1, self.step, loss_val))
             if len(losses) == tc.log_every or i + 1 == n_batches:
                 self._flush_val(val_losses)
-                loss_avg, acc = self.log.batches(epoch, first_batch, first_step, losses, correct, sizes, lrs)
+                loss_avg, acc = self._flush_batches(epoch, first_batch, first_step, losses, correct, sizes, lrs)
                 now = time.perf_counter()
                 done = (epoch - 1) * n_batches + i + 1
                 per_batch = (now - t0) / (i + 1)
                 self.log.update(len(losses), epoch, tc.epochs, i + 1, n_batches, loss_avg, acc,
-                                sum(sizes) / (now - t_flush), per_batch * (tc.epochs * n_batches - done))
+                                sum(sizes) * self.env.world_size / (now - t_flush),
+                                per_batch * (tc.epochs * n_batches - done))
                 first_batch, first_step = i + 2, first_step + len(losses)
                 losses, correct, sizes, lrs, t_flush = [], [], [], [], now
         self.log.end_epoch()
-        return time.perf_counter() - t0, images
+        # Every rank's shard has the same size (the loaders pad), so the global count is exact.
+        return time.perf_counter() - t0, images * self.env.world_size
+
+    def _flush_batches(self, epoch: int, first_batch: int, first_step: int, losses: list, correct: list,
+                       sizes: list[int], lrs: list[float]) -> tuple[float, float]:
+        """Reduce buffered per-batch loss/accuracy over ranks (one collective), log them on rank 0, and
+        return the buffer's (mean loss, accuracy)."""
+        n = torch.tensor(sizes, dtype=torch.float64).to(self.device, non_blocking=True)
+        stats = torch.stack([torch.stack(losses).double() * n, torch.stack(correct).double(), n], dim=1)  # (k, 3)
+        loss_sum, hits, count = all_reduce_sum(stats).T.tolist()
+        self.log.batches(epoch, first_batch, first_step, [a / b for a, b in zip(loss_sum, count)],
+                         [a / b for a, b in zip(hits, count)], lrs)
+        return sum(loss_sum) / sum(count), sum(hits) / sum(count)
 
     def _optimizer_step(self) -> None:
         if self.cfg.optim.clip_grad > 0:
@@ -253,15 +294,16 @@ class Trainer:
             self.ema.update_parameters(self.model)
 
     def _flush_val(self, pending: list) -> None:
-        """Write buffered validation-batch losses with one device-to-host copy."""
+        """Write buffered validation-batch losses (mean over ranks) with one device-to-host copy."""
         if pending:
-            values = torch.stack([p[3] for p in pending]).tolist()
+            values = (all_reduce_sum(torch.stack([p[3] for p in pending])) / self.env.world_size).tolist()
             for (epoch, batch, step, _), loss in zip(pending, values):
                 self.log.record("val_batch", epoch=epoch, batch=batch, step=step, loss=loss)
             pending.clear()
 
     def _val_batch(self, it):
-        """(iterator, loss tensor) of the next validation batch (seed 002 logs train and validation loss per batch)."""
+        """(iterator, loss tensor) of the next validation batch of this rank's shard (seed 002 logs train and
+        validation loss per batch)."""
         if it is None:
             it = iter(self.val_loader)
         try:
@@ -272,7 +314,7 @@ class Trainer:
         model = self.eval_model()
         model.eval()
         with torch.no_grad(), autocast(self.device, self.cfg.train.amp):
-            loss = F.cross_entropy(model(x.to(self.device)).float(), y.to(self.device))
+            loss = F.cross_entropy(model(x.to(self.device)).float(), y.to(self.device))  # ignores -100 padding
         model.train()
         return it, loss
 
@@ -285,7 +327,9 @@ class Trainer:
                    "best_val_loss": self.best_val_loss, "model": self.model.vitlab_name,
                    "dataset": self.data.info.name, "device": str(self.device),
                    "weights": "ema" if self.ema is not None else "last", "run_dir": str(self.run_dir)}
-        _atomic_write(self.run_dir / "results.json", json.dumps(results, indent=2) + "\n")
+        results.update(world_size=self.env.world_size, global_batch=self.global_batch)
+        if self.env.is_main:
+            _atomic_write(self.run_dir / "results.json", json.dumps(results, indent=2) + "\n")
         self.log.record("test", step=self.step, loss=test["loss"], top1=test["top1"], top5=test["top5"])
         self.log.info(f"test top-1 {test['top1']:.4f} top-5 {test['top5']:.4f} loss {test['loss']:.4f} "
                       f"({test['n']} images) | {wall:.1f}s | run saved in {self.run_dir}")
@@ -307,6 +351,14 @@ def _truncate_metrics(path: Path, epoch: int) -> None:
     _atomic_write(path, "".join(line + "\n" for line in kept))
 
 
-def train(cfg: Config, reload: bool = False, stream=None) -> dict[str, Any]:
-    """Train `cfg` to the end (resuming when `reload`), test, and return results.json's content."""
-    return Trainer(cfg, reload=reload, stream=stream).fit()
+def train(cfg: Config, reload: bool = False, stream=None, local: bool = False) -> dict[str, Any]:
+    """Train `cfg` to the end (resuming when `reload`), test, and return results.json's content.
+
+    Under torchrun or srun this process joins the job's group (see `distributed.detect`); `local=True`
+    (the `--local` flag) trains in one process even there, on rank 0, while other ranks step aside."""
+    env = detect(local)
+    if local and env.rank != 0:
+        return {}
+    device = resolve_device(cfg.train.device, env)
+    with process_group(env, device, cfg.train.dist_timeout):
+        return Trainer(cfg, reload=reload, stream=stream, env=env).fit()
