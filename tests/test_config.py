@@ -71,6 +71,6 @@ def test_bad_files(tmp_path):
 
 def test_shipped_configs_load():
     from pathlib import Path
-    for f in sorted((Path(__file__).parents[1] / "configs").glob("*.yaml")):
+    for f in sorted((Path(__file__).parents[1] / "configs").rglob("*.yaml")):
         assert f.read_text().startswith("# "), f"{f.name} must start with the command that runs it"
         load_config(f)

@@ -9,9 +9,11 @@ from vitlab.stats import model_stats
 
 
 def tiny(name):
-    patch = model_args(name)["patch_size"]
-    return vitlab.create_model(name, img_size=2 * patch, embed_dim=32, depth=2, num_heads=2, num_classes=5,
-                               drop_path_rate=0.1, drop_rate=0.1)
+    args = model_args(name)
+    size = ({"widths": [16, 32], "depths": [1, 1], "head_dim": 8} if "widths" in args  # staged families
+            else {"embed_dim": 32, "depth": 2, "num_heads": 2})
+    return vitlab.create_model(name, img_size=2 * args["patch_size"], num_classes=5, drop_path_rate=0.1,
+                               drop_rate=0.1, **size)
 
 
 @pytest.mark.parametrize("name", vitlab.list_models())

@@ -36,6 +36,7 @@ class ModelConfig:
     attn_drop_rate: Optional[float] = None
     drop_path_rate: Optional[float] = None
     init_values: Optional[float] = None  # LayerScale initial value; None = no LayerScale
+    attn_layer: Optional[Literal["mhsa", "diff"]] = None  # mhsa: standard; diff: differential attention
     stem: Optional[Literal["patch", "conv"]] = None  # patch: ViT's P x P patchify; conv: 3x3 conv stem (ViT_C)
     pretrained: Optional[str] = None  # local .safetensors/.pth/.npz file to start from
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import fnmatch
 import inspect
+import sys
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -27,6 +28,7 @@ class ModelEntry:
 
 _REGISTRY: dict[str, ModelEntry] = {}
 _ALIASES: dict[str, str] = {}
+_ALIAS_NOTES: dict[str, str] = {}  # alias -> a line printed (once) when the alias is used
 
 
 def register_model(name: str, builder: Callable[..., nn.Module], family: str = "vit",
@@ -38,12 +40,24 @@ def register_model(name: str, builder: Callable[..., nn.Module], family: str = "
         _ALIASES[alias] = name
 
 
+def register_alias(alias: str, name: str, note: str | None = None) -> None:
+    """Another name for a registered model; `note`, if given, is printed on stderr the first time it is used."""
+    if alias in _REGISTRY or alias in _ALIASES:
+        raise RuntimeError(f"model name {alias!r} registered twice")
+    _ALIASES[alias] = name
+    if note:
+        _ALIAS_NOTES[alias] = note
+
+
 def resolve_name(name: str) -> str:
     """The canonical name for a name or alias; a one-line error naming the closest model otherwise."""
     _ensure_loaded()
     if name in _REGISTRY:
         return name
     if name in _ALIASES:
+        note = _ALIAS_NOTES.pop(name, None)
+        if note:
+            print(f"vitlab: note: {note}", file=sys.stderr)
         return _ALIASES[name]
     hint = did_you_mean(name, list(_REGISTRY) + list(_ALIASES))
     raise VitlabError(f"unknown model '{name}'{hint}; `vitlab models` lists the available names")

@@ -10,14 +10,28 @@ Other families reuse `PatchEmbed`, `Block` and this class's embedding/head metho
 """
 from __future__ import annotations
 
+from functools import partial
 from typing import Callable, Literal
 
 import torch
 from torch import nn
 
-from ..errors import VitlabError
-from ..layers import Attention, Block, ConvStem, Mlp, PatchEmbed
+from ..errors import VitlabError, did_you_mean
+from ..layers import ATTN_LAYERS, Block, ConvStem, Mlp, PatchEmbed
 from ..layers.block import LayerNorm
+
+
+def attn_factory(attn_layer: str | Callable[..., nn.Module]) -> Callable[[int], Callable[..., nn.Module]]:
+    """block index -> the attention constructor for that block (a name from ATTN_LAYERS, or a class); layers
+    whose behaviour depends on depth (differential attention's lambda_init) receive `depth=index`."""
+    if isinstance(attn_layer, str):
+        if attn_layer not in ATTN_LAYERS:
+            raise VitlabError(f"unknown attn_layer '{attn_layer}'{did_you_mean(attn_layer, list(ATTN_LAYERS))}; "
+                              f"choose one of {', '.join(ATTN_LAYERS)}")
+        attn_layer = ATTN_LAYERS[attn_layer]
+    if getattr(attn_layer, "per_depth", False):
+        return lambda i: partial(attn_layer, depth=i)
+    return lambda i: attn_layer
 
 
 class VisionTransformer(nn.Module):
@@ -27,7 +41,7 @@ class VisionTransformer(nn.Module):
                  global_pool: Literal["token", "avg"] = "token", drop_rate: float = 0.0,
                  attn_drop_rate: float = 0.0, drop_path_rate: float = 0.0, init_values: float | None = None,
                  stem: Literal["patch", "conv"] = "patch",
-                 attn_layer: Callable[..., nn.Module] = Attention, mlp_layer: Callable[..., nn.Module] = Mlp):
+                 attn_layer: str | Callable[..., nn.Module] = "mhsa", mlp_layer: Callable[..., nn.Module] = Mlp):
         super().__init__()
         if global_pool not in ("token", "avg"):
             raise VitlabError(f"global_pool must be 'token' or 'avg', got {global_pool!r}")
@@ -41,6 +55,7 @@ class VisionTransformer(nn.Module):
         self.embed_dim = embed_dim
         self.num_prefix_tokens = 1 if class_token else 0
 
+        attn_for = attn_factory(attn_layer)
         embed_layer = ConvStem if stem == "conv" else PatchEmbed
         try:
             self.patch_embed = embed_layer(img_size, patch_size, in_chans, embed_dim)
@@ -52,7 +67,8 @@ class VisionTransformer(nn.Module):
         dpr = [drop_path_rate * i / max(depth - 1, 1) for i in range(depth)]  # stochastic depth grows with depth
         self.blocks = nn.Sequential(*[
             Block(embed_dim, num_heads, mlp_ratio, qkv_bias, drop=drop_rate, attn_drop=attn_drop_rate,
-                  drop_path=dpr[i], init_values=init_values, attn_layer=attn_layer, mlp_layer=mlp_layer)
+                  drop_path=dpr[i], init_values=init_values, mlp_layer=mlp_layer,
+                  attn_layer=attn_for(i))
             for i in range(depth)])
         # timm's layout: final norm before pooling for the cls token, after pooling (fc_norm) for the mean.
         self.norm = LayerNorm(embed_dim) if global_pool == "token" else nn.Identity()

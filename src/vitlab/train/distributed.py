@@ -147,6 +147,7 @@ def process_group(env: DistEnv, device: torch.device, timeout_s: float) -> Itera
                             timeout=timedelta(seconds=timeout_s))
     try:
         yield backend
+        dist.barrier()  # a clean exit: no rank tears its connections down while a peer still talks
     finally:
         dist.destroy_process_group()
 

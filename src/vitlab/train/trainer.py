@@ -7,6 +7,7 @@ optimizer, schedule, EMA and RNG states, so a killed run continues exactly where
 from __future__ import annotations
 
 import dataclasses
+import gc
 import json
 import math
 import os
@@ -361,4 +362,9 @@ def train(cfg: Config, reload: bool = False, stream=None, local: bool = False) -
         return {}
     device = resolve_device(cfg.train.device, env)
     with process_group(env, device, cfg.train.dist_timeout):
-        return Trainer(cfg, reload=reload, stream=stream, env=env).fit()
+        trainer = Trainer(cfg, reload=reload, stream=stream, env=env)
+        try:
+            return trainer.fit()
+        finally:  # free DDP/FSDP state, which holds the group, before the group is destroyed
+            del trainer
+            gc.collect()

@@ -1,0 +1,84 @@
+"""Differential vs classic attention at equal parameters: forward + backward time, one process.
+
+    python bench/diff_attention.py                  # CPU, fp32
+    python bench/diff_attention.py --device cuda    # bf16 autocast, eager and torch.compile
+
+Seed 002's 10M pair (`vit_classic_10m` / `vit_differential_10m`: 224 px, d_model 256, 12 blocks; parameter
+counts within 0.1%) at patch 8 (785 tokens) and patch 16 (197 tokens). The two models alternate in rounds;
+each row reports median img/s and the time ratio differential / classic (target: <= 1.3). Differential
+attention applies both softmax maps to V of width 2d, so its attention matmuls cost 1.5x the classic ones;
+the rest of the block is unchanged.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+import vitlab  # noqa: E402
+
+
+def fwd_bwd(model, device, amp: bool, compile_: bool):
+    fn = torch.compile(model) if compile_ else model
+    ctx = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if amp else nullcontext
+
+    def step(x):
+        with ctx():
+            out = fn(x)
+        out.float().square().mean().backward()
+    return step
+
+
+def timed(step, x, steps: int, device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    t = time.perf_counter()
+    for _ in range(steps):
+        step(x)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return steps * x.shape[0] / (time.perf_counter() - t)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--rounds", type=int, default=None)
+    p.add_argument("--steps", type=int, default=None)
+    args = p.parse_args()
+    cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
+    device = torch.device("cuda" if cuda else "cpu")
+    rounds, steps = args.rounds or (10 if cuda else 3), args.steps or (10 if cuda else 1)
+    modes = [("bf16", True, False), ("bf16+compile", True, True)] if cuda else [("fp32", False, False)]
+    cases = [(8, 64 if cuda else 2), (16, 256 if cuda else 8)]
+    where = torch.cuda.get_device_name() if cuda else f"CPU, {torch.get_num_threads()} threads"
+    print(f"# forward+backward, differential vs classic (seed 002 10M pair, 224 px), {where}, torch "
+          f"{torch.__version__}, median of {rounds} alternating rounds x {steps} steps\n")
+    print("| patch | tokens | mode | batch | classic img/s | differential img/s | time ratio diff/classic |")
+    print("|---:|---:|---|---:|---:|---:|---:|")
+    for patch, batch in cases:
+        for mode, amp, compile_ in modes:
+            torch.manual_seed(0)
+            models = {k: vitlab.create_model(f"vit_{k}_10m", patch_size=patch).to(device)
+                      for k in ("classic", "differential")}
+            steps_ = {k: fwd_bwd(m, device, amp, compile_) for k, m in models.items()}
+            x = torch.randn(batch, 3, 224, 224, device=device)
+            for s in steps_.values():
+                timed(s, x, 2 if compile_ else 1, device)
+            rates = {k: [] for k in models}
+            for r in range(rounds):
+                for k in (("classic", "differential") if r % 2 == 0 else ("differential", "classic")):
+                    rates[k].append(timed(steps_[k], x, steps, device))
+            c, d = statistics.median(rates["classic"]), statistics.median(rates["differential"])
+            print(f"| {patch} | {(224 // patch) ** 2 + 1} | {mode} | {batch} | {c:,.1f} | {d:,.1f} | {c / d:.3f} |",
+                  flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,80 @@
+"""Differential attention: the paper's formula, timm equivalence, lambda_init per depth, seed 002 sizes."""
+import math
+
+import pytest
+import torch
+from timm.models.vision_transformer import VisionTransformer as TimmViT
+
+import vitlab
+from vitlab.layers import DiffAttention
+from vitlab.stats import model_stats
+
+
+def naive_diff_attention(attn: DiffAttention, x: torch.Tensor) -> torch.Tensor:
+    """VARIANTS.md §3 written out with explicit N x N softmax maps and a loop over heads."""
+    B, N, D = x.shape
+    H, d = attn.num_heads, attn.head_dim
+    W = attn.qkv.weight
+    q, k, v = (x @ W[i * D:(i + 1) * D].T + attn.qkv.bias[i * D:(i + 1) * D] for i in range(3))
+    dot1, dot2 = float((attn.lambda_q1 @ attn.lambda_k1).detach()), float((attn.lambda_q2 @ attn.lambda_k2).detach())
+    lam = (math.exp(dot1) - math.exp(dot2)
+           + 0.8 - 0.6 * math.exp(-0.3 * attn.depth_index))
+    heads = []
+    for i in range(H):
+        q1, q2 = q[..., (2 * i) * d:(2 * i + 1) * d], q[..., (2 * i + 1) * d:(2 * i + 2) * d]
+        k1, k2 = k[..., (2 * i) * d:(2 * i + 1) * d], k[..., (2 * i + 1) * d:(2 * i + 2) * d]
+        vi = v[..., i * 2 * d:(i + 1) * 2 * d]
+        a1 = torch.softmax(q1 @ k1.transpose(-1, -2) / math.sqrt(d), dim=-1)
+        a2 = torch.softmax(q2 @ k2.transpose(-1, -2) / math.sqrt(d), dim=-1)
+        o = (a1 - lam * a2) @ vi  # (B, N, 2d)
+        o = o * torch.rsqrt(o.pow(2).mean(-1, keepdim=True) + 1e-5) * attn.sub_norm.weight
+        heads.append(o * (1 - (0.8 - 0.6 * math.exp(-0.3 * attn.depth_index))))
+    return torch.cat(heads, dim=-1) @ attn.proj.weight.T + attn.proj.bias
+
+
+@pytest.mark.parametrize("depth", [0, 3, 11])
+def test_diff_attention_equals_the_formula(depth):
+    torch.manual_seed(depth)
+    attn = DiffAttention(48, num_heads=3, depth=depth).eval()
+    attn.depth_index = depth
+    with torch.no_grad():
+        for p in (attn.lambda_q1, attn.lambda_k1, attn.lambda_q2, attn.lambda_k2, attn.sub_norm.weight):
+            p.normal_(0, 0.5)
+    x = torch.randn(2, 17, 48)
+    torch.testing.assert_close(attn(x), naive_diff_attention(attn, x), atol=1e-5, rtol=1e-5)
+
+
+def test_lambda_init_per_block_and_fp32_lambda():
+    m = vitlab.create_model("diff_vit_micro_patch7_28", in_chans=1, num_classes=10)
+    for l, block in enumerate(m.blocks):
+        assert block.attn.lambda_init == pytest.approx(0.8 - 0.6 * math.exp(-0.3 * l))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert m.blocks[0].attn.lambda_full().dtype == torch.float32
+        assert torch.isfinite(m(torch.randn(2, 1, 28, 28))).all()
+
+
+@pytest.mark.parametrize("name", ["diff_vit_micro_patch7_28", "diff_vit_small_patch16_224", "vit_differential_10m"])
+def test_equals_timm_diff_vit_on_copied_weights(name):
+    torch.manual_seed(0)
+    ours = vitlab.create_model(name, depth=2, img_size={"diff_vit_small_patch16_224": 64,
+                                                         "vit_differential_10m": 56}.get(name)).eval()
+    a = ours.vitlab_args
+    theirs = TimmViT(img_size=a["img_size"], patch_size=a["patch_size"], in_chans=a["in_chans"],
+                     num_classes=a["num_classes"], embed_dim=a["embed_dim"], depth=2, num_heads=a["num_heads"],
+                     mlp_ratio=a["mlp_ratio"], qkv_bias=True, attn_layer="diff").eval()
+    theirs.load_state_dict(ours.state_dict())  # same keys, same shapes
+    x = torch.randn(2, a["in_chans"], a["img_size"], a["img_size"])
+    torch.testing.assert_close(ours(x), theirs(x), atol=1e-5, rtol=1e-5)
+
+
+def test_half_heads_and_seed002_parameter_bands(capsys):
+    m = vitlab.create_model("diff_vit_small_patch16_224", depth=1)
+    assert (m.embed_dim, m.blocks[0].attn.num_heads, m.blocks[0].attn.head_dim) == (384, 3, 64)
+    for proto in ("", "bach_"):
+        for label, target in (("10m", 10e6), ("25m", 25e6), ("50m", 50e6)):
+            classic = model_stats(f"vit_classic_{proto}{label}")["params"]
+            diff = model_stats(f"vit_differential_{proto}{label}")["params"]
+            assert abs(classic / target - 1) <= 0.10 and abs(diff / target - 1) <= 0.10
+            assert abs(diff / classic - 1) <= 0.02
+    assert vitlab.registry.resolve_name("vit_differential_25b") == "vit_differential_25m"
+    assert "'25B' means ~25M parameters" in capsys.readouterr().err
