@@ -117,7 +117,8 @@ def slurm_job_id() -> int:
     return free_port() - 15000  # slurm_port(job_id) == the free port found
 
 
-EQUIV = ["data.dataset=synthetic", "data.synthetic_size=256", "data.val_fraction=0.125", "data.img_size=8", "model.name=vit_micro_patch2_8",
+EQUIV = ["data.dataset=synthetic", "data.synthetic_size=256", "data.val_fraction=0.125", "data.img_size=8",
+         "model.name=vit_micro_patch2_8",
          "model.depth=2", "data.augment=none", "data.num_workers=0", "output.progress=plain",
          "output.tensorboard=false", "train.epochs=2", "optim.name=sgd", "optim.lr=0.05", "optim.warmup_steps=3",
          "train.log_every=4"]
@@ -165,13 +166,15 @@ def test_two_ranks_equal_one_process_with_double_batch(single, tmp_path, strateg
     if accum == 1:  # with accumulation a record is a micro-batch
         assert [(r["epoch"], r["batch"], r["step"]) for r in batches] == [(r["epoch"], r["batch"], r["step"])
                                                                             for r in ref_batches]
-    for a, b in zip(batches, ref_batches if accum == 1 else []):  # the logged loss is the global batch's, reduced over ranks
+    # the logged loss is the global batch's, reduced over ranks
+    for a, b in zip(batches, ref_batches if accum == 1 else []):
         assert a["loss"] == pytest.approx(b["loss"], abs=1e-5) and a["acc"] == pytest.approx(b["acc"], abs=1e-9)
     res, ref_res = json.loads((run / "results.json").read_text()), json.loads((single / "results.json").read_text())
     assert (res["world_size"], res["global_batch"], ref_res["global_batch"]) == (2, 32, 32)
     assert res["params"] == ref_res["params"]
     assert res["test_samples"] == ref_res["test_samples"] == 25
-    assert res["test_top1"] == ref_res["test_top1"] and res["test_loss"] == pytest.approx(ref_res["test_loss"], abs=1e-5)
+    assert res["test_top1"] == ref_res["test_top1"]
+    assert res["test_loss"] == pytest.approx(ref_res["test_loss"], abs=1e-5)
     assert sorted(p.name for p in run.iterdir()) == ["checkpoints", "config.yaml", "metrics.jsonl", "results.json",
                                                      "train.log"]
     # --reload of the finished run loads the (possibly sharded) weights and optimizer back and re-tests.

@@ -10,4 +10,5 @@ from .pos_embed import resample_pos_embed
 #: attention layers by the name `model.attn_layer` takes
 ATTN_LAYERS = {"mhsa": Attention, "diff": DiffAttention}
 
-__all__ = ["ATTN_LAYERS", "Attention", "Block", "ConvStem", "DiffAttention", "DropPath", "LayerScale", "Mlp", "PatchEmbed", "resample_pos_embed"]
+__all__ = ["ATTN_LAYERS", "Attention", "Block", "ConvStem", "DiffAttention", "DropPath", "LayerScale", "Mlp",
+           "PatchEmbed", "resample_pos_embed"]

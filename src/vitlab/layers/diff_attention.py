@@ -10,9 +10,9 @@ With H heads (half a standard layer's, so parameters match) and d = D / (2H):
 
 l is the 0-based block index. Both softmax maps come from one `scaled_dot_product_attention` call over
 the 2H sub-heads (each sub-head attends over its head's V, q and k zero-padded to V's width), so no N x N
-matrix is built here and the fused kernels apply. lambda, the difference of the two maps and the RMSNorm run in fp32 (bf16-safe). Parameter
-names match timm's `DiffAttention` (`qkv`, `lambda_q1/k1/q2/k2`, `sub_norm`, `proj`), so weights
-interchange with timm's `VisionTransformer(attn_layer='diff')`.
+matrix is built here and the fused kernels apply. lambda, the difference of the two maps and the RMSNorm
+run in fp32 (bf16-safe). Parameter names match timm's `DiffAttention` (`qkv`, `lambda_q1/k1/q2/k2`,
+`sub_norm`, `proj`), so weights interchange with timm's `VisionTransformer(attn_layer='diff')`.
 """
 from __future__ import annotations
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from ..registry import register_alias, register_model
 from .vit import VisionTransformer
-from .vit_registry import SIZES, SMALL_IMAGE, STANDARD
+from .vit_registry import register_sizes
 
 #: seed 002 protocols: (image size, patch, width, heads of the classic model, classes)
 PROTOCOLS = {"": (224, 8, 256, 8, 100), "bach_": (512, 16, 384, 6, 4)}
@@ -25,11 +25,8 @@ SCALES = {"": {"10m": (12, 4.0), "25m": (24, 6.0), "50m": (48, 6.0)},
 
 
 def _register() -> None:
-    for size, patch, img, *_ in STANDARD + SMALL_IMAGE:
-        dim, depth, heads = SIZES[size]
-        register_model(f"diff_vit_{size}_patch{patch}_{img}", VisionTransformer, family="diff_vit", img_size=img,
-                       patch_size=patch, embed_dim=dim, depth=depth, num_heads=max(heads // 2, 1),
-                       attn_layer="diff")
+    register_sizes("diff_vit", VisionTransformer, family="diff_vit", heads=lambda h: max(h // 2, 1),
+                   attn_layer="diff")
     for proto, (img, patch, dim, heads, classes) in PROTOCOLS.items():
         for label, (depth, ratio) in SCALES[proto].items():
             common = dict(img_size=img, patch_size=patch, embed_dim=dim, depth=depth, mlp_ratio=ratio,

@@ -24,9 +24,8 @@ import torch
 from torch import nn
 
 from ..layers.block import LayerNorm
-from ..registry import register_model
 from .vit import VisionTransformer
-from .vit_registry import SIZES, SMALL_IMAGE, STANDARD
+from .vit_registry import register_sizes
 
 
 @contextmanager
@@ -140,17 +139,15 @@ class RevViT(VisionTransformer):
         return torch.cat([x1, x2], dim=-1)  # (B, N, 2D)
 
 
-_VIT_SIGNATURE = inspect.signature(VisionTransformer.__init__)
-RevViT.__init__.__signature__ = _VIT_SIGNATURE.replace(parameters=[  # so create_model checks overrides by name
-    *_VIT_SIGNATURE.parameters.values(),
-    inspect.Parameter("memory_efficient", inspect.Parameter.KEYWORD_ONLY, default=True)])
+def extend_signature(cls: type, **extra: Any) -> None:
+    """Give `cls.__init__(*args, name=default, ..., **kwargs)` the reference ViT's signature plus `extra`, so
+    `create_model` validates overrides by name for subclasses that pass the rest through."""
+    sig = inspect.signature(VisionTransformer.__init__)
+    cls.__init__.__signature__ = sig.replace(parameters=[
+        *sig.parameters.values(), *(inspect.Parameter(k, inspect.Parameter.KEYWORD_ONLY, default=v)
+                                    for k, v in extra.items())])
 
 
-def _register() -> None:
-    for size, patch, img, *_ in STANDARD + SMALL_IMAGE:
-        dim, depth, heads = SIZES[size]
-        register_model(f"rev_vit_{size}_patch{patch}_{img}", RevViT, family="reversible", img_size=img,
-                       patch_size=patch, embed_dim=dim, depth=depth, num_heads=heads)
+extend_signature(RevViT, memory_efficient=True)
 
-
-_register()
+register_sizes("rev_vit", RevViT, family="reversible")
