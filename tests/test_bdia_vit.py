@@ -90,3 +90,10 @@ def test_kept_state_is_two_activations_plus_one_bit_per_element():
     assert sides == [5 * state // 32, 47 * state // 32]
     vit48 = saved_bytes(vitlab.create_model("vit_micro_patch2_8", depth=48, **kw), x)
     assert kept[1] + sides[1] < vit48 / 4
+
+
+@pytest.mark.parametrize("name", ["vit_small", "vit_small_reverse", "vit_small_bdia", "vit_small_momentum"])
+def test_seed003_net_names_take_depth_img_size_and_classes(name):
+    model = vitlab.create_model(name, depth=2, img_size=28, num_classes=7, in_chans=1).train()
+    assert len(model.blocks) == 2 and model.embed_dim == 512 and model.patch_embed.patch_size == 4
+    model(torch.randn(2, 1, 28, 28)).sum().backward()

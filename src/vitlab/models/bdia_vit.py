@@ -153,3 +153,20 @@ class BDIAViT(VisionTransformer):
 
 extend_signature(BDIAViT, bits=9, memory_efficient=True)
 register_sizes("bdia_vit", BDIAViT, family="reversible")
+
+
+def _register_seed003() -> None:
+    """Seed 003's `--net` names: its CIFAR-10 ViT-small (patch 4 on 32 px, dim 512, depth 6, 8 heads, MLP 512,
+    dropout 0.1) as a standard, reversible, BDIA and momentum model."""
+    from ..registry import register_model
+    from .momentum_vit import MomentumViT
+    from .rev_vit import RevViT
+
+    config = dict(img_size=32, patch_size=4, embed_dim=512, depth=6, num_heads=8, mlp_ratio=1.0, drop_rate=0.1,
+                  num_classes=10)
+    for name, builder in (("vit_small", VisionTransformer), ("vit_small_reverse", RevViT),
+                          ("vit_small_bdia", BDIAViT), ("vit_small_momentum", MomentumViT)):
+        register_model(name, builder, family="seed003", **config)
+
+
+_register_seed003()
