@@ -27,6 +27,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 import vitlab  # noqa: E402
+from vitlab.stats import saved_for_backward  # noqa: E402
 
 MODELS = {"vit": "vit_mini_patch4_32", "rev": "rev_vit_mini_patch4_32", "bdia": "bdia_vit_mini_patch4_32",
           "momentum": "momentum_vit_mini_patch4_32"}
@@ -67,14 +68,7 @@ def measure_one(kind: str, depth: int, width: int, batch: int, device: str, step
     peak = (torch.cuda.max_memory_allocated() if dev.type == "cuda"
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) - base
 
-    saved = 0
-
-    def pack(t):
-        nonlocal saved
-        saved += t.numel() * t.element_size()
-        return t
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        loss = torch.nn.functional.cross_entropy(model(x), y)
+    saved, loss = saved_for_backward(lambda: torch.nn.functional.cross_entropy(model(x), y))
     loss.backward()
     opt.zero_grad(set_to_none=True)
     if kind == "bdia":

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 import vitlab
+from vitlab.stats import saved_for_backward
 
 
 def grads(model, x, memory_efficient: bool):
@@ -46,18 +47,11 @@ def test_forward_leaves_global_random_stream_to_one_draw():
 
 
 def saved_bytes(model, x) -> int:
-    """Bytes the forward pass leaves for backward (custom Functions' saved tensors included); the backward
-    runs outside the hooks, since its per-block recomputation is transient."""
-    total = 0
-
-    def pack(t):
-        nonlocal total
-        total += t.numel() * t.element_size()
-        return t
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        loss = model(x).sum()
+    """Bytes the forward pass leaves for backward; the backward runs outside the count, since its per-block
+    recomputation is transient."""
+    saved, loss = saved_for_backward(lambda: model(x).sum())
     loss.backward()
-    return total
+    return saved
 
 
 @pytest.mark.parametrize("family", ["rev_vit", "momentum_vit"])
