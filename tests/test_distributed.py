@@ -12,6 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import vitlab
 from conftest import QUICK, ROOT
 from vitlab.config import DataConfig
 from vitlab.data import build_data
@@ -291,3 +292,10 @@ def test_killed_rank_fails_the_others_without_torchrun(tmp_path):
             if p.poll() is None:
                 p.kill()
             p.communicate()
+
+
+def test_fsdp_refuses_models_with_a_custom_backward():
+    from vitlab.train.distributed import parallelize
+    model = vitlab.create_model("rev_vit_micro_patch2_8", depth=1)
+    with pytest.raises(VitlabError, match="cannot shard RevViT"):
+        parallelize(model, torch.device("cpu"), "fsdp", compile=False)

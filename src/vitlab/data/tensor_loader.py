@@ -77,13 +77,12 @@ class TensorBatchLoader:
             yield self.transform(self.images[idx[part]]), labels[part]
 
     def _draw(self, n: int, g: torch.Generator) -> tuple[torch.Tensor, ...]:
-        """Per-sample augmentation parameters: crop offsets (n, 1) x 2 and flips (n,)."""
+        """Per-sample augmentation parameters: crop offsets (n, 1) x 2, and flips (n,) where mirroring is valid."""
         if not self.augment:
             return ()
         span = 2 * self.pad + 1
         oy, ox = torch.randint(0, span, (n, 1), generator=g), torch.randint(0, span, (n, 1), generator=g)
-        flip = torch.rand(n, generator=g) < 0.5 if self.info.hflip else torch.zeros(n, dtype=torch.bool)
-        return oy, ox, flip
+        return (oy, ox, torch.rand(n, generator=g) < 0.5) if self.info.hflip else (oy, ox)
 
     def transform(self, x: torch.Tensor, oy: torch.Tensor | None = None, ox: torch.Tensor | None = None,
                   flip: torch.Tensor | None = None) -> torch.Tensor:
@@ -95,6 +94,7 @@ class TensorBatchLoader:
                               align_corners=False)
         if oy is not None:
             x = self._random_crop(x, oy, ox)
+        if flip is not None:
             x = torch.where(flip.view(-1, 1, 1, 1), x.flip(-1), x)
         return x.sub_(self.mean).div_(self.std)
 

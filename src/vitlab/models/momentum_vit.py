@@ -71,6 +71,8 @@ class MomentumStack(torch.autograd.Function):
 
 
 class MomentumViT(VisionTransformer):
+    fsdp_compatible = False  # the custom backward runs blocks outside FSDP's hooks
+
     def __init__(self, *args: Any, beta: float = 0.9, memory_efficient: bool = True, **kwargs: Any):
         super().__init__(*args, **kwargs)
         if not 0.0 < beta < 1.0:

@@ -119,6 +119,8 @@ def _block_grads(block: nn.Module, f_params, df, g_params, dg) -> tuple[torch.Te
 
 class RevViT(VisionTransformer):
     """The reference ViT with two reversible streams; same embedding and blocks, a 2D-wide head."""
+    fsdp_compatible = False  # the custom backward runs blocks outside FSDP's hooks
+
 
     def __init__(self, *args: Any, memory_efficient: bool = True, **kwargs: Any):
         super().__init__(*args, **kwargs)

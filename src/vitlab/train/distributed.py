@@ -191,6 +191,9 @@ def parallelize(model: nn.Module, device: torch.device, strategy: str, compile: 
     transformer block and then the root, as torchtitan does. `model` itself stays the plain module that
     checkpoints and evaluation use."""
     if strategy == "fsdp":
+        if not getattr(model, "fsdp_compatible", True):
+            raise VitlabError(f"train.strategy=fsdp cannot shard {type(model).__name__}: its memory-saving backward "
+                              f"runs blocks outside FSDP's hooks; use train.strategy=ddp")
         if not (dist.is_available() and dist.is_initialized()):
             raise VitlabError("train.strategy=fsdp shards over a process group; launch with torchrun or srun, "
                               "or use train.strategy=ddp for one process")
