@@ -39,16 +39,18 @@ def ste(y: torch.Tensor, bits: int) -> torch.Tensor:
 
 
 def parity(x: torch.Tensor, bits: int) -> torch.Tensor:
-    """s = (x 2^l) mod 2, in {0, 1}, for x on the 2^-l grid."""
-    return torch.remainder(torch.round(x * 2.0 ** bits), 2.0)
+    """s = (x 2^l) mod 2 as uint8 in {0, 1}, for x on the 2^-l grid (x 2^l is an integer; two's complement
+    makes `& 1` the parity for negative values too)."""
+    return ((x * 2.0 ** bits).to(torch.int32) & 1).to(torch.uint8)
 
 
 def pack_bits(s: torch.Tensor) -> torch.Tensor:
-    """{0, 1} tensor -> uint8, 8 elements per byte."""
+    """{0, 1} tensor -> uint8, 8 elements per byte (element 8i + j is bit j of byte i)."""
     flat = s.reshape(-1).to(torch.uint8)
-    flat = torch.cat([flat, flat.new_zeros(-len(flat) % 8)]).view(-1, 8)  # (n/8, 8)
-    weights = torch.tensor([1, 2, 4, 8, 16, 32, 64, 128], dtype=torch.uint8, device=s.device)
-    return (flat * weights).sum(dim=1, dtype=torch.uint8)
+    if len(flat) % 8:
+        flat = torch.cat([flat, flat.new_zeros(-len(flat) % 8)])
+    shifts = torch.arange(8, dtype=torch.uint8, device=s.device)
+    return (flat.view(-1, 8) << shifts).sum(dim=1, dtype=torch.uint8)  # (n/8,)
 
 
 def unpack_bits(packed: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -66,28 +68,30 @@ def draw_gammas(seed: int | None, depth: int, x: torch.Tensor) -> torch.Tensor:
     return (signs.to(x.dtype) - 0.5).to(x.device)
 
 
-def _h(block: nn.Module, seed: int | None, k: int):
-    """h_k(x) = Block_k(x) - x with its dropout draws tied to (seed, k)."""
+def _h(block: nn.Module, rng: int | None, k: int):
+    """h_k(x) = Block_k(x) - x with its dropout draws tied to (rng, k)."""
     def h(x: torch.Tensor) -> torch.Tensor:
-        with branch_rng(seed, k, x.device):
+        with branch_rng(rng, k, x.device):
             return block(x) - x
     return h
 
 
-def bdia_forward(blocks: nn.Sequential, x0: torch.Tensor, gammas: torch.Tensor, bits: int, seed: int | None,
+def bdia_forward(blocks: nn.Sequential, x0: torch.Tensor, gammas: torch.Tensor, bits: int, rng: int | None,
                  q=ste, trace: list | None = None):
-    """The quantised BDIA forward (autograd-friendly with `q=ste`). Returns (x_{L-1}, x_L, packed side bits)."""
+    """The quantised BDIA forward (autograd-friendly with `q=ste`); block k's dropout draws follow `rng` + k
+    (None: no randomness to tie). Returns (x_{L-1}, x_L, packed side bits)."""
     x_prev = q(x0, bits)
-    x = x_prev + q(_h(blocks[0], seed, 0)(x_prev), bits)
+    x = x_prev + q(_h(blocks[0], rng, 0)(x_prev), bits)
     sides = []
     for k in range(1, len(blocks)):
         g = gammas[k]
-        s = parity(x_prev, bits).detach()
+        s = parity(x_prev.detach(), bits)
         sides.append(pack_bits(s))
         if trace is not None:
             trace.append(x_prev.detach().clone())
-        x_next = (q(g * (x_prev + s * 2.0 ** -bits), bits)
-                  + q((1 - g) * x + (1 + g) * _h(blocks[k], seed, k)(x), bits))
+        # x_prev + s 2^-l is an even multiple of 2^-l, so Q[gamma (x_prev + s 2^-l)] with gamma = +-1/2 is the
+        # product itself: the rounding is skipped, not approximated.
+        x_next = g * (x_prev + s * 2.0 ** -bits) + q((1 - g) * x + (1 + g) * _h(blocks[k], rng, k)(x), bits)
         x_prev, x = x, x_next
     return x_prev, x, sides
 
@@ -96,23 +100,24 @@ class BDIAStack(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x0: torch.Tensor, blocks: nn.Sequential, bits: int, seed: int,
                 trace: list | None, *params: torch.Tensor) -> torch.Tensor:
+        rng = seed if _random(blocks) else None  # no dropout: skip forking the random stream per block
         with torch.no_grad():
             gammas = draw_gammas(seed, len(blocks), x0)
-            x_prev, x, sides = bdia_forward(blocks, x0, gammas, bits, seed, q=quantize, trace=trace)
-        ctx.blocks, ctx.bits, ctx.seed, ctx.sides, ctx.trace = blocks, bits, seed, sides, trace
+            x_prev, x, sides = bdia_forward(blocks, x0, gammas, bits, rng, q=quantize, trace=trace)
+        ctx.blocks, ctx.bits, ctx.seed, ctx.rng, ctx.sides, ctx.trace = blocks, bits, seed, rng, sides, trace
         ctx.save_for_backward(x_prev, x)
         return x
 
     @staticmethod
     def backward(ctx: Any, dx: torch.Tensor):
         x, x_next = ctx.saved_tensors  # (x_{k}, x_{k+1}) with k = L-1
-        blocks, bits, seed = ctx.blocks, ctx.bits, ctx.seed
+        blocks, bits, seed, rng = ctx.blocks, ctx.bits, ctx.seed, ctx.rng
         gammas = draw_gammas(seed, len(blocks), x)
         d_next, d_cur = dx, torch.zeros_like(dx)  # dL/dx_{k+1}, dL/dx_k (accumulating)
         grads = []
         for k in reversed(range(1, len(blocks))):
             g, params = gammas[k], _trainable(blocks[k])
-            h, dh_x, dp = _recompute(_h(blocks[k], seed, k), x, params, (1 + g) * d_next, nullcontext())
+            h, dh_x, dp = _recompute(_h(blocks[k], rng, k), x, params, (1 + g) * d_next, nullcontext())
             with torch.no_grad():
                 term2 = quantize((1 - g) * x + (1 + g) * h, bits)
                 s = unpack_bits(ctx.sides[k - 1], x)
@@ -125,7 +130,7 @@ class BDIAStack(torch.autograd.Function):
             x_next, x, d_next, d_cur = x, x_prev, d_cur, d_prev
         # x_1 = x_0 + Q[h_0(x_0)]: d x_0 = d x_1 (+ d from x_2's gamma term) + J^T d x_1
         params = _trainable(blocks[0])
-        _, dh_x, dp = _recompute(_h(blocks[0], seed, 0), x, params, d_next, nullcontext())
+        _, dh_x, dp = _recompute(_h(blocks[0], rng, 0), x, params, d_next, nullcontext())
         grads.append(_block_grads(blocks[0], params, dp, [], []))
         d_x0 = d_cur + d_next + dh_x  # straight through Q(x_0)
         flat = [g for block_grads in reversed(grads) for g in block_grads]
