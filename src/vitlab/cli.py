@@ -1,4 +1,5 @@
-"""The `vitlab` command: train, evaluate, predict, models.
+"""The `vitlab` command: train, evaluate, predict, models; sweep, collect, plot, compare, report; upload,
+download.
 
 Thin by design: parse, build a config, call library functions. A user error (VitlabError, bad flags)
 prints one line on stderr and exits 2; no traceback.
@@ -42,6 +43,8 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--epochs", type=int, help="train.epochs")
     t.add_argument("--batch-size", "--batch_size", dest="batch_size", type=int, help="train.batch_size")
     t.add_argument("--lr", type=float, help="optim.lr")
+    t.add_argument("--upload", action="store_true",
+                   help="upload the final weights and logs to HF_REPOSITORY (token: HF_TOKEN; env or .env)")
     t.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. optim.lr=3e-4")
 
     e = sub.add_parser("evaluate", help="loss, top-1 and top-5 of a checkpoint on a dataset split (JSON)")
@@ -60,6 +63,42 @@ def _parser() -> argparse.ArgumentParser:
     m = sub.add_parser("models", help="list model names with parameters and GFLOPs")
     m.add_argument("pattern", nargs="?", default="*", help="shell pattern, e.g. 'vit_small*'")
     m.add_argument("--aliases", action="store_true", help="also list aliases (b16, l16, ...)")
+
+    sw = sub.add_parser("sweep", help="one run per point of a grid (SPEC: base, grid, zip, set); rerun resumes")
+    sw.add_argument("spec", help="sweep spec YAML (e.g. configs/sweeps/quickstart_2x2.yaml)")
+    sw.add_argument("--output", help="folder of the sweep's runs (default output/sweeps/<spec name>)")
+    sw.add_argument("--launcher", choices=("local", "torchrun", "slurm"), default="local",
+                    help="local: run here one after another; torchrun/slurm: write the launch script")
+    sw.add_argument("--submit", action="store_true", help="torchrun/slurm: also launch the script (bash / sbatch)")
+    sw.add_argument("--dry-run", action="store_true", help="list the points and their status; run nothing")
+
+    c = sub.add_parser("collect", help="one table of every run under the folders (Markdown; CSV file)")
+    c.add_argument("dirs", nargs="+", metavar="DIR")
+    c.add_argument("--csv", help="CSV path (default <first DIR>/runs.csv)")
+
+    pl = sub.add_parser("plot", help="loss curves, scaling laws, comparisons (PNG + SVG) from run folders")
+    pl.add_argument("dirs", nargs="*", metavar="DIR")
+    pl.add_argument("--out", required=True, help="folder for the figures")
+    pl.add_argument("--checkpoint", action="append", default=[],
+                    help="also a sample-prediction grid and confusion matrix for this run/checkpoint (repeatable)")
+    pl.add_argument("--data_dir", "--data-dir", help="dataset folder for --checkpoint (default: the run's)")
+
+    cp = sub.add_parser("compare", help="train (or collect) several configs on one dataset; seed 003's table")
+    cp.add_argument("configs", nargs="+", metavar="CONFIG")
+    cp.add_argument("--epochs", type=int, help="the same epoch budget for every model")
+    cp.add_argument("--output", default="output/compare", help="folder of the runs and compare.{md,csv}")
+
+    r = sub.add_parser("report", help="one self-contained HTML page: the collect table and every plot")
+    r.add_argument("dirs", nargs="+", metavar="DIR")
+    r.add_argument("--out", default="report.html", help="HTML file to write")
+    r.add_argument("--title", default="vitlab report")
+
+    up = sub.add_parser("upload", help="put a file or folder into a folder of HF_REPOSITORY (token: HF_TOKEN)")
+    up.add_argument("local_path", metavar="LOCAL_PATH")
+    up.add_argument("remote_dir", metavar="REMOTE_DIR", help="folder in the repository ('.' for its root)")
+    dl = sub.add_parser("download", help="fetch a file or folder of HF_REPOSITORY into a local folder")
+    dl.add_argument("remote_path", metavar="REMOTE_PATH")
+    dl.add_argument("local_dir", metavar="LOCAL_DIR")
     return p
 
 
@@ -70,6 +109,8 @@ def cmd_train(args) -> int:
     tree = read_yaml(args.config) if args.config else {}
     overrides = [(key, getattr(args, dest)) for dest, key in TRAIN_FLAGS.items() if getattr(args, dest) is not None]
     overrides += [parse_override(o) for o in args.overrides]
+    if args.upload:
+        overrides.append(("output.upload", True))
     cfg = build_config(tree, overrides)
     train(cfg, reload=args.reload, local=args.local)
     return 0
@@ -147,6 +188,105 @@ def cmd_models(args) -> int:
     return 0
 
 
+def cmd_sweep(args) -> int:
+    from .experiments import sweep as sw
+
+    spec = sw.load_spec(args.spec)
+    root = Path(args.output or Path("output") / "sweeps" / spec.name)
+    if args.dry_run:
+        for p in spec.points:
+            print(f"{p.status(root):>8}  {root / p.name}")
+        return 0
+    if args.launcher == "local":
+        outcome = sw.run_local(spec, root)
+        ran = sum(status != "finished" for _, status in outcome)
+        print(f"sweep {spec.name}: {len(outcome)} runs in {root} ({ran} trained or resumed now, "
+              f"{len(outcome) - ran} already finished); `vitlab collect {root}` tabulates them")
+        return 0
+    script = (sw.write_torchrun if args.launcher == "torchrun" else sw.write_slurm)(spec, root)
+    print(f"wrote {script}" + ("" if args.submit else f"; launch it with `{'sbatch' if args.launcher == 'slurm' else 'bash'} {script}`"))
+    if args.submit:
+        sw.submit(script, args.launcher)
+    return 0
+
+
+def cmd_collect(args) -> int:
+    from .experiments.collect import markdown, table, to_csv
+    from .experiments.runs import find_runs
+
+    runs = find_runs(args.dirs)
+    print(markdown(*table(runs)))
+    out = Path(args.csv or Path(args.dirs[0]) / "runs.csv")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(to_csv(runs))
+    print(f"\n{len(runs)} runs; CSV: {out}")
+    return 0
+
+
+def cmd_plot(args) -> int:
+    from .experiments.runs import find_runs
+    from .plots import all_run_figures, save
+
+    if not args.dirs and not args.checkpoint:
+        raise VitlabError("nothing to plot: pass run folders and/or --checkpoint RUN")
+    figures = all_run_figures(find_runs(args.dirs)) if args.dirs else {}
+    if args.checkpoint:
+        from .plots.predictions import prediction_figures
+
+        for ck in args.checkpoint:
+            figures.update(prediction_figures(ck, args.data_dir))
+    written = save(figures, args.out)
+    print(f"{len(figures)} figures ({len(written)} files) in {args.out}: {', '.join(sorted(figures))}")
+    return 0
+
+
+def cmd_compare(args) -> int:
+    from .experiments.compare import comparison_outputs, run_comparison
+
+    root = Path(args.output)
+    runs = run_comparison(args.configs, args.epochs, root)
+    print(comparison_outputs(runs, root))
+    print(f"\nruns in {root}; table also in {root / 'compare.md'} and {root / 'compare.csv'}")
+    return 0
+
+
+def cmd_report(args) -> int:
+    from .experiments.report import build_report
+    from .experiments.runs import find_runs
+    from .plots import all_run_figures
+    from .plots.common import plt
+
+    runs = find_runs(args.dirs)
+    figures = all_run_figures(runs)
+    page = build_report(runs, figures, args.title)
+    for fig in figures.values():
+        plt.close(fig)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(page)
+    print(f"report of {len(runs)} runs with {len(figures)} figures: {out}")
+    return 0
+
+
+def cmd_upload(args) -> int:
+    from .hub import hub_target, upload
+
+    target = hub_target(need_token=True)
+    sent = upload(args.local_path, args.remote_dir, target)
+    print(f"uploaded {len(sent)} file(s) to {target.repo_id}: " + ", ".join(sent[:10])
+          + (f" ... (+{len(sent) - 10})" if len(sent) > 10 else ""))
+    return 0
+
+
+def cmd_download(args) -> int:
+    from .hub import download, hub_target
+
+    target = hub_target(need_token=False)
+    got = download(args.remote_path, args.local_dir, target)
+    print(f"downloaded {len(got)} file(s) from {target.repo_id} into {args.local_dir}")
+    return 0
+
+
 def _rank_prefix() -> str:
     """'[rank 3] ' inside a multi-process launch, so a failing rank is identifiable; '' otherwise."""
     import os
@@ -156,7 +296,9 @@ def _rank_prefix() -> str:
     return f"[rank {rank}] " if rank is not None and world not in (None, "1") else ""
 
 
-COMMANDS = {"train": cmd_train, "evaluate": cmd_evaluate, "predict": cmd_predict, "models": cmd_models}
+COMMANDS = {"train": cmd_train, "evaluate": cmd_evaluate, "predict": cmd_predict, "models": cmd_models,
+            "sweep": cmd_sweep, "collect": cmd_collect, "plot": cmd_plot, "compare": cmd_compare,
+            "report": cmd_report, "upload": cmd_upload, "download": cmd_download}
 
 
 def main(argv: list[str] | None = None) -> int:

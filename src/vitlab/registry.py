@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import fnmatch
 import inspect
+import re
 import sys
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -102,6 +103,19 @@ def create_model(name: str, **overrides: Any) -> nn.Module:
     model.vitlab_name = entry.name
     model.vitlab_args = args
     return model
+
+
+def architecture_of(model: nn.Module) -> str:
+    """A short architecture label for reports and run layouts ('vit', 'diff_vit', 'rev_vit', 'pit_vit', ...):
+    the class's `architecture`, prefixed 'diff_' when the model runs differential attention."""
+    arch = getattr(model, "architecture", type(model).__name__.lower())
+    return f"diff_{arch}" if getattr(model, "vitlab_args", {}).get("attn_layer") == "diff" else arch
+
+
+def split_size(name: str) -> tuple[str, str] | None:
+    """('vit_classic', '10M') for a name ending in a parameter-count label (seed 002's families), else None."""
+    m = re.fullmatch(r"(.+)_(\d+[mb])", name)
+    return (m.group(1), m.group(2).upper()) if m else None
 
 
 def _ensure_loaded() -> None:

@@ -139,9 +139,8 @@ class BDIAStack(torch.autograd.Function):
 
 class BDIAViT(VisionTransformer):
     """The reference ViT trained with BDIA; `bits` is l of Q_l. Eval (gamma = 0) is the quantised ViT."""
+    architecture = "bdia_vit"
     fsdp_compatible = False  # the custom backward runs blocks outside FSDP's hooks
-
-
     def __init__(self, *args: Any, bits: int = 9, memory_efficient: bool = True, **kwargs: Any):
         super().__init__(*args, **kwargs)
         self.bits, self.memory_efficient = bits, memory_efficient

@@ -71,6 +71,7 @@ class MomentumStack(torch.autograd.Function):
 
 
 class MomentumViT(VisionTransformer):
+    architecture = "momentum_vit"
     fsdp_compatible = False  # the custom backward runs blocks outside FSDP's hooks
 
     def __init__(self, *args: Any, beta: float = 0.9, memory_efficient: bool = True, **kwargs: Any):

@@ -119,6 +119,7 @@ def _block_grads(block: nn.Module, f_params, df, g_params, dg) -> tuple[torch.Te
 
 class RevViT(VisionTransformer):
     """The reference ViT with two reversible streams; same embedding and blocks, a 2D-wide head."""
+    architecture = "rev_vit"
     fsdp_compatible = False  # the custom backward runs blocks outside FSDP's hooks
 
 

@@ -98,6 +98,7 @@ class StagedViT(VisionTransformer):
         self.blocks = nn.Sequential(*blocks)
         self.transitions = nn.ModuleList(transitions)
         self.stage_ends = [sum(depths[:s + 1]) for s in range(len(depths))]
+        self.architecture = "tower_vit" if len(widths) == 1 else f"{'pit' if transition == 'pool' else 'staged'}_vit"
         self.embed_dim = widths[-1]
         self.norm = LayerNorm(widths[-1]) if global_pool == "token" else nn.Identity()
         self.fc_norm = LayerNorm(widths[-1]) if global_pool == "avg" else nn.Identity()

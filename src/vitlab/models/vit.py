@@ -35,6 +35,7 @@ def attn_factory(attn_layer: str | Callable[..., nn.Module]) -> Callable[[int], 
 
 
 class VisionTransformer(nn.Module):
+    architecture = "vit"  # report label; see registry.architecture_of
     def __init__(self, img_size: int = 224, patch_size: int = 16, in_chans: int = 3, num_classes: int = 1000,
                  embed_dim: int = 768, depth: int = 12, num_heads: int = 12, mlp_ratio: float = 4.0,
                  qkv_bias: bool = True, class_token: bool = True,

@@ -24,11 +24,14 @@ from torch import nn
 from ..config import Config, ModelConfig
 from ..data import MixCollate, build_data, set_epoch
 from ..errors import VitlabError
-from ..registry import create_model, model_args
+from ..hub import hub_target, upload_files
+from ..registry import architecture_of, create_model, model_args, model_entry
+from ..stats import forward_gflops, peak_memory_mb
 from . import checkpoint as ckpt
 from .distributed import (DistEnv, all_gather_object, all_reduce_sum, detect, full_state, load_full_state, no_sync,
                           parallelize, process_group, resolve_device)
 from .evaluate import autocast, evaluate
+from .export import export_run
 from .metrics import NullLogger, RunLogger
 from .optim import build_optimizer, build_scheduler, scaled_lr
 
@@ -104,6 +107,11 @@ class Trainer:
             raise VitlabError(f"model.num_classes={cfg.model.num_classes} but {info.name} has {info.num_classes} "
                               f"classes; drop model.num_classes to take it from the dataset")
         self.model = build_model_for(cfg, self.data.img_size, self.data.in_chans, info.num_classes)
+        with torch.device("meta"):  # counted on a weightless copy: no memory, no compute
+            self.gflops = forward_gflops(build_model_for(cfg, self.data.img_size, self.data.in_chans,
+                                                         info.num_classes))
+        # Checked before training, so a missing HF_TOKEN fails in a second, not after the last epoch.
+        self.hub = hub_target(need_token=True) if cfg.output.upload and env.is_main else None
         if cfg.model.pretrained:
             from ..pretrained import load_pretrained
             load_pretrained(self.model, cfg.model.pretrained)
@@ -298,8 +306,7 @@ class Trainer:
         """Write buffered validation-batch losses (mean over ranks) with one device-to-host copy."""
         if pending:
             values = (all_reduce_sum(torch.stack([p[3] for p in pending])) / self.env.world_size).tolist()
-            for (epoch, batch, step, _), loss in zip(pending, values):
-                self.log.record("val_batch", epoch=epoch, batch=batch, step=step, loss=loss)
+            self.log.val_batches([(epoch, batch, step, loss) for (epoch, batch, step, _), loss in zip(pending, values)])
             pending.clear()
 
     def _val_batch(self, it):
@@ -328,13 +335,21 @@ class Trainer:
                    "best_val_loss": self.best_val_loss, "model": self.model.vitlab_name,
                    "dataset": self.data.info.name, "device": str(self.device),
                    "weights": "ema" if self.ema is not None else "last", "run_dir": str(self.run_dir)}
-        results.update(world_size=self.env.world_size, global_batch=self.global_batch)
+        peak, peak_kind = peak_memory_mb(self.device)
+        results.update(world_size=self.env.world_size, global_batch=self.global_batch, gflops=self.gflops,
+                       peak_memory_mb=peak, peak_memory_kind=peak_kind, architecture=architecture_of(self.model),
+                       family=model_entry(self.model.vitlab_name).family)
         if self.env.is_main:
             _atomic_write(self.run_dir / "results.json", json.dumps(results, indent=2) + "\n")
         self.log.record("test", step=self.step, loss=test["loss"], top1=test["top1"], top5=test["top5"])
         self.log.info(f"test top-1 {test['top1']:.4f} top-5 {test['top5']:.4f} loss {test['loss']:.4f} "
                       f"({test['n']} images) | {wall:.1f}s | run saved in {self.run_dir}")
         self.log.close()
+        if self.env.is_main:
+            exported = export_run(self.run_dir, results, self.cfg)
+            if self.hub is not None:
+                sent = upload_files(exported, self.hub, f"vitlab: {self.cfg.task_name}/{self.cfg.output.savefile}")
+                print(f"uploaded {len(sent)} files to {self.hub.repo_id}: {', '.join(sent)}", flush=True)
         return results
 
 

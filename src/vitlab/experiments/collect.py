@@ -1,0 +1,86 @@
+"""`vitlab collect`: one table of many runs, as Markdown and CSV.
+
+Columns: the run, the config keys whose values differ between the runs (the sweep's axes, found rather than
+declared), then results: test top-1 / top-5, parameters, GFLOPs, training img/s, peak memory, epochs.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import os
+from pathlib import Path
+from typing import Any
+
+from .runs import Run
+
+# Keys that always differ between runs without describing them.
+IGNORED = {"output.savefile", "output.dir", "output.progress", "output.tensorboard", "output.upload"}
+RESULT_COLUMNS = [  # (header, results.json key, format)
+    ("top-1 %", "test_top1", lambda v: f"{100 * v:.2f}"),
+    ("top-5 %", "test_top5", lambda v: f"{100 * v:.2f}"),
+    ("params (M)", "params", lambda v: f"{v / 1e6:.2f}"),
+    ("GFLOPs", "gflops", lambda v: f"{v:.3f}"),
+    ("img/s", "images_per_second", lambda v: f"{v:,.0f}"),
+    ("peak mem (MiB)", "peak_memory_mb", lambda v: f"{v:,.0f}"),
+    ("epochs", "epochs", str),
+]
+
+
+def varying_keys(runs: list[Run]) -> list[str]:
+    """Config keys (dotted) whose values are not the same in every run; model.name first."""
+    keys = sorted({k for r in runs for k in r.flat_config} - IGNORED)
+    varying = [k for k in keys if len({repr(r.flat_config.get(k)) for r in runs}) > 1]
+    return sorted(varying, key=lambda k: (k != "model.name", k))
+
+
+def _common_root(runs: list[Run]) -> Path:
+    return Path(os.path.commonpath([str(r.path.resolve()) for r in runs])) if len(runs) > 1 else runs[0].path.parent
+
+
+def table(runs: list[Run]) -> tuple[list[str], list[list[str]]]:
+    """(header, rows) of display strings; unfinished runs show their status and blank results."""
+    root, keys = _common_root(runs), varying_keys(runs)
+    header = ["run", *keys, "status", *(h for h, _, _ in RESULT_COLUMNS)]
+    rows = []
+    for r in runs:
+        res = r.results or {}
+        status = "done" if r.finished else f"unfinished ({len(r.records('epoch'))} epochs)"
+        cells = [_fmt(res.get(key), fmt) for _, key, fmt in RESULT_COLUMNS]
+        rows.append([str(r.path.resolve().relative_to(root)) or r.path.name,
+                     *(_fmt(r.flat_config.get(k), str) for k in keys), status, *cells])
+    return header, rows
+
+
+def _fmt(value: Any, fmt) -> str:
+    return "" if value is None else fmt(value)
+
+
+def markdown(header: list[str], rows: list[list[str]]) -> str:
+    numeric = [all(_is_number(row[i]) for row in rows if row[i]) for i in range(len(header))]
+    lines = ["| " + " | ".join(header) + " |",
+             "|" + "|".join("---:" if n else "---" for n in numeric) + "|"]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text.replace(",", ""))
+        return True
+    except ValueError:
+        return False
+
+
+def to_csv(runs: list[Run]) -> str:
+    """Machine-readable twin of the table: raw values, full precision, every results.json key we show."""
+    keys = varying_keys(runs)
+    root = _common_root(runs)
+    out = io.StringIO()
+    writer = csv.writer(out)
+    result_keys = [key for _, key, _ in RESULT_COLUMNS] + ["test_loss", "train_seconds", "peak_memory_kind"]
+    writer.writerow(["run", *keys, "finished", *result_keys])
+    for r in runs:
+        res = r.results or {}
+        writer.writerow([str(r.path.resolve().relative_to(root)), *(r.flat_config.get(k) for k in keys),
+                         r.finished, *(res.get(k) for k in result_keys)])
+    return out.getvalue()

@@ -1,0 +1,67 @@
+"""`vitlab compare CONFIG...`: several models on the same data and budget, one table (seed 003's README
+table: model, accuracy, epochs, parameters, peak memory, img/s). Each config trains in its own run directory
+<output>/<config name> (finished runs are collected, not retrained), through the sweep's local launcher."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..config import build_config, read_yaml
+from ..errors import VitlabError
+from .collect import markdown
+from .runs import Run, load_run
+from .sweep import Point, Sweep, run_local
+
+COLUMNS = [("model", None), ("top-1 %", "test_top1"), ("epochs", "epochs"), ("params (M)", "params"),
+           ("peak mem (MiB)", "peak_memory_mb"), ("img/s", "images_per_second")]
+
+
+def comparison(configs: list[str], epochs: int | None) -> Sweep:
+    fixed = {"train.epochs": epochs} if epochs else {}
+    points, datasets = [], {}
+    for c in configs:
+        path = Path(c)
+        cfg = build_config(read_yaml(path), list(fixed.items()))
+        datasets[path.name] = cfg.data.dataset
+        points.append(Point(path.stem, {}, base=path))
+    if len(set(datasets.values())) > 1:
+        raise VitlabError("compare trains every model on the same data, but the configs name "
+                          + ", ".join(f"{k}: {v}" for k, v in datasets.items()) + "; pass configs of one dataset")
+    names = [p.name for p in points]
+    if len(set(names)) != len(names):
+        raise VitlabError(f"two configs share a file name ({', '.join(sorted(n for n in names if names.count(n) > 1))}"
+                          f"); their runs would share a directory, rename one")
+    return Sweep("compare", points[0].base, fixed, points)
+
+
+def run_comparison(configs: list[str], epochs: int | None, root: Path) -> list[Run]:
+    sweep = comparison(configs, epochs)
+    run_local(sweep, root)
+    return [load_run(root / p.name) for p in sweep.points]
+
+
+def comparison_table(runs: list[Run]) -> tuple[list[str], list[list[str]]]:
+    rows = []
+    for r in runs:
+        res = r.results or {}
+        rows.append([r.model,
+                     f"{100 * res['test_top1']:.2f}" if "test_top1" in res else "",
+                     str(res.get("epochs", "")),
+                     f"{res['params'] / 1e6:.2f}" if res.get("params") else "",
+                     f"{res['peak_memory_mb']:,.0f}" if res.get("peak_memory_mb") is not None else "",
+                     f"{res['images_per_second']:,.0f}" if res.get("images_per_second") else ""])
+    return [h for h, _ in COLUMNS], rows
+
+
+def comparison_outputs(runs: list[Run], root: Path) -> str:
+    """Write compare.md and compare.csv into `root`; return the Markdown."""
+    import csv
+
+    header, rows = comparison_table(runs)
+    md = markdown(header, rows)
+    (root / "compare.md").write_text(md + "\n")
+    with open(root / "compare.csv", "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["model", "config", *(k for _, k in COLUMNS[1:])])
+        for r in runs:
+            writer.writerow([r.model, r.path.name, *((r.results or {}).get(k) for _, k in COLUMNS[1:])])
+    return md

@@ -1,0 +1,194 @@
+"""`vitlab sweep SPEC.yaml`: one run directory per point of a grid, run here or handed to torchrun / SLURM.
+
+    base: configs/quickstart.yaml      # a config file (relative to the working directory or to the spec)
+    set: {train.epochs: 20}            # optional: fixed overrides for every point
+    grid:                              # dotted key -> values; the points are the Cartesian product
+      optim.lr: [1.0e-3, 3.0e-3]
+      model.depth: [3, 6]
+    zip:                               # optional: lists of one length, varied together (one more grid axis)
+      model.name: [vit_micro_patch7_28, diff_vit_micro_patch7_28]
+      model.embed_dim: [64, 64]
+
+Runs go to <output>/<point name> (default output: output/sweeps/<spec name>), with readable, stable names
+built from the varying values: `depth-3_lr-0.001`. Every launch passes --reload, so calling the sweep again
+skips finished points (results.json present), resumes interrupted ones from their last checkpoint and starts
+the rest. `local` runs the points one after another, each in its own process (clean per-run peak memory, and
+a crash cannot take the sweep's state with it).
+"""
+from __future__ import annotations
+
+import itertools
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ..config import build_config, read_yaml
+from ..errors import VitlabError
+
+SPEC_KEYS = {"base", "set", "grid", "zip", "name"}
+
+
+@dataclass
+class Point:
+    name: str
+    overrides: dict[str, Any]  # the point's own values (grid + zip), in spec order
+    base: Path | None = None  # its own config file (compare); None: the sweep's
+
+    def status(self, root: Path) -> str:
+        run = root / self.name
+        if (run / "results.json").is_file():
+            return "finished"
+        return "resume" if (run / "checkpoints" / "last").is_dir() else "new"
+
+
+@dataclass
+class Sweep:
+    name: str
+    base: Path
+    fixed: dict[str, Any]
+    points: list[Point]
+
+    def train_args(self, point: Point, root: Path) -> list[str]:
+        """`vitlab train` arguments for one point (the run dir is root/<point name>)."""
+        values = {**self.fixed, **point.overrides, "task_name": root.name, "output.dir": str(root.parent),
+                  "output.savefile": point.name}
+        return ["--config", str(point.base or self.base), "--reload", *(f"{k}={_yaml_scalar(v)}" for k, v in values.items())]
+
+
+def _yaml_scalar(value: Any) -> str:
+    return yaml.safe_dump(value, default_flow_style=True, width=10 ** 6).strip().removesuffix("\n...").strip()
+
+
+def load_spec(path: str | Path) -> Sweep:
+    path = Path(path)
+    spec = read_yaml(path)
+    unknown = set(spec) - SPEC_KEYS
+    if unknown:
+        raise VitlabError(f"sweep spec '{path}': unknown key(s) {', '.join(sorted(unknown))}; a spec has "
+                          f"{', '.join(sorted(SPEC_KEYS))}")
+    if "base" not in spec:
+        raise VitlabError(f"sweep spec '{path}' needs `base: <config.yaml>`")
+    base = Path(spec["base"])
+    if not base.is_file() and (path.parent / base).is_file():
+        base = path.parent / base
+    grid, zipped, fixed = spec.get("grid") or {}, spec.get("zip") or {}, spec.get("set") or {}
+    for section, value in (("grid", grid), ("zip", zipped), ("set", fixed)):
+        if not isinstance(value, dict):
+            raise VitlabError(f"sweep spec '{path}': `{section}` must map dotted config keys to values")
+    for key, values in {**grid, **zipped}.items():
+        if not isinstance(values, list) or not values:
+            raise VitlabError(f"sweep spec '{path}': `{key}` must list one or more values, got {values!r}")
+    lengths = {len(v) for v in zipped.values()}
+    if len(lengths) > 1:
+        raise VitlabError(f"sweep spec '{path}': the `zip` lists must have one length, got "
+                          + ", ".join(f"{k}: {len(v)}" for k, v in zipped.items()))
+    zip_rows = [dict(zip(zipped, row)) for row in zip(*zipped.values())] or [{}]
+    grid_rows = [dict(zip(grid, row)) for row in itertools.product(*grid.values())]
+    points = [{**z, **g} for z in zip_rows for g in grid_rows]
+    short = _short_names([*zipped, *grid])
+    named = [Point(point_name(p, short), p) for p in points]
+    names = [p.name for p in named]
+    if len(set(names)) != len(names):
+        dup = next(n for n in names if names.count(n) > 1)
+        raise VitlabError(f"sweep spec '{path}': two points are both named '{dup}'; make the values distinct")
+    sweep = Sweep(str(spec.get("name") or path.stem), base, fixed, named)
+    tree = read_yaml(base)
+    for p in named:  # every point's config is checked before anything runs
+        build_config(tree, [*fixed.items(), *p.overrides.items()])
+    return sweep
+
+
+def _short_names(keys: list[str]) -> dict[str, str]:
+    """Last key component when unambiguous ('optim.lr' -> 'lr'), else the full key with '_' for '.'."""
+    last = [k.rsplit(".", 1)[-1] for k in keys]
+    return {k: (s if last.count(s) == 1 else k.replace(".", "_")) for k, s in zip(keys, last)}
+
+
+def point_name(values: dict[str, Any], short: dict[str, str]) -> str:
+    parts = [f"{short[k]}-{_slug(v)}" for k, v in values.items()]
+    return "_".join(parts) or "base"
+
+
+def _slug(value: Any) -> str:
+    text = _yaml_scalar(value) if not isinstance(value, str) else value
+    return re.sub(r"[^A-Za-z0-9.+-]+", "-", text).strip("-") or "none"
+
+
+def run_local(sweep: Sweep, root: Path) -> list[tuple[Point, str]]:
+    """Run the unfinished points one after another; returns (point, what happened)."""
+    outcome = []
+    for i, point in enumerate(sweep.points, 1):
+        status = point.status(root)
+        print(f"[{i}/{len(sweep.points)}] {point.name}: "
+              + {"finished": "finished, skipped", "resume": "resuming", "new": "training"}[status], flush=True)
+        if status != "finished":
+            cmd = [sys.executable, "-m", "vitlab", "train", *sweep.train_args(point, root)]
+            code = subprocess.call(cmd)
+            if code != 0:
+                raise VitlabError(f"run '{point.name}' failed (exit {code}); fix it and call the sweep again: "
+                                  f"finished runs are skipped, this one resumes")
+        outcome.append((point, status))
+    return outcome
+
+
+def write_torchrun(sweep: Sweep, root: Path) -> Path:
+    pending = [p for p in sweep.points if p.status(root) != "finished"]
+    lines = ["#!/usr/bin/env bash",
+             f"# vitlab sweep '{sweep.name}': {len(pending)} unfinished of {len(sweep.points)} runs, one after",
+             "# another, each data-parallel over this node's GPUs (NPROC=... to choose). Rerunnable: --reload.",
+             "set -euo pipefail",
+             'NPROC="${NPROC:-$(python3 -c \'import torch; print(max(torch.cuda.device_count(), 1))\')}"']
+    for p in pending:
+        args = " ".join(shlex.quote(a) for a in sweep.train_args(p, root))
+        lines.append(f'torchrun --standalone --nproc_per_node="$NPROC" -m vitlab train {args}')
+    return _write_script(root / "sweep_torchrun.sh", lines)
+
+
+def write_slurm(sweep: Sweep, root: Path) -> Path:
+    pending = [p for p in sweep.points if p.status(root) != "finished"]
+    if not pending:
+        raise VitlabError(f"every run of sweep '{sweep.name}' under {root} is finished; nothing to submit")
+    lines = ["#!/usr/bin/env bash",
+             f"# vitlab sweep '{sweep.name}': a job array, one task per unfinished run ({len(pending)} of "
+             f"{len(sweep.points)}).",
+             "# Edit the resources for your cluster; each array task is one (data-parallel) training run.",
+             f"#SBATCH --job-name={sweep.name}",
+             f"#SBATCH --array=0-{len(pending) - 1}",
+             "#SBATCH --nodes=1",
+             "#SBATCH --ntasks-per-node=1",
+             "#SBATCH --gpus-per-task=1",
+             "#SBATCH --cpus-per-task=8",
+             "#SBATCH --time=24:00:00",
+             f"#SBATCH --output={root}/slurm-%A_%a.out",
+             "set -euo pipefail",
+             'cd "${SLURM_SUBMIT_DIR:-.}"',
+             'PYTHON="${PYTHON:-python3}"',
+             '[ -x .venv/bin/python ] && PYTHON=.venv/bin/python',
+             "RUNS=("]
+    lines += [f"  {shlex.quote(' '.join(shlex.quote(a) for a in sweep.train_args(p, root)))}" for p in pending]
+    lines += [")", 'eval "set -- ${RUNS[$SLURM_ARRAY_TASK_ID]}"',
+              'srun --kill-on-bad-exit=1 "$PYTHON" -m vitlab train "$@"']
+    return _write_script(root / "sweep.sbatch", lines)
+
+
+def _write_script(path: Path, lines: list[str]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(lines) + "\n")
+    path.chmod(0o755)
+    return path
+
+
+def submit(script: Path, launcher: str) -> None:
+    tool = "sbatch" if launcher == "slurm" else "bash"
+    if shutil.which(tool) is None:
+        raise VitlabError(f"`{tool}` is not on PATH; run {script} where {tool} is available")
+    code = subprocess.call([tool, str(script)])
+    if code != 0:
+        raise VitlabError(f"`{tool} {script}` failed (exit {code})")

@@ -1,0 +1,86 @@
+"""What a trained model gets right and wrong: a grid of test images with true and predicted labels, and the
+confusion matrix over the whole test split (seed 004's sample predictions)."""
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import numpy as np
+import torch
+from matplotlib.figure import Figure
+
+from .common import plt
+
+
+@torch.inference_mode()
+def test_predictions(checkpoint: str | Path, data_dir: str | None = None, split: str = "test"):
+    """(first 64 images (N, C, H, W) normalised, all true labels, all predictions, class names, model name)."""
+    from ..data import build_data
+    from ..train import load_checkpoint
+
+    model, cfg, _ = load_checkpoint(checkpoint)
+    data_cfg = dataclasses.replace(cfg.data, data_dir=data_dir) if data_dir else cfg.data
+    a = model.vitlab_args
+    data = build_data(data_cfg, img_size=a["img_size"], in_chans=a["in_chans"])
+    model.eval()
+    images, labels, preds, kept = [], [], [], 0
+    for x, y in data.loader(split, 256, 0):
+        if kept < 64:  # the grid needs only the first few images
+            images.append(x[:64 - kept])
+            kept += len(images[-1])
+        labels.append(y)
+        preds.append(model(x).argmax(dim=-1))
+    names = data.info.class_names or [str(i) for i in range(data.info.num_classes)]
+    return torch.cat(images), torch.cat(labels), torch.cat(preds), names, model.vitlab_name
+
+
+def sample_grid_figure(images: torch.Tensor, labels: torch.Tensor, preds: torch.Tensor, names: list[str],
+                       title: str, n: int = 16) -> Figure:
+    """The first `n` test images, titled 'true / predicted' (red when wrong)."""
+    n = min(n, len(images))
+    cols = min(n, 8)
+    rows = -(-n // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(1.6 * cols, 1.9 * rows + 0.4), squeeze=False,
+                             layout="constrained")
+    fig.suptitle(f"{title}: true / predicted")
+    for i, ax in enumerate(axes.flat):
+        ax.axis("off")
+        if i >= n:
+            continue
+        img = images[i].float()
+        img = (img - img.min()) / (img.max() - img.min()).clamp_min(1e-8)  # undo normalisation for display
+        ax.imshow(img[0] if img.shape[0] == 1 else img.permute(1, 2, 0), cmap="gray" if img.shape[0] == 1 else None)
+        t, p = int(labels[i]), int(preds[i])
+        ax.set_title(f"{names[t]} / {names[p]}", fontsize=8, color="black" if t == p else "red")
+    return fig
+
+
+def confusion_figure(labels: torch.Tensor, preds: torch.Tensor, names: list[str], title: str) -> Figure:
+    """Row-normalised confusion matrix (rows: true class); counts annotated when there are <= 20 classes."""
+    k = len(names)
+    counts = torch.bincount(labels * k + preds, minlength=k * k).view(k, k).numpy()
+    rates = counts / np.maximum(counts.sum(axis=1, keepdims=True), 1)
+    size = min(4 + 0.35 * k, 14)
+    fig, ax = plt.subplots(figsize=(size + 1, size), layout="constrained")
+    im = ax.imshow(rates, cmap="Blues", vmin=0, vmax=1)
+    fig.colorbar(im, ax=ax, label="fraction of the true class")
+    acc = np.trace(counts) / max(counts.sum(), 1)
+    ax.set_title(f"{title}: confusion matrix (accuracy {100 * acc:.2f}%, {counts.sum()} images)")
+    ax.set_xlabel("predicted class")
+    ax.set_ylabel("true class")
+    if k <= 20:
+        ax.set_xticks(range(k), names, rotation=45, ha="right", fontsize=8)
+        ax.set_yticks(range(k), names, fontsize=8)
+        for i in range(k):
+            for j in range(k):
+                if counts[i, j]:
+                    ax.text(j, i, str(counts[i, j]), ha="center", va="center", fontsize=7,
+                            color="white" if rates[i, j] > 0.5 else "black")
+    return fig
+
+
+def prediction_figures(checkpoint: str | Path, data_dir: str | None = None) -> dict[str, Figure]:
+    images, labels, preds, names, model = test_predictions(checkpoint, data_dir)
+    stem = Path(checkpoint).resolve().name
+    return {f"predictions_{stem}": sample_grid_figure(images, labels, preds, names, model),
+            f"confusion_{stem}": confusion_figure(labels, preds, names, model)}

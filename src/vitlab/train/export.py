@@ -1,0 +1,58 @@
+"""What a finished run hands on: seed 002's checkpoint layout and the files `--upload` sends.
+
+`output.layout: seed002` adds, next to the run directory, the final weights and training log as
+
+    <output.dir>/checkpoints/<architecture>/model_<run_id>_<size>_<dataset>.safetensors
+    <output.dir>/checkpoints/<architecture>/model_<run_id>_<size>_<dataset>_training.log
+
+with run_id = output.savefile and (architecture, size) from a sized name (`vit_classic_10m` -> vit_classic,
+10M) or else the model's architecture label and its parameter count ("0.33M").
+"""
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+from ..config import Config
+from ..registry import split_size
+from .checkpoint import EMA_FILE, MODEL_FILE
+
+
+def final_weights(run_dir: Path, results: dict[str, Any]) -> Path:
+    """The weights the test numbers belong to: the EMA copy when the run kept one, else the last step's."""
+    return run_dir / "checkpoints" / "last" / (EMA_FILE if results.get("weights") == "ema" else MODEL_FILE)
+
+
+def seed002_names(results: dict[str, Any], run_id: str) -> tuple[str, str]:
+    """(architecture folder, file stem) of seed 002's layout."""
+    arch, size = split_size(results["model"]) or (results["architecture"], f"{results['params'] / 1e6:.2f}M")
+    return arch, f"model_{run_id}_{size}_{results['dataset']}"
+
+
+def _copy_atomic(src: Path, dest: Path) -> None:
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.with_name(f".{dest.name}.tmp")
+    shutil.copyfile(src, tmp)
+    os.replace(tmp, dest)
+
+
+def export_run(run_dir: Path, results: dict[str, Any], cfg: Config) -> dict[str, Path]:
+    """Write the seed 002 layout when asked; return {path in the Hub repository: local file} for `--upload`:
+    seed 002's two files under <architecture>/, or the run's weights, config, results and logs under
+    <task_name>/<savefile>/."""
+    weights = final_weights(run_dir, results)
+    if cfg.output.layout == "seed002":
+        arch, stem = seed002_names(results, cfg.output.savefile)
+        folder = Path(cfg.output.dir) / "checkpoints" / arch
+        files = {f"{arch}/{stem}.safetensors": folder / f"{stem}.safetensors",
+                 f"{arch}/{stem}_training.log": folder / f"{stem}_training.log"}
+        for src, dest in zip((weights, run_dir / "train.log"), files.values()):
+            _copy_atomic(src, dest)
+        return files
+    base = f"{cfg.task_name}/{cfg.output.savefile}"
+    files = {f"{base}/{MODEL_FILE}": weights}
+    files.update({f"{base}/{name}": run_dir / name for name in ("config.yaml", "results.json", "metrics.jsonl",
+                                                                 "train.log")})
+    return files
