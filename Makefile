@@ -3,7 +3,7 @@ PY      := .venv/bin/python
 STAMP   := .venv/.installed
 PYTEST  ?= $(PY) -m pytest
 
-.PHONY: demo test test-slow bench lint clean
+.PHONY: demo test test-slow bench lint clean seed002 seed003 seed004
 
 $(STAMP): pyproject.toml constraints.txt
 	python3 -m venv .venv
@@ -22,6 +22,24 @@ test-slow: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) bench/throughput.py
+
+# Seed experiments in miniature (real MNIST in ../shared/data or DATA=...; CPU, minutes each): runs, table, plots, report.
+DATA ?= ../shared/data
+seed002: $(STAMP)
+	$(PY) -m vitlab sweep configs/experiments/seed002_mnist.yaml --output output/sweeps/seed002_mnist
+	$(PY) -m vitlab collect output/sweeps/seed002_mnist
+	$(PY) -m vitlab plot output/sweeps/seed002_mnist --out output/sweeps/seed002_mnist/plots
+	$(PY) -m vitlab report output/sweeps/seed002_mnist --out output/sweeps/seed002_mnist/report.html --title "Seed 002: classic vs differential ViT (MNIST)"
+
+seed003: $(STAMP)
+	$(PY) -m vitlab compare configs/seed003/vit_mnist.yaml configs/seed003/rev_mnist.yaml configs/seed003/bdia_mnist.yaml configs/seed003/momentum_mnist.yaml --epochs 2 --output output/seed003_mnist
+	$(PY) -m vitlab plot output/seed003_mnist --out output/seed003_mnist/plots --checkpoint output/seed003_mnist/bdia_mnist --data_dir $(DATA)
+	$(PY) -m vitlab report output/seed003_mnist --out output/seed003_mnist/report.html --title "Seed 003: ViT, reversible, BDIA, momentum (MNIST)"
+
+seed004: $(STAMP)
+	$(PY) -m vitlab compare configs/tower_vit/tower_mnist.yaml configs/tower_vit/staged_mnist.yaml configs/tower_vit/pit_mnist.yaml --epochs 2 --output output/seed004_mnist
+	$(PY) -m vitlab plot output/seed004_mnist --out output/seed004_mnist/plots --checkpoint output/seed004_mnist/pit_mnist --data_dir $(DATA)
+	$(PY) -m vitlab report output/seed004_mnist --out output/seed004_mnist/report.html --title "Seed 004: TowerViT vs stage-wise ViT (MNIST)"
 
 clean:
 	rm -rf output .pytest_cache

@@ -12,6 +12,13 @@ MNIST_DIR = ROOT.parent / "shared" / "data"
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 
+@pytest.fixture(autouse=True)
+def no_hub_settings(monkeypatch):
+    """Tests never see the developer's Hub repository or token."""
+    for key in ("HF_REPOSITORY", "HF_TOKEN", "HF_ENDPOINT"):
+        monkeypatch.delenv(key, raising=False)
+
+
 def run_cli(argv, capsys):
     """Run `vitlab ARGV` in-process: (exit code, stdout, stderr)."""
     from vitlab.cli import main

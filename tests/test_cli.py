@@ -30,6 +30,11 @@ ERRORS = [
     (["predict", "--checkpoint", "{tmp}/nothing", "a.png"], "no checkpoint at"),
     (["models", "resnet*"], "no model matches 'resnet*'"),
     (["fly"], "invalid choice: 'fly'"),
+    (["sweep", "missing.yaml"], "config file 'missing.yaml' not found"),
+    (["compare", "missing.yaml"], "config file 'missing.yaml' not found"),
+    (["plot", "--out", "{tmp}/p"], "nothing to plot: pass run folders"),
+    (["report", "{tmp}/none"], "does not exist"),
+    (["upload", "{tmp}/none", "x"], "HF_REPOSITORY is not set"),
 ]
 
 

@@ -162,7 +162,7 @@ def _type_name(tp: Any) -> str:
 
 
 def _coerce(value: Any, tp: Any, key: str) -> Any:
-    """Check `value` against the annotation `tp`; ints are accepted for floats, lists for tuples."""
+    """Check `value` against the annotation `tp`; ints are accepted for floats and strings, lists for tuples."""
     origin = typing.get_origin(tp)
     if origin in (Union, types.UnionType):
         for arg in typing.get_args(tp):
@@ -188,6 +188,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     elif tp is int:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
+    elif tp is str and isinstance(value, int) and not isinstance(value, bool):
+        return str(value)  # output.savefile=7 names run "7"
     elif isinstance(value, tp):
         return value
     raise VitlabError(f"config key '{key}' must be {_type_name(tp)}, got {value!r} ({type(value).__name__})")
@@ -227,10 +229,10 @@ def parse_override(text: str) -> tuple[str, Any]:
         value = yaml.safe_load(raw) if raw.strip() else ""
     except yaml.YAMLError:
         value = raw
-    return key.strip(), _as_number(value)
+    return key.strip(), as_number(value)
 
 
-def _as_number(value: Any) -> Any:
+def as_number(value: Any) -> Any:
     """YAML 1.1 reads '1e-3' (no dot) as a string; users mean a number."""
     if isinstance(value, str) and not value.strip().isdigit():
         try:
@@ -261,7 +263,7 @@ def build_config(tree: dict[str, Any] | None = None, overrides: Iterable[tuple[s
     """Defaults, then a nested dict (from YAML), then (key, value) overrides; validated."""
     cfg = Config()
     for key, value in _flatten(tree or {}):
-        _apply(cfg, key, _as_number(value))
+        _apply(cfg, key, as_number(value))
     for key, value in overrides:
         _apply(cfg, key, value)
     validate(cfg)

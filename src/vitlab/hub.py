@@ -81,7 +81,10 @@ def hub_errors(target: HubTarget) -> Iterator[None]:
     where = f"{target.repo_type} repository {target.repo_id}"
     try:
         yield
-    except hf_errors.RepositoryNotFoundError:
+    except hf_errors.RepositoryNotFoundError as exc:  # the Hub answers 401 for bad tokens and hidden repos alike
+        if exc.response is not None and exc.response.status_code == 401:
+            raise VitlabError(f"the Hub refused access to {where} (HTTP 401): HF_TOKEN is invalid or cannot see "
+                              f"the repository; check HF_TOKEN and HF_REPOSITORY") from None
         raise VitlabError(f"{where} was not found on {target.endpoint}, or HF_TOKEN cannot see it: check "
                           f"HF_REPOSITORY and the token's access") from None
     except hf_errors.HfHubHTTPError as exc:

@@ -76,7 +76,7 @@ def to_csv(runs: list[Run]) -> str:
     keys = varying_keys(runs)
     root = _common_root(runs)
     out = io.StringIO()
-    writer = csv.writer(out)
+    writer = csv.writer(out, lineterminator="\n")
     result_keys = [key for _, key, _ in RESULT_COLUMNS] + ["test_loss", "train_seconds", "peak_memory_kind"]
     writer.writerow(["run", *keys, "finished", *result_keys])
     for r in runs:

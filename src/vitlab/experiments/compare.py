@@ -60,7 +60,7 @@ def comparison_outputs(runs: list[Run], root: Path) -> str:
     md = markdown(header, rows)
     (root / "compare.md").write_text(md + "\n")
     with open(root / "compare.csv", "w", newline="") as f:
-        writer = csv.writer(f)
+        writer = csv.writer(f, lineterminator="\n")
         writer.writerow(["model", "config", *(k for _, k in COLUMNS[1:])])
         for r in runs:
             writer.writerow([r.model, r.path.name, *((r.results or {}).get(k) for _, k in COLUMNS[1:])])

@@ -29,7 +29,7 @@ from typing import Any
 
 import yaml
 
-from ..config import build_config, read_yaml
+from ..config import as_number, build_config, read_yaml
 from ..errors import VitlabError
 
 SPEC_KEYS = {"base", "set", "grid", "zip", "name"}
@@ -85,6 +85,9 @@ def load_spec(path: str | Path) -> Sweep:
     for key, values in {**grid, **zipped}.items():
         if not isinstance(values, list) or not values:
             raise VitlabError(f"sweep spec '{path}': `{key}` must list one or more values, got {values!r}")
+    # YAML 1.1 reads 3e-3 as a string; the config does not, so neither does the spec.
+    fixed = {k: as_number(v) for k, v in fixed.items()}
+    grid, zipped = ({k: [as_number(x) for x in v] for k, v in d.items()} for d in (grid, zipped))
     lengths = {len(v) for v in zipped.values()}
     if len(lengths) > 1:
         raise VitlabError(f"sweep spec '{path}': the `zip` lists must have one length, got "
@@ -118,7 +121,7 @@ def point_name(values: dict[str, Any], short: dict[str, str]) -> str:
 
 def _slug(value: Any) -> str:
     text = _yaml_scalar(value) if not isinstance(value, str) else value
-    return re.sub(r"[^A-Za-z0-9.+-]+", "-", text).strip("-") or "none"
+    return re.sub(r"[^A-Za-z0-9._+-]+", "-", text).strip("-") or "none"
 
 
 def run_local(sweep: Sweep, root: Path) -> list[tuple[Point, str]]:

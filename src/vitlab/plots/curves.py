@@ -79,6 +79,6 @@ def overlay_figure(runs: list[Run]) -> Figure | None:
 
 
 def _name(run: Run, runs: list[Run]) -> str:
-    """The model's label, or the run folder's name where several runs share a model."""
-    same = sum(r.model == run.model for r in runs) > 1
+    """The model's label (name and size), led by the run folder's name where several runs share it."""
+    same = sum(r.label == run.label for r in runs) > 1
     return f"{run.path.name}: {run.label}" if same else run.label

@@ -49,7 +49,8 @@ def sample_grid_figure(images: torch.Tensor, labels: torch.Tensor, preds: torch.
             continue
         img = images[i].float()
         img = (img - img.min()) / (img.max() - img.min()).clamp_min(1e-8)  # undo normalisation for display
-        ax.imshow(img[0] if img.shape[0] == 1 else img.permute(1, 2, 0), cmap="gray" if img.shape[0] == 1 else None)
+        pixels = (img[0] if img.shape[0] == 1 else img.permute(1, 2, 0)).numpy()  # (H, W) or (H, W, C)
+        ax.imshow(pixels, cmap="gray" if img.shape[0] == 1 else None)
         t, p = int(labels[i]), int(preds[i])
         ax.set_title(f"{names[t]} / {names[p]}", fontsize=8, color="black" if t == p else "red")
     return fig
@@ -58,7 +59,7 @@ def sample_grid_figure(images: torch.Tensor, labels: torch.Tensor, preds: torch.
 def confusion_figure(labels: torch.Tensor, preds: torch.Tensor, names: list[str], title: str) -> Figure:
     """Row-normalised confusion matrix (rows: true class); counts annotated when there are <= 20 classes."""
     k = len(names)
-    counts = torch.bincount(labels * k + preds, minlength=k * k).view(k, k).numpy()
+    counts = torch.bincount(labels * k + preds, minlength=k * k).view(k, k).numpy()  # (true, predicted)
     rates = counts / np.maximum(counts.sum(axis=1, keepdims=True), 1)
     size = min(4 + 0.35 * k, 14)
     fig, ax = plt.subplots(figsize=(size + 1, size), layout="constrained")

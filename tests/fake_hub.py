@@ -1,0 +1,75 @@
+"""An in-memory Hugging Face Hub behind huggingface_hub's own HTTP client (httpx2.MockTransport): the real
+library code runs, only the network is replaced. It records every request and keeps committed files."""
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import re
+
+import httpx2
+import huggingface_hub
+from huggingface_hub.utils import _http
+
+COMMIT = "c" * 40
+
+
+class FakeHub:
+    def __init__(self, repo: str = "alice/vits", files: dict[str, bytes] | None = None, down: bool = False):
+        self.repo, self.files, self.down = repo, dict(files or {}), down
+        self.requests: list[httpx2.Request] = []
+        self.commits: list[dict] = []
+
+    def install(self) -> "FakeHub":
+        huggingface_hub.set_client_factory(lambda: httpx2.Client(
+            transport=httpx2.MockTransport(self.handle), follow_redirects=True,
+            event_hooks={"request": [_http.hf_request_event_hook]}))
+        return self
+
+    @staticmethod
+    def uninstall() -> None:
+        huggingface_hub.set_client_factory(_http.default_client_factory)
+
+    def handle(self, request: httpx2.Request) -> httpx2.Response:
+        self.requests.append(request)
+        if self.down:
+            raise httpx2.ConnectError("[Errno 111] Connection refused", request=request)
+        path = request.url.path
+        api = f"/api/models/{self.repo}"
+        if not path.startswith((api, f"/{self.repo}/")):
+            if path.startswith("/api/models/") or re.match(r"^/[^/]+/[^/]+/resolve/", path):
+                return httpx2.Response(404, headers={"X-Error-Code": "RepoNotFound"},
+                                       json={"error": "Repository not found"})
+            return httpx2.Response(404, json={"error": "not here"})
+        if request.headers.get("authorization") not in (None, "Bearer hf_GOODTOKEN123"):
+            return httpx2.Response(401, json={"error": "Invalid credentials in Authorization header"})
+        if path == f"{api}/preupload/main":
+            files = json.loads(request.content)["files"]
+            return httpx2.Response(200, json={"files": [{"path": f["path"], "uploadMode": "regular",
+                                                         "shouldIgnore": False} for f in files]})
+        if path == f"{api}/commit/main":
+            lines = [json.loads(x) for x in request.content.decode().splitlines()]
+            commit = {"summary": lines[0]["value"]["summary"], "files": {}}
+            for line in lines[1:]:
+                value = line["value"]
+                commit["files"][value["path"]] = base64.b64decode(value["content"])
+            self.files.update(commit["files"])
+            self.commits.append(commit)
+            return httpx2.Response(200, json={"commitUrl": f"https://huggingface.co/{self.repo}/commit/{COMMIT}",
+                                              "commitOid": COMMIT, "pullRequestUrl": None})
+        if path.startswith(f"{api}/tree/main"):
+            return httpx2.Response(200, json=[{"type": "file", "path": p, "size": len(b), "oid": _sha(b)}
+                                              for p, b in sorted(self.files.items())])
+        prefix = f"/{self.repo}/resolve/main/"
+        if path.startswith(prefix):
+            name = path[len(prefix):]
+            if name not in self.files:
+                return httpx2.Response(404, headers={"X-Error-Code": "EntryNotFound"}, json={"error": "no entry"})
+            body = self.files[name]
+            headers = {"X-Repo-Commit": COMMIT, "ETag": f'"{_sha(body)}"', "Content-Length": str(len(body))}
+            return httpx2.Response(200, headers=headers, content=b"" if request.method == "HEAD" else body)
+        return httpx2.Response(404, json={"error": f"unhandled {request.method} {path}"})
+
+
+def _sha(data: bytes) -> str:
+    return hashlib.sha1(data).hexdigest()
