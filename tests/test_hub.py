@@ -121,7 +121,7 @@ def test_train_upload_seed002_layout(hub, monkeypatch, tmp_path, capsys):
     code, _, err = run_cli(["train", "--upload", *QUICK, "train.epochs=1", f"output.dir={tmp_path}",
                             "output.savefile=7", "output.layout=seed002", "train.val_every_n_batches=5"], capsys)
     assert code == 0, err
-    folder = tmp_path / "checkpoints" / "vit"
+    folder = tmp_path / "vitlab" / "checkpoints" / "vit"
     stem = "model_7_0.10M_digits"
     assert sorted(p.name for p in folder.iterdir()) == [f"{stem}.safetensors", f"{stem}_training.log"]
     log = (folder / f"{stem}_training.log").read_text()

@@ -63,6 +63,13 @@ def test_scaling_figures_log_axis_fit_in_legend(family):  # noqa: F811
     assert len(both.collections) == 2 and len(both.lines) == 2
 
 
+def test_no_scaling_law_from_one_size(tmp_path):
+    fake_run(tmp_path / "a", params=1000, acc=0.9)
+    fake_run(tmp_path / "b", params=1000, acc=0.8)
+    fake_run(tmp_path / "c", arch="rev_vit", params=2000)
+    assert scaling_figures(find_runs([tmp_path])) == {}
+
+
 def test_comparison_figures(family):  # noqa: F811
     runs = find_runs([family])
     acc = accuracy_figure(runs).axes[0]

@@ -104,7 +104,7 @@ class OutputConfig:
     tensorboard: bool = True
     progress: Literal["auto", "bar", "plain", "none"] = "auto"  # auto: a bar on a terminal, else plain lines
     # seed002: also write the final weights and training log as
-    # <dir>/checkpoints/<architecture>/model_<savefile>_<size>_<dataset>.{safetensors,_training.log}
+    # <dir>/<task_name>/checkpoints/<architecture>/model_<savefile>_<size>_<dataset>.{safetensors,_training.log}
     layout: Literal["vitlab", "seed002"] = "vitlab"
     upload: bool = False  # after training, upload the final weights and logs to HF_REPOSITORY (`--upload`)
 

@@ -26,9 +26,10 @@ def _series(group: list[Run]):
 
 
 def scaling_figures(runs: list[Run]) -> dict[str, Figure]:
-    """One figure per architecture (seed 002's two plots) and one with all architectures together."""
+    """One figure per architecture with two or more sizes (seed 002's two plots), and one with all of them
+    together when there are several."""
     groups = {a: _series(g) for a, g in by_architecture(runs).items()}
-    groups = {a: s for a, s in groups.items() if s[0]}
+    groups = {a: s for a, s in groups.items() if len(set(s[0])) >= 2}  # one size is not a scaling law
     figures = {}
     for arch, series in groups.items():
         fig, ax = new_figure(f"{arch}: scaling law", "parameters (log scale)", "test accuracy (%)")

@@ -1,9 +1,9 @@
 """What a finished run hands on: seed 002's checkpoint layout and the files `--upload` sends.
 
-`output.layout: seed002` adds, next to the run directory, the final weights and training log as
+`output.layout: seed002` adds, beside the task's run directories, the final weights and training log as
 
-    <output.dir>/checkpoints/<architecture>/model_<run_id>_<size>_<dataset>.safetensors
-    <output.dir>/checkpoints/<architecture>/model_<run_id>_<size>_<dataset>_training.log
+    <output.dir>/<task_name>/checkpoints/<architecture>/model_<run_id>_<size>_<dataset>.safetensors
+    <output.dir>/<task_name>/checkpoints/<architecture>/model_<run_id>_<size>_<dataset>_training.log
 
 with run_id = output.savefile and (architecture, size) from a sized name (`vit_classic_10m` -> vit_classic,
 10M) or else the model's architecture label and its parameter count ("0.33M").
@@ -45,7 +45,7 @@ def export_run(run_dir: Path, results: dict[str, Any], cfg: Config) -> dict[str,
     weights = final_weights(run_dir, results)
     if cfg.output.layout == "seed002":
         arch, stem = seed002_names(results, cfg.output.savefile)
-        folder = Path(cfg.output.dir) / "checkpoints" / arch
+        folder = run_dir.parent / "checkpoints" / arch
         files = {f"{arch}/{stem}.safetensors": folder / f"{stem}.safetensors",
                  f"{arch}/{stem}_training.log": folder / f"{stem}_training.log"}
         for src, dest in zip((weights, run_dir / "train.log"), files.values()):
