@@ -204,7 +204,8 @@ def cmd_sweep(args) -> int:
               f"{len(outcome) - ran} already finished); `vitlab collect {root}` tabulates them")
         return 0
     script = (sw.write_torchrun if args.launcher == "torchrun" else sw.write_slurm)(spec, root)
-    print(f"wrote {script}" + ("" if args.submit else f"; launch it with `{'sbatch' if args.launcher == 'slurm' else 'bash'} {script}`"))
+    tool = "sbatch" if args.launcher == "slurm" else "bash"
+    print(f"wrote {script}" + ("" if args.submit else f"; launch it with `{tool} {script}`"))
     if args.submit:
         sw.submit(script, args.launcher)
     return 0

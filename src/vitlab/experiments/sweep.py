@@ -59,7 +59,8 @@ class Sweep:
         """`vitlab train` arguments for one point (the run dir is root/<point name>)."""
         values = {**self.fixed, **point.overrides, "task_name": root.name, "output.dir": str(root.parent),
                   "output.savefile": point.name}
-        return ["--config", str(point.base or self.base), "--reload", *(f"{k}={_yaml_scalar(v)}" for k, v in values.items())]
+        overrides = [f"{k}={_yaml_scalar(v)}" for k, v in values.items()]
+        return ["--config", str(point.base or self.base), "--reload", *overrides]
 
 
 def _yaml_scalar(value: Any) -> str:
@@ -141,8 +142,15 @@ def run_local(sweep: Sweep, root: Path) -> list[tuple[Point, str]]:
     return outcome
 
 
-def write_torchrun(sweep: Sweep, root: Path) -> Path:
+def _pending(sweep: Sweep, root: Path) -> list[Point]:
     pending = [p for p in sweep.points if p.status(root) != "finished"]
+    if not pending:
+        raise VitlabError(f"every run of sweep '{sweep.name}' under {root} is finished; nothing to launch")
+    return pending
+
+
+def write_torchrun(sweep: Sweep, root: Path) -> Path:
+    pending = _pending(sweep, root)
     lines = ["#!/usr/bin/env bash",
              f"# vitlab sweep '{sweep.name}': {len(pending)} unfinished of {len(sweep.points)} runs, one after",
              "# another, each data-parallel over this node's GPUs (NPROC=... to choose). Rerunnable: --reload.",
@@ -155,9 +163,7 @@ def write_torchrun(sweep: Sweep, root: Path) -> Path:
 
 
 def write_slurm(sweep: Sweep, root: Path) -> Path:
-    pending = [p for p in sweep.points if p.status(root) != "finished"]
-    if not pending:
-        raise VitlabError(f"every run of sweep '{sweep.name}' under {root} is finished; nothing to submit")
+    pending = _pending(sweep, root)
     lines = ["#!/usr/bin/env bash",
              f"# vitlab sweep '{sweep.name}': a job array, one task per unfinished run ({len(pending)} of "
              f"{len(sweep.points)}).",

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from ..config import Config
+from ..hub import HubTarget, upload_files
 from ..registry import split_size
 from .checkpoint import EMA_FILE, MODEL_FILE
 
@@ -56,3 +57,11 @@ def export_run(run_dir: Path, results: dict[str, Any], cfg: Config) -> dict[str,
     files.update({f"{base}/{name}": run_dir / name for name in ("config.yaml", "results.json", "metrics.jsonl",
                                                                  "train.log")})
     return files
+
+
+def publish(cfg: Config, results: dict[str, Any], hub: HubTarget | None) -> None:
+    """After training: write seed 002's layout when asked, then upload the run's files when `hub` is set."""
+    files = export_run(cfg.run_dir, results, cfg)
+    if hub is not None:
+        sent = upload_files(files, hub, f"vitlab: {cfg.task_name}/{cfg.output.savefile}")
+        print(f"uploaded {len(sent)} files to {hub.repo_id}: {', '.join(sent)}", flush=True)

@@ -24,14 +24,14 @@ from torch import nn
 from ..config import Config, ModelConfig
 from ..data import MixCollate, build_data, set_epoch
 from ..errors import VitlabError
-from ..hub import hub_target, upload_files
+from ..hub import hub_target
 from ..registry import architecture_of, create_model, model_args, model_entry
 from ..stats import forward_gflops, peak_memory_mb
 from . import checkpoint as ckpt
 from .distributed import (DistEnv, all_gather_object, all_reduce_sum, detect, full_state, load_full_state, no_sync,
                           parallelize, process_group, resolve_device)
 from .evaluate import autocast, evaluate
-from .export import export_run
+from .export import publish
 from .metrics import NullLogger, RunLogger
 from .optim import build_optimizer, build_scheduler, scaled_lr
 
@@ -306,7 +306,7 @@ class Trainer:
         """Write buffered validation-batch losses (mean over ranks) with one device-to-host copy."""
         if pending:
             values = (all_reduce_sum(torch.stack([p[3] for p in pending])) / self.env.world_size).tolist()
-            self.log.val_batches([(epoch, batch, step, loss) for (epoch, batch, step, _), loss in zip(pending, values)])
+            self.log.val_batches([(e, b, s, loss) for (e, b, s, _), loss in zip(pending, values)])
             pending.clear()
 
     def _val_batch(self, it):
@@ -345,11 +345,6 @@ class Trainer:
         self.log.info(f"test top-1 {test['top1']:.4f} top-5 {test['top5']:.4f} loss {test['loss']:.4f} "
                       f"({test['n']} images) | {wall:.1f}s | run saved in {self.run_dir}")
         self.log.close()
-        if self.env.is_main:
-            exported = export_run(self.run_dir, results, self.cfg)
-            if self.hub is not None:
-                sent = upload_files(exported, self.hub, f"vitlab: {self.cfg.task_name}/{self.cfg.output.savefile}")
-                print(f"uploaded {len(sent)} files to {self.hub.repo_id}: {', '.join(sent)}", flush=True)
         return results
 
 
@@ -378,8 +373,12 @@ def train(cfg: Config, reload: bool = False, stream=None, local: bool = False) -
     device = resolve_device(cfg.train.device, env)
     with process_group(env, device, cfg.train.dist_timeout):
         trainer = Trainer(cfg, reload=reload, stream=stream, env=env)
+        hub = trainer.hub
         try:
-            return trainer.fit()
+            results = trainer.fit()
         finally:  # free DDP/FSDP state, which holds the group, before the group is destroyed
             del trainer
             gc.collect()
+    if env.is_main:  # outside the group: a long upload cannot time out the other ranks' exit barrier
+        publish(cfg, results, hub)
+    return results
