@@ -44,8 +44,8 @@ def fake_run(path: Path, model="vit_micro_patch7_28", arch="vit", params=100_000
     if finished:
         (path / "results.json").write_text(json.dumps({
             "test_top1": acc, "test_top5": 0.995, "test_loss": 0.3, "params": params, "epochs": epochs,
-            "gflops": 0.01, "images_per_second": 1234.5, "peak_memory_mb": 321.0, "model": model,
-            "architecture": arch, "dataset": "mnist", "train_seconds": 9.0, "peak_memory_kind": "process_max_rss"}))
+            "gflops": 0.01, "images_per_second": 1234.5, "peak_memory_mb": 321.0, "train_memory_mb": 42.0,
+            "model": model, "architecture": arch, "dataset": "mnist", "train_seconds": 9.0, "peak_memory_kind": "process_max_rss"}))
     return path
 
 
@@ -186,9 +186,9 @@ def test_collect_errors(tmp_path, capsys):
 
 def test_comparison_table_has_seed003_columns(family):
     header, rows = comparison_table(find_runs([family]))
-    assert header == ["model", "top-1 %", "epochs", "params (M)", "peak mem (MiB)", "img/s"]
+    assert header == ["model", "top-1 %", "epochs", "params (M)", "peak mem (MiB)", "train mem (MiB)", "img/s"]
     assert rows[0] == ["diff_vit_micro_patch7_28", f"{100 * (1 - 1.5 * 100_000 ** -0.3):.2f}", "3", "0.10", "321",
-                       "1,234"]
+                       "42", "1,234"]
 
 
 def test_compare_rejects_mixed_datasets(tmp_path, capsys):

@@ -5,6 +5,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -147,3 +148,24 @@ def test_load_checkpoint_rebuilds_model(trained_run):
     model, cfg, extra = load_checkpoint(run_dir)
     assert model.vitlab_name == "vit_micro_patch2_8" and cfg.train.epochs == 6
     assert extra["dataset_info"]["name"] == "digits"
+
+
+def test_results_describe_cost_and_architecture(trained_run):
+    from vitlab.stats import forward_gflops
+
+    run_dir, results = trained_run
+    assert results["architecture"] == "vit" and results["family"] == "vit"
+    assert results["gflops"] == pytest.approx(forward_gflops(load_checkpoint(run_dir)[0])) and results["gflops"] > 0
+    assert results["peak_memory_mb"] > results["train_memory_mb"] >= 0
+
+
+@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="Linux peak-RSS reset")
+def test_memory_meter_measures_its_own_stretch():
+    from vitlab.stats import MemoryMeter
+
+    meter = MemoryMeter(torch.device("cpu")).start()
+    big = torch.ones(64 * 2 ** 20 // 4)  # 64 MiB, touched
+    del big
+    first = meter.read()
+    assert first["peak_memory_kind"] == "process_peak_rss" and first["train_memory_mb"] >= 60
+    assert meter.start().read()["train_memory_mb"] < 30  # the earlier peak is forgotten

@@ -13,33 +13,83 @@ def model_stats(name: str, **overrides) -> dict[str, float]:
     with torch.device("meta"):
         model = create_model(name, **overrides)
     a = model.vitlab_args
-    return {"params": sum(p.numel() for p in model.parameters()), "gflops": forward_gflops(model),
+    return {"params": sum(p.numel() for p in model.parameters()), "gflops": _count_gflops(model),
             "img_size": a["img_size"]}
 
 
 def forward_gflops(model: torch.nn.Module) -> float:
-    """Multiply-accumulates (billions) of one eval-mode forward pass of one image at the model's resolution.
-    Build the model on the meta device to count without allocating or computing anything."""
-    a = model.vitlab_args
-    x = torch.empty(1, a["in_chans"], a["img_size"], a["img_size"], device=next(model.parameters()).device)
+    """Multiply-accumulates (billions) of one eval-mode forward pass of one image at `model`'s resolution,
+    counted on a meta-device copy rebuilt from its registry name and arguments: nothing is allocated or
+    computed, and every op there has a FLOP formula (CPU's fused flash-attention kernel has none, so counting
+    a real CPU model would miss the attention matmuls)."""
+    with torch.device("meta"):
+        return _count_gflops(create_model(model.vitlab_name, **model.vitlab_args))
+
+
+def _count_gflops(meta_model: torch.nn.Module) -> float:
+    a = meta_model.vitlab_args
+    x = torch.empty(1, a["in_chans"], a["img_size"], a["img_size"], device="meta")
     counter = FlopCounterMode(display=False)
-    was_training = model.training
     with counter, torch.no_grad():
-        model.eval()(x)
-    model.train(was_training)
+        meta_model.eval()(x)
     return counter.get_total_flops() / 2e9
 
 
-def peak_memory_mb(device: torch.device) -> tuple[float | None, str]:
-    """(peak MiB, what it measures): CUDA peak allocated memory, else this process's peak resident set."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2 ** 20, "cuda_max_allocated"
+class MemoryMeter:
+    """Peak memory of a stretch of work: on CUDA the allocator's peak allocated bytes, on CPU the process's
+    peak resident set (Linux: VmHWM, reset at `start` through /proc/self/clear_refs, so the peak belongs to
+    this stretch and not to data loading before it; elsewhere ru_maxrss, which cannot be reset).
+
+    `read()` -> {"peak_memory_mb": the peak, "train_memory_mb": the peak above the level at `start` (what
+    the work itself added: activations, gradients, optimizer state), "peak_memory_kind": what was measured}."""
+
+    def __init__(self, device: torch.device):
+        self.device, self.base = device, 0.0
+
+    def start(self) -> "MemoryMeter":
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self.base = torch.cuda.memory_allocated(self.device) / 2 ** 20
+        else:
+            try:
+                with open("/proc/self/clear_refs", "w") as f:
+                    f.write("5")  # reset VmHWM to the current RSS
+            except OSError:
+                pass
+            self.base = _status_mb("VmRSS") or 0.0
+        return self
+
+    def read(self) -> dict[str, float | str | None]:
+        if self.device.type == "cuda":
+            peak, kind = torch.cuda.max_memory_allocated(self.device) / 2 ** 20, "cuda_max_allocated"
+        elif (hwm := _status_mb("VmHWM")) is not None:
+            peak, kind = hwm, "process_peak_rss"
+        else:
+            peak, kind = _max_rss_mb(), "process_max_rss"
+        above = None if peak is None else max(peak - self.base, 0.0)
+        return {"peak_memory_mb": peak, "train_memory_mb": above, "peak_memory_kind": kind}
+
+
+def _status_mb(key: str) -> float | None:
+    """A kB field of /proc/self/status (Linux) in MiB, or None."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(key + ":"):
+                    return int(line.split()[1]) / 2 ** 10
+    except OSError:
+        pass
+    return None
+
+
+def _max_rss_mb() -> float | None:
     try:
         import resource
     except ImportError:  # Windows
-        return None, "unavailable"
+        return None
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
-    return (rss / 2 ** 20 if sys.platform == "darwin" else rss / 2 ** 10), "process_max_rss"
+    return rss / 2 ** 20 if sys.platform == "darwin" else rss / 2 ** 10
 
 
 def saved_for_backward(fn):

@@ -1,7 +1,8 @@
 """`vitlab collect`: one table of many runs, as Markdown and CSV.
 
 Columns: the run, the config keys whose values differ between the runs (the sweep's axes, found rather than
-declared), then results: test top-1 / top-5, parameters, GFLOPs, training img/s, peak memory, epochs.
+declared), then results: test top-1 / top-5, parameters, GFLOPs, training img/s, peak memory during training
+and the part of it that training added (see stats.MemoryMeter), epochs.
 """
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ RESULT_COLUMNS = [  # (header, results.json key, format)
     ("GFLOPs", "gflops", lambda v: f"{v:.3f}"),
     ("img/s", "images_per_second", lambda v: f"{v:,.0f}"),
     ("peak mem (MiB)", "peak_memory_mb", lambda v: f"{v:,.0f}"),
+    ("train mem (MiB)", "train_memory_mb", lambda v: f"{v:,.0f}"),
     ("epochs", "epochs", str),
 ]
 

@@ -12,7 +12,7 @@ from .runs import Run, load_run
 from .sweep import Point, Sweep, run_local
 
 COLUMNS = [("model", None), ("top-1 %", "test_top1"), ("epochs", "epochs"), ("params (M)", "params"),
-           ("peak mem (MiB)", "peak_memory_mb"), ("img/s", "images_per_second")]
+           ("peak mem (MiB)", "peak_memory_mb"), ("train mem (MiB)", "train_memory_mb"), ("img/s", "images_per_second")]
 
 
 def comparison(configs: list[str], epochs: int | None) -> Sweep:
@@ -47,7 +47,8 @@ def comparison_table(runs: list[Run]) -> tuple[list[str], list[list[str]]]:
                      f"{100 * res['test_top1']:.2f}" if "test_top1" in res else "",
                      str(res.get("epochs", "")),
                      f"{res['params'] / 1e6:.2f}" if res.get("params") else "",
-                     f"{res['peak_memory_mb']:,.0f}" if res.get("peak_memory_mb") is not None else "",
+                     *(f"{res[k]:,.0f}" if res.get(k) is not None else "" for k in ("peak_memory_mb",
+                                                                                      "train_memory_mb")),
                      f"{res['images_per_second']:,.0f}" if res.get("images_per_second") else ""])
     return [h for h, _ in COLUMNS], rows
 

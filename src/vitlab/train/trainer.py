@@ -26,7 +26,7 @@ from ..data import MixCollate, build_data, set_epoch
 from ..errors import VitlabError
 from ..hub import hub_target
 from ..registry import architecture_of, create_model, model_args, model_entry
-from ..stats import forward_gflops, peak_memory_mb
+from ..stats import MemoryMeter, forward_gflops
 from . import checkpoint as ckpt
 from .distributed import (DistEnv, all_gather_object, all_reduce_sum, detect, full_state, load_full_state, no_sync,
                           parallelize, process_group, resolve_device)
@@ -107,9 +107,7 @@ class Trainer:
             raise VitlabError(f"model.num_classes={cfg.model.num_classes} but {info.name} has {info.num_classes} "
                               f"classes; drop model.num_classes to take it from the dataset")
         self.model = build_model_for(cfg, self.data.img_size, self.data.in_chans, info.num_classes)
-        with torch.device("meta"):  # counted on a weightless copy: no memory, no compute
-            self.gflops = forward_gflops(build_model_for(cfg, self.data.img_size, self.data.in_chans,
-                                                         info.num_classes))
+        self.gflops = forward_gflops(self.model)
         # Checked before training, so a missing HF_TOKEN fails in a second, not after the last epoch.
         self.hub = hub_target(need_token=True) if cfg.output.upload and env.is_main else None
         if cfg.model.pretrained:
@@ -213,6 +211,7 @@ class Trainer:
     def fit(self) -> dict[str, Any]:
         tc = self.cfg.train
         start = time.perf_counter()
+        self.memory = MemoryMeter(self.device).start()
         train_time, train_images = 0.0, 0
         while self.epoch < tc.epochs:
             epoch = self.epoch + 1
@@ -335,9 +334,8 @@ class Trainer:
                    "best_val_loss": self.best_val_loss, "model": self.model.vitlab_name,
                    "dataset": self.data.info.name, "device": str(self.device),
                    "weights": "ema" if self.ema is not None else "last", "run_dir": str(self.run_dir)}
-        peak, peak_kind = peak_memory_mb(self.device)
         results.update(world_size=self.env.world_size, global_batch=self.global_batch, gflops=self.gflops,
-                       peak_memory_mb=peak, peak_memory_kind=peak_kind, architecture=architecture_of(self.model),
+                       **self.memory.read(), architecture=architecture_of(self.model),
                        family=model_entry(self.model.vitlab_name).family)
         if self.env.is_main:
             _atomic_write(self.run_dir / "results.json", json.dumps(results, indent=2) + "\n")
