@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import socket
 import tempfile
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -94,7 +95,8 @@ def hub_errors(target: HubTarget) -> Iterator[None]:
                               f"with write access") from None
         first = clean(str(exc)).splitlines()[0] if str(exc) else type(exc).__name__
         raise VitlabError(f"the Hub answered HTTP {status} for {where}: {first}") from None
-    except (OSError, hf_errors.OfflineModeIsEnabled, *_transport_errors()) as exc:
+    except (ConnectionError, TimeoutError, socket.gaierror, hf_errors.OfflineModeIsEnabled,
+            *_transport_errors()) as exc:  # network only: a local disk error must not read as "unreachable"
         reason = clean(str(exc)).splitlines()[0] if str(exc) else type(exc).__name__
         raise VitlabError(f"cannot reach the Hugging Face Hub at {target.endpoint} ({reason}): check the network "
                           f"or HF_ENDPOINT") from None
