@@ -157,6 +157,10 @@ def test_torchrun_and_slurm_scripts_list_only_unfinished_runs(tmp_path, capsys, 
         ["RUNS=(", "\n)\n"]) + 'eval "set -- ${RUNS[0]}"; printf "%s\\n" "$@"'], capture_output=True, text=True)
     sweep = sw.load_spec(spec)
     assert expanded.stdout.splitlines() == sweep.train_args(sweep.points[1], root)
+    fake_run(root / "depth-3")
+    for launcher in ("torchrun", "slurm"):
+        code, _, err = run_cli(["sweep", spec, "--output", root, "--launcher", launcher], capsys)
+        assert code == 2 and "is finished; nothing to launch" in err
 
 
 # -- collect -------------------------------------------------------------------------------------------------
