@@ -310,6 +310,11 @@ def main(argv: list[str] | None = None) -> int:
     except VitlabError as exc:
         print(f"vitlab: error: {_rank_prefix()}{exc}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # `vitlab collect ... | head`: the reader left; stop quietly like other tools
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
     except KeyboardInterrupt:
         print("vitlab: interrupted; the last checkpoint is intact (resume with --reload)", file=sys.stderr)
         return 130
