@@ -47,8 +47,8 @@ def table(runs: list[Run]) -> tuple[list[str], list[list[str]]]:
     for r in runs:
         res = r.results or {}
         status = "done" if r.finished else f"unfinished ({len(r.records('epoch'))} epochs)"
-        cells = [_fmt(res.get(key), fmt) for _, key, fmt in RESULT_COLUMNS]
-        rows.append([str(r.path.resolve().relative_to(root)) or r.path.name,
+        cells = result_cells(res, [key for _, key, _ in RESULT_COLUMNS])
+        rows.append([str(r.path.resolve().relative_to(root)),
                      *(_fmt(r.flat_config.get(k), str) for k in keys), status, *cells])
     return header, rows
 
@@ -57,15 +57,21 @@ def _fmt(value: Any, fmt) -> str:
     return "" if value is None else fmt(value)
 
 
+def result_cells(results: dict[str, Any] | None, keys: list[str]) -> list[str]:
+    """Display strings of the given results.json keys, formatted as in the collect table."""
+    fmts = {key: fmt for _, key, fmt in RESULT_COLUMNS}
+    return [_fmt((results or {}).get(k), fmts[k]) for k in keys]
+
+
 def markdown(header: list[str], rows: list[list[str]]) -> str:
-    numeric = [all(_is_number(row[i]) for row in rows if row[i]) for i in range(len(header))]
+    numeric = [all(is_number(row[i]) for row in rows if row[i]) for i in range(len(header))]
     lines = ["| " + " | ".join(header) + " |",
              "|" + "|".join("---:" if n else "---" for n in numeric) + "|"]
     lines += ["| " + " | ".join(row) + " |" for row in rows]
     return "\n".join(lines)
 
 
-def _is_number(text: str) -> bool:
+def is_number(text: str) -> bool:
     try:
         float(text.replace(",", ""))
         return True

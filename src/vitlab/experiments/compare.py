@@ -7,7 +7,7 @@ from pathlib import Path
 
 from ..config import build_config, read_yaml
 from ..errors import VitlabError
-from .collect import markdown
+from .collect import markdown, result_cells
 from .runs import Run, load_run
 from .sweep import Point, Sweep, run_local
 
@@ -40,17 +40,8 @@ def run_comparison(configs: list[str], epochs: int | None, root: Path) -> list[R
 
 
 def comparison_table(runs: list[Run]) -> tuple[list[str], list[list[str]]]:
-    rows = []
-    for r in runs:
-        res = r.results or {}
-        rows.append([r.model,
-                     f"{100 * res['test_top1']:.2f}" if "test_top1" in res else "",
-                     str(res.get("epochs", "")),
-                     f"{res['params'] / 1e6:.2f}" if res.get("params") else "",
-                     *(f"{res[k]:,.0f}" if res.get(k) is not None else "" for k in ("peak_memory_mb",
-                                                                                      "train_memory_mb")),
-                     f"{res['images_per_second']:,.0f}" if res.get("images_per_second") else ""])
-    return [h for h, _ in COLUMNS], rows
+    keys = [k for _, k in COLUMNS[1:]]
+    return [h for h, _ in COLUMNS], [[r.model, *result_cells(r.results, keys)] for r in runs]
 
 
 def comparison_outputs(runs: list[Run], root: Path) -> str:

@@ -9,7 +9,7 @@ import io
 
 from matplotlib.figure import Figure
 
-from .collect import table
+from .collect import is_number, table
 from .runs import Run
 
 STYLE = """body{font-family:system-ui,sans-serif;margin:2em auto;max-width:1100px;color:#222}
@@ -20,13 +20,9 @@ figcaption{font-size:13px;color:#555}"""
 
 def html_table(header: list[str], rows: list[list[str]]) -> str:
     head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
-    body = "".join("<tr>" + "".join(f'<td class="{"num" if _numeric(c) else ""}">{html.escape(c)}</td>' for c in row)
+    body = "".join("<tr>" + "".join(f'<td class="{"num" if is_number(c) else ""}">{html.escape(c)}</td>' for c in row)
                    + "</tr>" for row in rows)
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
-
-
-def _numeric(text: str) -> bool:
-    return bool(text) and text.replace(",", "").replace(".", "", 1).lstrip("-").isdigit()
 
 
 def png_data_uri(fig: Figure) -> str:
