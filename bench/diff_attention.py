@@ -4,10 +4,11 @@
     python bench/diff_attention.py --device cuda    # bf16 autocast, eager and torch.compile
 
 Seed 002's 10M pair (`vit_classic_10m` / `vit_differential_10m`: 224 px, d_model 256, 12 blocks; parameter
-counts within 0.1%) at patch 8 (785 tokens) and patch 16 (197 tokens). The two models alternate in rounds;
-each row reports median img/s and the time ratio differential / classic (target: <= 1.3). Differential
-attention applies both softmax maps to V of width 2d, so its attention matmuls cost 1.5x the classic ones;
-the rest of the block is unchanged.
+counts within 0.1%) at patch 8 (785 tokens) and patch 16 (197 tokens). The models alternate in rounds;
+each row reports median img/s and the time ratio differential / classic (target: <= 1.3). On CPU the
+differential model runs twice: with its default tiled kernel (maps subtracted before multiplying V:
+classic-layer matmul FLOPs) and with the padded `scaled_dot_product_attention` kernel it uses elsewhere
+(`vitlab.layers.diff_kernels`), whose attention matmuls cost 2x the classic ones.
 """
 from __future__ import annotations
 
@@ -22,16 +23,19 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 import vitlab  # noqa: E402
+from vitlab.layers import diff_kernels  # noqa: E402
 
 
-def fwd_bwd(model, device, amp: bool, compile_: bool):
+def fwd_bwd(model, device, amp: bool, compile_: bool, force_sdpa: bool = False):
     fn = torch.compile(model) if compile_ else model
     ctx = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if amp else nullcontext
 
     def step(x):
+        diff_kernels.FORCE_SDPA = force_sdpa
         with ctx():
             out = fn(x)
         out.float().square().mean().backward()
+        diff_kernels.FORCE_SDPA = False
     return step
 
 
@@ -60,24 +64,30 @@ def main() -> None:
     where = torch.cuda.get_device_name() if cuda else f"CPU, {torch.get_num_threads()} threads"
     print(f"# forward+backward, differential vs classic (seed 002 10M pair, 224 px), {where}, torch "
           f"{torch.__version__}, median of {rounds} alternating rounds x {steps} steps\n")
-    print("| patch | tokens | mode | batch | classic img/s | differential img/s | time ratio diff/classic |")
-    print("|---:|---:|---|---:|---:|---:|---:|")
+    sdpa_col = "" if cuda else " differential, SDPA kernel img/s | its time ratio |"
+    print(f"| patch | tokens | mode | batch | classic img/s | differential img/s | time ratio diff/classic |{sdpa_col}")
+    print("|---:|---:|---|---:|---:|---:|---:|" + ("" if cuda else "---:|---:|"))
     for patch, batch in cases:
         for mode, amp, compile_ in modes:
             torch.manual_seed(0)
             models = {k: vitlab.create_model(f"vit_{k}_10m", patch_size=patch).to(device)
                       for k in ("classic", "differential")}
             steps_ = {k: fwd_bwd(m, device, amp, compile_) for k, m in models.items()}
+            if not cuda:
+                steps_["sdpa"] = fwd_bwd(models["differential"], device, amp, compile_, force_sdpa=True)
             x = torch.randn(batch, 3, 224, 224, device=device)
             for s in steps_.values():
                 timed(s, x, 2 if compile_ else 1, device)
-            rates = {k: [] for k in models}
+            rates = {k: [] for k in steps_}
             for r in range(rounds):
-                for k in (("classic", "differential") if r % 2 == 0 else ("differential", "classic")):
+                for k in (list(steps_) if r % 2 == 0 else list(steps_)[::-1]):
                     rates[k].append(timed(steps_[k], x, steps, device))
             c, d = statistics.median(rates["classic"]), statistics.median(rates["differential"])
-            print(f"| {patch} | {(224 // patch) ** 2 + 1} | {mode} | {batch} | {c:,.1f} | {d:,.1f} | {c / d:.3f} |",
-                  flush=True)
+            row = f"| {patch} | {(224 // patch) ** 2 + 1} | {mode} | {batch} | {c:,.2f} | {d:,.2f} | {c / d:.3f} |"
+            if "sdpa" in rates:
+                p = statistics.median(rates["sdpa"])
+                row += f" {p:,.2f} | {c / p:.3f} |"
+            print(row, flush=True)
 
 
 if __name__ == "__main__":

@@ -8,21 +8,21 @@ With H heads (half a standard layer's, so parameters match) and d = D / (2H):
     lambda = exp(lq1 . lk1) - exp(lq2 . lk2) + lambda_init,   lambda_init = 0.8 - 0.6 exp(-0.3 l)
     out = W_O concat_i[(1 - lambda_init) RMSNorm(DiffAttn_i)]
 
-l is the 0-based block index. Both softmax maps come from one `scaled_dot_product_attention` call over
-the 2H sub-heads (each sub-head attends over its head's V, q and k zero-padded to V's width), so no N x N
-matrix is built here and the fused kernels apply. lambda, the difference of the two maps and the RMSNorm
-run in fp32 (bf16-safe). Parameter names match timm's `DiffAttention` (`qkv`, `lambda_q1/k1/q2/k2`,
-`sub_norm`, `proj`), so weights interchange with timm's `VisionTransformer(attn_layer='diff')`.
+l is the 0-based block index. The bracket comes from `diff_kernels.differential_attention`: on CPU a
+tiled kernel that subtracts the maps before multiplying V (classic-layer FLOPs), elsewhere one fused
+`scaled_dot_product_attention` call over the 2H maps; neither builds an N x N matrix. lambda, the
+difference of the two maps and the RMSNorm run in fp32 (bf16-safe). Parameter names match timm's
+`DiffAttention` (`qkv`, `lambda_q1/k1/q2/k2`, `sub_norm`, `proj`), so weights interchange with timm's `VisionTransformer(attn_layer='diff')`.
 """
 from __future__ import annotations
 
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..errors import VitlabError
+from .diff_kernels import differential_attention
 
 
 def lambda_init_for(depth: int) -> float:
@@ -66,18 +66,10 @@ class DiffAttention(nn.Module):
         B, N, D = x.shape
         H, d = self.num_heads, self.head_dim
         q, k, v = self.qkv(x).chunk(3, dim=-1)
-        q = q.reshape(B, N, 2 * H, d).transpose(1, 2)  # (B, 2H, N, d)
-        k = k.reshape(B, N, 2 * H, d).transpose(1, 2)  # (B, 2H, N, d)
+        q, k = (t.reshape(B, N, H, 2, d).permute(3, 0, 2, 1, 4) for t in (q, k))  # (2, B, H, N, d): map, head
         v = v.reshape(B, N, H, 2 * d).transpose(1, 2)  # (B, H, N, 2d)
-        v = v.repeat_interleave(2, dim=1)  # (B, 2H, N, 2d): sub-heads 2i and 2i+1 read head i's values
-        # Zero-padding q and k to 2d leaves q.k unchanged (the scale stays 1/sqrt d) and gives every operand
-        # one head size, which the fused flash kernels require: 1.8x faster than the unfused path on CPU.
-        q, k = F.pad(q, (0, d)), F.pad(k, (0, d))  # (B, 2H, N, 2d)
-        a = F.scaled_dot_product_attention(q, k, v, dropout_p=self.attn_drop if self.training else 0.0,
-                                           scale=d ** -0.5)
-        a = a.view(B, H, 2, N, 2 * d)  # (B, H, 2, N, 2d): the two softmax maps applied to V
-        lam = self.lambda_full()
-        out = a[:, :, 0].float() - lam * a[:, :, 1].float()  # (B, H, N, 2d); difference and norm in fp32
-        out = (self.sub_norm(out) * (1.0 - self.lambda_init)).to(a.dtype)
+        out = differential_attention(q, k, v, self.lambda_full(), d ** -0.5,
+                                     self.attn_drop if self.training else 0.0)  # (B, H, N, 2d), fp32
+        out = (self.sub_norm(out) * (1.0 - self.lambda_init)).to(v.dtype)
         out = out.transpose(1, 2).reshape(B, N, D)  # (B, N, H*2d)
         return self.proj_drop(self.proj(out))
