@@ -55,12 +55,14 @@ def main() -> None:
     p.add_argument("--device", default="auto")
     p.add_argument("--rounds", type=int, default=None)
     p.add_argument("--steps", type=int, default=None)
+    p.add_argument("--patches", type=int, nargs="+", default=[8, 16], help="patch sizes to time (default: 8 16)")
     args = p.parse_args()
     cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
     device = torch.device("cuda" if cuda else "cpu")
     rounds, steps = args.rounds or (10 if cuda else 3), args.steps or (10 if cuda else 1)
     modes = [("bf16", True, False), ("bf16+compile", True, True)] if cuda else [("fp32", False, False)]
-    cases = [(8, 64 if cuda else 2), (16, 256 if cuda else 8)]
+    batch = {8: 64 if cuda else 2, 16: 256 if cuda else 8}
+    cases = [(patch, batch.get(patch, 64 if cuda else 4)) for patch in args.patches]
     where = torch.cuda.get_device_name() if cuda else f"CPU, {torch.get_num_threads()} threads"
     print(f"# forward+backward, differential vs classic (seed 002 10M pair, 224 px), {where}, torch "
           f"{torch.__version__}, median of {rounds} alternating rounds x {steps} steps\n")
