@@ -12,7 +12,8 @@ l is the 0-based block index. The bracket comes from `diff_kernels.differential_
 tiled kernel that subtracts the maps before multiplying V (classic-layer FLOPs), elsewhere one fused
 `scaled_dot_product_attention` call over the 2H maps; neither builds an N x N matrix. lambda, the
 difference of the two maps and the RMSNorm run in fp32 (bf16-safe). Parameter names match timm's
-`DiffAttention` (`qkv`, `lambda_q1/k1/q2/k2`, `sub_norm`, `proj`), so weights interchange with timm's `VisionTransformer(attn_layer='diff')`.
+`DiffAttention` (`qkv`, `lambda_q1/k1/q2/k2`, `sub_norm`, `proj`), so weights interchange with timm's
+`VisionTransformer(attn_layer='diff')`.
 """
 from __future__ import annotations
 
