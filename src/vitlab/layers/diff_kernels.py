@@ -14,8 +14,8 @@ Both take q, k of shape (2, B, H, N, d) (map m of head h is q[m, :, h]), v of sh
 
 `differential_attention` picks the tiled kernel on CPU without dropout, SDPA elsewhere. On CPU the tiled kernel
 takes a differential ViT's training step from 1.34x to 1.27x a classic ViT's at 785 tokens (median of 5 runs),
-and the difference grows at short sequences (`bench/diff_attention.py`). On CUDA the fused SDPA kernels stay: a Python loop of
-unfused blocks would trade compute the GPU has to spare for memory traffic it does not.
+and the difference grows at short sequences (`bench/diff_attention.py`). On CUDA the fused SDPA kernels stay: a
+Python loop of unfused blocks would trade compute the GPU has to spare for memory traffic it does not.
 """
 from __future__ import annotations
 
@@ -56,36 +56,37 @@ class _TiledDifferentialAttention(torch.autograd.Function):
     @staticmethod
     @torch.amp.custom_fwd(device_type="cpu", cast_inputs=torch.float32)
     def forward(ctx, q, k, v, lam, scale: float):
-        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+        qs, k, v = (q * scale).contiguous(), k.contiguous(), v.contiguous()  # the scale folded into q once
         _, B, H, N, d = q.shape
         bh, c = B * H, min(QUERY_BLOCK, N)
-        q3 = (q * scale).view(2 * bh, N, d)  # (map, batch, head) flattened, map-major
+        q3 = qs.view(2 * bh, N, d)  # (map, batch, head) flattened, map-major
         kt3, v3 = k.view(2 * bh, N, d).transpose(1, 2), v.view(bh, N, 2 * d)
         neg_lam, out3 = -lam, v3.new_empty(v3.shape)
-        maps, diff = _BlockBuffers(q, bh, c, N, 2), _BlockBuffers(q, bh, c, N, 1)
+        maps, diff = _BlockBuffers(qs, bh, c, N, 2), _BlockBuffers(qs, bh, c, N, 1)
         for s in range(0, N, c):
             n = min(c, N - s)
             p = _softmax_(torch.bmm(q3[:, s:s + n], kt3, out=maps(n)))  # (2BH, n, N): both maps of n queries
             a = torch.addcmul(p[:bh], p[bh:], neg_lam, out=diff(n))  # (BH, n, N)
             torch.bmm(a, v3, out=out3[:, s:s + n])
-        ctx.save_for_backward(q, k, v, lam)
+        ctx.save_for_backward(qs, k, v, lam)
         ctx.scale = scale
         return out3.view(B, H, N, 2 * d)
 
     @staticmethod
     @torch.amp.custom_bwd(device_type="cpu")
     def backward(ctx, dout):
-        q, k, v, lam = ctx.saved_tensors
-        _, B, H, N, d = q.shape
+        qs, k, v, lam = ctx.saved_tensors  # qs = s Q
+        _, B, H, N, d = qs.shape
         bh, c, scale = B * H, min(QUERY_BLOCK, N), ctx.scale
         neg_lam = -lam
-        f = torch.stack((torch.ones_like(lam), neg_lam)).mul(scale).to(q.dtype).view(2, 1, 1, 1, 1)  # s f_m
-        q3, qf3, kf3 = ((t * m).view(2 * bh, N, d) for t, m in ((q, scale), (q, f), (k, f)))
+        f = torch.stack((torch.ones_like(lam), neg_lam)).to(qs.dtype).view(2, 1, 1, 1, 1)  # f_m per map
+        q3 = qs.view(2 * bh, N, d)
+        qf3, kf3 = (qs * f).view(2 * bh, N, d), (k * (f * scale)).view(2 * bh, N, d)  # s f_m Q_m, s f_m K_m
         kt3, vt3 = k.view(2 * bh, N, d).transpose(1, 2), v.view(bh, N, 2 * d).transpose(1, 2)
         dout3 = dout.contiguous().view(bh, N, 2 * d)
         dq3, dk3, dv3 = q3.new_empty(q3.shape), torch.zeros_like(q3), torch.zeros_like(v).view(bh, N, 2 * d)
         dlam = torch.zeros_like(lam)
-        maps, grads, diff = (_BlockBuffers(q, bh, c, N, m) for m in (2, 2, 1))
+        maps, grads, diff = (_BlockBuffers(qs, bh, c, N, m) for m in (2, 2, 1))
         for s in range(0, N, c):
             n = min(c, N - s)
             do = dout3[:, s:s + n]  # (BH, n, 2d)
@@ -98,7 +99,7 @@ class _TiledDifferentialAttention(torch.autograd.Function):
                 torch.ops.aten._softmax_backward_data.out(da, p[m], -1, p.dtype, grad_input=g[m])
             torch.bmm(g, kf3, out=dq3[:, s:s + n])
             dk3.baddbmm_(g.transpose(1, 2), qf3[:, s:s + n])
-        return dq3.view(q.shape), dk3.view(k.shape), dv3.view(v.shape), dlam, None
+        return dq3.view(qs.shape), dk3.view(k.shape), dv3.view(v.shape), dlam, None
 
 
 class _BlockBuffers:
