@@ -13,7 +13,7 @@ Both take q, k of shape (2, B, H, N, d) (map m of head h is q[m, :, h]), v of sh
   memory is O(c N), not O(N^2). No attention dropout.
 
 `differential_attention` picks the tiled kernel on CPU without dropout, SDPA elsewhere. On CPU the tiled kernel
-takes a differential ViT's training step from 1.34x to 1.27x a classic ViT's at 785 tokens (median of 5 runs),
+takes a differential ViT's training step from 1.34x to 1.24x a classic ViT's at 785 tokens (medians of 6 runs),
 and the difference grows at short sequences (`bench/diff_attention.py`). On CUDA the fused SDPA kernels stay: a
 Python loop of unfused blocks would trade compute the GPU has to spare for memory traffic it does not.
 """
