@@ -3,7 +3,7 @@ PY      := .venv/bin/python
 STAMP   := .venv/.installed
 PYTEST  ?= $(PY) -m pytest
 
-.PHONY: demo test test-slow bench lint clean seed002 seed003 seed004
+.PHONY: demo test test-slow bench clean seed002 seed003 seed004
 
 $(STAMP): pyproject.toml constraints.txt
 	python3 -m venv .venv

@@ -10,12 +10,20 @@ Per model (vit, rev, bdia, momentum) and depth, in a fresh subprocess each:
 - peak: peak process memory during one training step above the memory before it (CPU: ru_maxrss), or peak
   allocated CUDA memory;
 - step: median time of forward + backward + AdamW.
-Ratios are to the standard ViT at the same depth.
+Ratios are to the standard ViT at the same depth; the last lines give each model's peak growth from the first
+to the last depth relative to the ViT's (issue 12's measure: `--depths 6 24 --width 512 --batch 64`).
+
+CPU peaks are process memory, so they depend on the allocator: by default the children run with glibc's mmap
+threshold fixed at 128 KiB (MALLOC_MMAP_THRESHOLD_), so a freed activation-sized buffer goes back to the OS
+and the peak is what is live. `--glibc-dynamic` keeps glibc's default, whose threshold rises to the largest
+freed block (up to 32 MiB): the backward's per-block recompute buffers then stay in the heap and show up as
+growth with depth although nothing holds them.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import statistics
 import subprocess
@@ -92,6 +100,7 @@ def main() -> None:
     p.add_argument("--width", type=int, default=128)
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--steps", type=int, default=3)
+    p.add_argument("--glibc-dynamic", action="store_true", help="keep glibc's dynamic mmap threshold")
     p.add_argument("--one", nargs=2, metavar=("KIND", "DEPTH"), help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.one:
@@ -102,18 +111,27 @@ def main() -> None:
           f"{args.device}, torch {torch.__version__}\n")
     print("| depth | model | saved for backward (MiB) | ratio | peak step memory (MiB) | ratio | step (s) | ratio |")
     print("|---:|---|---:|---:|---:|---:|---:|---:|")
+    env = dict(os.environ) if args.glibc_dynamic else {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072",
+                                                       "MALLOC_TRIM_THRESHOLD_": "131072"}
+    peaks: dict[str, list[float]] = {kind: [] for kind in MODELS}
     for depth in args.depths:
         rows = {}
         for kind in MODELS:
             out = subprocess.run([sys.executable, __file__, "--one", kind, str(depth), "--device", args.device,
                                   "--width", str(args.width), "--batch", str(args.batch), "--steps",
-                                  str(args.steps)], capture_output=True, text=True, check=True)
+                                  str(args.steps)], capture_output=True, text=True, check=True, env=env)
             rows[kind] = json.loads(out.stdout.strip().splitlines()[-1])
+            peaks[kind].append(rows[kind]["peak"])
         ref = rows["vit"]
         for kind, r in rows.items():
             print(f"| {depth} | {kind} | {r['saved'] / 2**20:.1f} | {r['saved'] / ref['saved']:.3f} | "
                   f"{r['peak'] / 2**20:.1f} | {r['peak'] / max(ref['peak'], 1):.3f} | {r['step']:.3f} | "
                   f"{r['step'] / ref['step']:.2f} |", flush=True)
+    if len(args.depths) > 1:
+        growth = {kind: p[-1] - p[0] for kind, p in peaks.items()}
+        print(f"\npeak growth from depth {args.depths[0]} to {args.depths[-1]}, relative to the ViT's "
+              f"(+{growth['vit'] / 2**30:.2f} GiB): "
+              + ", ".join(f"{kind} {g / growth['vit']:.3f}" for kind, g in growth.items() if kind != "vit"))
 
 
 if __name__ == "__main__":

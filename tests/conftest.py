@@ -46,3 +46,21 @@ def trained_run(tmp_path_factory):
     cfg = load_config(None, QUICK + [f"output.dir={out}", "train.epochs=6", "train.val_every_n_batches=5"])
     results = train(cfg)
     return cfg.run_dir, results
+
+
+def tiny_model(name, **overrides):
+    """`name` at a tiny size for contract tests: two blocks of width 32 (staged: two one-block stages),
+    a 2 x 2 token grid, 5 classes, dropout and drop-path on so that replayed randomness is exercised."""
+    import vitlab
+    from vitlab.registry import model_args
+    args = model_args(name)
+    size = ({"widths": [16, 32], "depths": [1, 1], "head_dim": 8} if "widths" in args
+            else {"embed_dim": 32, "depth": 2, "num_heads": 2})
+    kw = dict(img_size=2 * args["patch_size"], num_classes=5, drop_path_rate=0.1, drop_rate=0.1, **size)
+    return vitlab.create_model(name, **{**kw, **overrides})
+
+
+def model_input(model, batch=3, seed=0):
+    a = model.vitlab_args
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(batch, a["in_chans"], a["img_size"], a["img_size"], generator=g)

@@ -1,8 +1,9 @@
 """Config schema: precedence, YAML round trip, and one clear error for each kind of bad input."""
 import pytest
 
-from vitlab.config import Config, build_config, load_config, parse_override
+from vitlab.config import Config, build_config, parse_override
 from vitlab.errors import VitlabError
+from vitlab.resolve import load as load_config  # parse, then resolve names and type the model arguments
 
 
 def test_defaults_then_yaml_then_overrides(tmp_path):
@@ -12,7 +13,7 @@ def test_defaults_then_yaml_then_overrides(tmp_path):
     assert (cfg.task_name, cfg.train.epochs, cfg.train.batch_size) == ("t", 7, 16)
     assert cfg.optim.lr == 1e-3 and isinstance(cfg.optim.lr, float)  # YAML reads '1e-3' as a string
     assert cfg.optim.betas == (0.9, 0.95)
-    assert cfg.model.drop_rate == 0.1 and cfg.model.depth is None  # None: the model's own default
+    assert cfg.model.args == {"drop_rate": 0.1}  # unset arguments: the model's own defaults
     assert cfg.train.seed == Config().train.seed
 
 
@@ -34,6 +35,51 @@ def test_dump_round_trips():
     cfg = load_config(None, ["optim.name=sgd", "data.dataset=mnist", "model.img_size=32"])
     import yaml
     assert build_config(yaml.safe_load(cfg.dump())) == cfg
+    assert yaml.safe_load(cfg.dump())["model"] == {"name": "vit_micro_patch2_8", "img_size": 32, "pretrained": None}
+
+
+@pytest.mark.parametrize("name,override,value", [
+    ("momentum_vit_micro_patch2_8", "model.beta=0.5", 0.5),
+    ("momentum_vit_micro_patch2_8", "model.beta=1", 1.0),  # an int where the signature says float
+    ("bdia_vit_micro_patch2_8", "model.bits=8", 8),
+    ("staged_vit_patch4_32", "model.widths=[64,128,256]", [64, 128, 256]),
+    ("rev_vit_micro_patch2_8", "model.memory_efficient=false", False),
+    ("vit_micro_patch2_8", "model.init_values=1e-5", 1e-5),
+    ("vit_micro_patch2_8", "model.stem=conv", "conv"),  # the old spelling of patch_embed
+])
+def test_any_model_argument_is_settable_and_typed_from_the_signature(name, override, value):
+    cfg = load_config(None, [f"model.name={name}", override])
+    key = override.split("=")[0].split(".")[1].replace("stem", "patch_embed")
+    got = cfg.model.args[key]
+    assert got == value and type(got) is type(value)
+    import yaml
+    assert yaml.safe_load(cfg.dump())["model"][key] == value  # recorded in config.yaml
+
+
+@pytest.mark.parametrize("name,override,message", [
+    ("momentum_vit_micro_patch2_8", "model.bet=0.5",
+     "unknown config key 'model.bet': model 'momentum_vit_micro_patch2_8' has no such argument (did you mean 'beta'?)"),
+    ("vit_micro_patch2_8", "model.beta=0.5", "model 'vit_micro_patch2_8' has no such argument"),
+    ("momentum_vit_micro_patch2_8", "model.beta=fast", "config key 'model.beta' must be float, got 'fast'"),
+    ("staged_vit_patch4_32", "model.widths=[64,wide]", "config key 'model.widths' must be"),
+    ("vit_micro_patch2_8", "model.global_pool=mean", "config key 'model.global_pool' must be one of 'token', 'avg'"),
+    ("vit_micro_patch2_8", "model.patch_embed=spt2", "config key 'model.patch_embed' must be one of 'patch', 'conv', "
+                                                     "'spt', got 'spt2' (did you mean 'spt'?)"),
+])
+def test_bad_model_arguments_are_one_line_errors(name, override, message):
+    with pytest.raises(VitlabError) as e:
+        load_config(None, [f"model.name={name}", override])
+    assert message in str(e.value) and "\n" not in str(e.value)
+
+
+def test_config_module_knows_no_registry():
+    """Name resolution is a step after parsing: `vitlab.config` imports neither models nor datasets."""
+    import ast
+    from pathlib import Path
+    tree = ast.parse((Path(__file__).parents[1] / "src" / "vitlab" / "config.py").read_text())
+    imported = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+    assert not imported & {"registry", "data", "models", "resolve"}
+    assert build_config(None, [("model.name", "no_such_model"), ("model.whatever", 1)]).model.args == {"whatever": 1}
 
 
 @pytest.mark.parametrize("override,message", [
@@ -47,6 +93,7 @@ def test_dump_round_trips():
     ("data.dataset=cifar", "unknown dataset 'cifar' (did you mean 'cifar10'?)"),
     ("train.batch_size=0", "'train.batch_size' must be positive"),
     ("data.val_fraction=1.5", "'data.val_fraction' must be in [0, 1)"),
+    ("output.layout=seed003", "config key 'output.layout' must be one of 'vitlab', 'by_architecture'"),
 ])
 def test_bad_values_name_the_key_and_the_fix(override, message):
     with pytest.raises(VitlabError) as e:
@@ -81,3 +128,5 @@ def test_shipped_configs_load():
             assert load_spec(f).points
         else:
             load_config(f)
+    # old spellings stay accepted
+    assert load_config(None, ["output.layout=seed002"]).output.layout == "by_architecture"

@@ -87,9 +87,20 @@ def test_mixup_cutmix_give_soft_labels():
 
 
 def test_randaugment_uses_per_sample_dataloader():
+    """randaugment goes through torchvision's per-sample transforms: a DataLoader over the transformed split,
+    whose batches are those transforms applied to the shuffled samples (not the in-memory loader's path)."""
     d = build_data(DataConfig(dataset="digits", augment="randaugment"), img_size=16)
-    x, y = next(iter(d.loader("train", 8, num_workers=0)))
-    assert x.shape == (8, 1, 16, 16)
+    loader = d.loader("train", 8, num_workers=0, seed=5)
+    assert isinstance(loader, torch.utils.data.DataLoader) and not isinstance(loader, TensorBatchLoader)
+    torch.manual_seed(0)
+    x, y = next(iter(loader))
+    assert x.shape == (8, 1, 16, 16) and y.shape == (8,)
+    order = list(iter(loader.sampler))[:8]
+    ds = d.dataset("train")
+    assert y.tolist() == [ds[i][1] for i in order]  # the sampler's samples, in its order
+    plain = torch.stack([build_data(DataConfig(dataset="digits", augment="none"), img_size=16).dataset("train")[i][0]
+                         for i in order])
+    assert not torch.allclose(x, plain)  # augmented: not the plain resize + normalise
 
 
 def _write_folder(root, classes, n=3, size=20):
@@ -140,5 +151,7 @@ def test_missing_data_is_one_clear_error(tmp_path, monkeypatch):
 
 def test_synthetic_is_deterministic():
     d = build_data(DataConfig(dataset="synthetic", synthetic_size=20, synthetic_classes=3), img_size=32)
-    assert torch.equal(d.splits["train"][5][0], d.splits["train"][5][0])
+    again = build_data(DataConfig(dataset="synthetic", synthetic_size=20, synthetic_classes=3), img_size=32)
+    assert torch.equal(d.splits["train"][5][0], again.splits["train"][5][0])  # a fresh build: the same images
+    assert not torch.equal(d.splits["train"][5][0], d.splits["train"][6][0])
     assert d.info.num_classes == 3 and len(d.splits["test"]) == 2

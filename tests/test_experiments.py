@@ -117,18 +117,25 @@ def test_second_call_skips_finished_and_resumes_unfinished(tmp_path, monkeypatch
     assert code == 2 and "run 'depth-4' failed (exit 1)" in err
 
 
-def test_sweep_trains_for_real_then_skips(tmp_path, capsys):
-    """Two real 1-epoch runs through `vitlab train` subprocesses; the second call trains nothing."""
+def test_sweep_over_a_model_argument_trains_for_real_then_skips(tmp_path, capsys):
+    """Two real 1-epoch runs of the momentum ViT through `vitlab train` subprocesses, swept over its own
+    constructor argument `beta`; collect shows it as a column; the second call trains nothing."""
+    quick = [q for q in QUICK if not q.startswith("model.name=")] + ["model.name=momentum_vit_micro_patch2_8"]
     spec = tmp_path / "spec.yaml"
     spec.write_text(f"base: {ROOT / 'configs' / 'quickstart.yaml'}\n"
-                    f"set: {{{', '.join(q.replace('=', ': ') for q in QUICK)}, train.epochs: 1}}\n"
-                    "grid: {optim.lr: [0.001, 0.003]}\n")
+                    f"set: {{{', '.join(q.replace('=', ': ') for q in quick)}, train.epochs: 1}}\n"
+                    "grid: {model.beta: [0.5, 0.9]}\n")
     root = tmp_path / "sw"
     code, out, _ = run_cli(["sweep", spec, "--output", root], capsys)
     assert code == 0, out
     runs = find_runs([root])
-    assert [r.path.name for r in runs] == ["lr-0.001", "lr-0.003"] and all(r.finished for r in runs)
-    assert runs[0].flat_config["optim.lr"] == 0.001 and runs[0].results["epochs"] == 1
+    assert [r.path.name for r in runs] == ["beta-0.5", "beta-0.9"] and all(r.finished for r in runs)
+    assert runs[0].flat_config["model.beta"] == 0.5 and runs[0].results["epochs"] == 1
+    assert runs[1].results["model_args"]["beta"] == 0.9
+    code, out, _ = run_cli(["collect", root], capsys)
+    header = out.splitlines()[0]
+    assert code == 0 and "| model.beta |" in header
+    assert "| 0.5 |" in out and "| 0.9 |" in out
     code, out, _ = run_cli(["sweep", spec, "--output", root], capsys)
     assert out.count("finished, skipped") == 2 and "0 trained or resumed now" in out
 

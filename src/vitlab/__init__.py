@@ -12,9 +12,10 @@ def load_pretrained(model, path, **kwargs):
 
 
 def load_config(path=None, overrides=()):
-    """Load a YAML config, apply `section.key=value` overrides, validate (see `vitlab.config`)."""
-    from .config import load_config as _load
-    return _load(path, overrides)
+    """Load a YAML config, apply `section.key=value` overrides, check names and type the model arguments
+    (see `vitlab.config` and `vitlab.resolve`)."""
+    from .resolve import load
+    return load(path, overrides)
 
 
 __all__ = ["VitlabError", "__version__", "create_model", "list_models", "load_config", "load_pretrained",

@@ -103,7 +103,8 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def cmd_train(args) -> int:
-    from .config import build_config, parse_override, read_yaml
+    from .config import parse_override, read_yaml
+    from .resolve import build
     from .train import train
 
     tree = read_yaml(args.config) if args.config else {}
@@ -111,7 +112,7 @@ def cmd_train(args) -> int:
     overrides += [parse_override(o) for o in args.overrides]
     if args.upload:
         overrides.append(("output.upload", True))
-    cfg = build_config(tree, overrides)
+    cfg = build(tree, overrides)
     train(cfg, reload=args.reload, local=args.local)
     return 0
 
@@ -121,15 +122,15 @@ def cmd_evaluate(args) -> int:
 
     import torch
 
-    from .config import validate
     from .data import build_data
+    from .resolve import resolve_config
     from .train import evaluate, load_checkpoint
     from .train.distributed import DistEnv, resolve_device
 
     model, cfg, _ = load_checkpoint(args.checkpoint)
     cfg = dataclasses.replace(cfg, data=dataclasses.replace(
         cfg.data, dataset=args.dataset or cfg.data.dataset, data_dir=args.data_dir or cfg.data.data_dir))
-    validate(cfg)
+    cfg = resolve_config(cfg)
     a = model.vitlab_args
     data = build_data(cfg.data, img_size=a["img_size"], in_chans=a["in_chans"])
     if data.info.num_classes != a["num_classes"]:

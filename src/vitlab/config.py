@@ -1,11 +1,15 @@
 """The run configuration: one dataclass tree, serialised as YAML, overridden by `section.key=value`.
 
 Precedence (lowest first): dataclass defaults < YAML file < CLI flags (--epochs ...) < `key=value` overrides.
-Unknown keys and wrong types are `VitlabError`s that name the key and the closest valid one. `None` in the
-model section means "the registered model's default".
+Unknown keys and wrong types are `VitlabError`s that name the key and the closest valid one.
+
+The `model` section is open: besides `name` and `pretrained` it takes any constructor argument of the chosen
+model (`model.beta`, `model.widths`, ...). This module knows no model or dataset: `vitlab.resolve` checks the
+names and types the model arguments from the registered builder's signature, after parsing.
 """
 from __future__ import annotations
 
+import collections.abc
 import dataclasses
 import types
 import typing
@@ -21,24 +25,10 @@ from .errors import VitlabError, did_you_mean
 @dataclass
 class ModelConfig:
     name: str = "vit_micro_patch2_8"
-    img_size: Optional[int] = None  # defaults to data.img_size, then the dataset's native size
-    patch_size: Optional[int] = None
-    in_chans: Optional[int] = None  # defaults to the dataset's channels
-    num_classes: Optional[int] = None  # defaults to the dataset's classes
-    embed_dim: Optional[int] = None
-    depth: Optional[int] = None
-    num_heads: Optional[int] = None
-    mlp_ratio: Optional[float] = None
-    qkv_bias: Optional[bool] = None
-    class_token: Optional[bool] = None
-    global_pool: Optional[Literal["token", "avg"]] = None
-    drop_rate: Optional[float] = None
-    attn_drop_rate: Optional[float] = None
-    drop_path_rate: Optional[float] = None
-    init_values: Optional[float] = None  # LayerScale initial value; None = no LayerScale
-    attn_layer: Optional[Literal["mhsa", "diff"]] = None  # mhsa: standard; diff: differential attention
-    stem: Optional[Literal["patch", "conv"]] = None  # patch: ViT's P x P patchify; conv: 3x3 conv stem (ViT_C)
     pretrained: Optional[str] = None  # local .safetensors/.pth/.npz file to start from
+    # Any other constructor argument of the model, e.g. {"depth": 4, "beta": 0.5}; typed by vitlab.resolve.
+    # img_size, in_chans and num_classes default to the dataset's; None means "the model's default".
+    args: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -103,9 +93,9 @@ class OutputConfig:
     savefile: str = "run_01"
     tensorboard: bool = True
     progress: Literal["auto", "bar", "plain", "none"] = "auto"  # auto: a bar on a terminal, else plain lines
-    # seed002: also write the final weights and training log as
+    # by_architecture: also write the final weights and training log as (the classic-vs-differential project's)
     # <dir>/<task_name>/checkpoints/<architecture>/model_<savefile>_<size>_<dataset>.{safetensors,_training.log}
-    layout: Literal["vitlab", "seed002"] = "vitlab"
+    layout: Literal["vitlab", "by_architecture"] = "vitlab"
     upload: bool = False  # after training, upload the final weights and logs to HF_REPOSITORY (`--upload`)
 
 
@@ -123,7 +113,11 @@ class Config:
         return Path(self.output.dir) / self.task_name / self.output.savefile
 
     def to_dict(self) -> dict[str, Any]:
-        return _plain(dataclasses.asdict(self))
+        tree = _plain(dataclasses.asdict(self))
+        model = tree.pop("model")
+        tree = {"task_name": tree.pop("task_name"),
+                "model": {"name": model["name"], **model["args"], "pretrained": model["pretrained"]}, **tree}
+        return tree
 
     def dump(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
@@ -138,13 +132,13 @@ def _plain(value: Any) -> Any:
 
 
 def all_keys(cfg: Config | None = None) -> list[str]:
-    """Every dotted key of the schema, e.g. 'optim.lr'."""
+    """Every fixed dotted key of the schema, e.g. 'optim.lr' (the model section takes more)."""
     cfg = cfg or Config()
     keys = []
     for f in dataclasses.fields(cfg):
         sub = getattr(cfg, f.name)
         if dataclasses.is_dataclass(sub):
-            keys += [f"{f.name}.{g.name}" for g in dataclasses.fields(sub)]
+            keys += [f"{f.name}.{g.name}" for g in dataclasses.fields(sub) if g.name != "args"]
         else:
             keys.append(f.name)
     return keys
@@ -158,16 +152,21 @@ def _type_name(tp: Any) -> str:
         return " or ".join(_type_name(a) for a in typing.get_args(tp))
     if origin is tuple:
         return "a list of " + ", ".join(_type_name(a) for a in typing.get_args(tp))
+    if origin in (list, collections.abc.Sequence):
+        return f"a list of {_type_name(typing.get_args(tp)[0])}"
     return {type(None): "null"}.get(tp, getattr(tp, "__name__", str(tp)))
 
 
-def _coerce(value: Any, tp: Any, key: str) -> Any:
-    """Check `value` against the annotation `tp`; ints are accepted for floats and strings, lists for tuples."""
+def coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check `value` against the annotation `tp`; ints are accepted for floats and strings, lists for tuples
+    and sequences. Annotations a config value cannot meet (a callable) reject every value."""
     origin = typing.get_origin(tp)
+    if tp is Any:
+        return value
     if origin in (Union, types.UnionType):
         for arg in typing.get_args(tp):
             try:
-                return _coerce(value, arg, key)
+                return coerce(value, arg, key)
             except VitlabError:
                 pass
     elif origin is Literal:
@@ -178,7 +177,12 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     elif origin is tuple:
         args = typing.get_args(tp)
         if isinstance(value, (list, tuple)) and len(value) == len(args):
-            return tuple(_coerce(v, a, key) for v, a in zip(value, args))
+            return tuple(coerce(v, a, key) for v, a in zip(value, args))
+    elif origin in (list, collections.abc.Sequence):
+        if isinstance(value, (list, tuple)):
+            return [coerce(v, typing.get_args(tp)[0], key) for v in value]
+    elif origin is collections.abc.Callable or tp is collections.abc.Callable:
+        pass
     elif tp is type(None):
         if value is None:
             return None
@@ -190,13 +194,22 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             return value
     elif tp is str and isinstance(value, int) and not isinstance(value, bool):
         return str(value)  # output.savefile=7 names run "7"
-    elif isinstance(value, tp):
+    elif isinstance(tp, type) and isinstance(value, tp):
         return value
     raise VitlabError(f"config key '{key}' must be {_type_name(tp)}, got {value!r} ({type(value).__name__})")
 
 
+#: values renamed to say what they are; the old spellings stay accepted
+OLD_VALUES = {("output.layout", "seed002"): "by_architecture"}
+
+
 def _apply(cfg: Config, key: str, value: Any) -> None:
+    if isinstance(value, str):
+        value = OLD_VALUES.get((key, value), value)
     parts = key.split(".")
+    if len(parts) == 2 and parts[0] == "model" and parts[1] not in ("name", "pretrained", "args"):
+        cfg.model.args[parts[1]] = value  # typed against the model's signature by vitlab.resolve
+        return
     target: Any = cfg
     for part in parts[:-1]:
         sub = getattr(target, part, None) if part in {f.name for f in dataclasses.fields(target)} else None
@@ -205,16 +218,16 @@ def _apply(cfg: Config, key: str, value: Any) -> None:
         target = sub
     names = {f.name: f for f in dataclasses.fields(target)}
     leaf = parts[-1]
-    if leaf not in names or dataclasses.is_dataclass(getattr(target, leaf)):
+    if leaf not in names or dataclasses.is_dataclass(getattr(target, leaf)) or leaf == "args":
         raise VitlabError(f"unknown config key '{key}'{did_you_mean(key, all_keys())}")
     hints = typing.get_type_hints(type(target))
-    setattr(target, leaf, _coerce(value, hints[leaf], key))
+    setattr(target, leaf, coerce(value, hints[leaf], key))
 
 
 def _flatten(tree: dict[str, Any], prefix: str = "") -> Iterable[tuple[str, Any]]:
     for k, v in tree.items():
         key = f"{prefix}{k}"
-        if isinstance(v, dict):
+        if isinstance(v, dict) and key.count(".") < 1:  # sections; a model argument may itself be a mapping
             yield from _flatten(v, key + ".")
         else:
             yield key, v
@@ -260,7 +273,8 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
 
 
 def build_config(tree: dict[str, Any] | None = None, overrides: Iterable[tuple[str, Any]] = ()) -> Config:
-    """Defaults, then a nested dict (from YAML), then (key, value) overrides; validated."""
+    """Defaults, then a nested dict (from YAML), then (key, value) overrides; schema-checked. Names and
+    model arguments are checked by `vitlab.resolve.resolve_config`."""
     cfg = Config()
     for key, value in _flatten(tree or {}):
         _apply(cfg, key, as_number(value))
@@ -271,25 +285,13 @@ def build_config(tree: dict[str, Any] | None = None, overrides: Iterable[tuple[s
 
 
 def load_config(path: str | Path | None = None, overrides: Iterable[str] = ()) -> Config:
-    """Load `path` (YAML) and apply `section.key=value` strings."""
+    """Load `path` (YAML) and apply `section.key=value` strings (schema checks only)."""
     tree = read_yaml(path) if path is not None else {}
     return build_config(tree, [parse_override(o) for o in overrides])
 
 
-def config_from_dict(tree: dict[str, Any]) -> Config:
-    """Rebuild a Config saved in a run directory or checkpoint."""
-    return build_config(tree)
-
-
 def validate(cfg: Config) -> None:
-    """Cross-field checks and name lookups (model and dataset names must exist)."""
-    from .data import dataset_names
-    from .registry import resolve_name
-
-    resolve_name(cfg.model.name)
-    if cfg.data.dataset not in dataset_names():
-        raise VitlabError(f"unknown dataset '{cfg.data.dataset}'{did_you_mean(cfg.data.dataset, dataset_names())}; "
-                          f"choose one of: {', '.join(dataset_names())}")
+    """Cross-field checks of the fixed sections."""
     positive = {"train.epochs": cfg.train.epochs, "train.batch_size": cfg.train.batch_size,
                 "train.accum_steps": cfg.train.accum_steps, "train.log_every": cfg.train.log_every,
                 "optim.lr": cfg.optim.lr}

@@ -11,6 +11,7 @@ import fnmatch
 import inspect
 import re
 import sys
+import typing
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -75,18 +76,56 @@ def model_entry(name: str) -> ModelEntry:
     return _REGISTRY[resolve_name(name)]
 
 
+#: old argument spellings still accepted -> the current name
+ARG_ALIASES = {"stem": "patch_embed"}
+
+
+def builder_parameters(builder: Callable[..., nn.Module]) -> dict[str, inspect.Parameter]:
+    """Every keyword a builder takes: a class's `__init__` parameters, and where it passes `**kwargs` on to
+    its parents, theirs too (walking the MRO), so a subclass declares only its own arguments. A class's
+    `derived_arguments` are parents' arguments it computes itself (the staged ViT's depth from its stages)."""
+    if not isinstance(builder, type):
+        return {k: p for k, p in inspect.signature(builder).parameters.items()
+                if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)}
+    params: dict[str, inspect.Parameter] = {}
+    derived = set(getattr(builder, "derived_arguments", ()))
+    for cls in builder.__mro__:
+        if "__init__" not in vars(cls) or cls is nn.Module:
+            continue
+        own = list(inspect.signature(vars(cls)["__init__"]).parameters.values())[1:]  # without self
+        for p in own:
+            if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD) and p.name not in params and p.name not in derived:
+                params[p.name] = p
+        if not any(p.kind is p.VAR_KEYWORD for p in own):
+            break
+    return params
+
+
+def builder_annotations(builder: Callable[..., nn.Module]) -> dict[str, Any]:
+    """name -> type annotation of every builder keyword (for typing config values)."""
+    hints: dict[str, Any] = {}
+    for fn in ([vars(c)["__init__"] for c in builder.__mro__ if "__init__" in vars(c)] if isinstance(builder, type)
+               else [builder]):
+        try:
+            hints = {**typing.get_type_hints(fn), **hints}
+        except Exception:  # an annotation that does not evaluate: leave those keys untyped
+            continue
+    return hints
+
+
 def model_args(name: str, **overrides: Any) -> dict[str, Any]:
     """The full keyword arguments `create_model(name, **overrides)` would build with, validated."""
     entry = model_entry(name)
-    params = inspect.signature(entry.builder).parameters
-    overrides = {k: v for k, v in overrides.items() if v is not None}
+    params = builder_parameters(entry.builder)
+    overrides = {ARG_ALIASES.get(k, k): v for k, v in overrides.items() if v is not None}
     for key in overrides:
         if key not in params:
             raise VitlabError(f"model '{entry.name}' has no argument '{key}'{did_you_mean(key, params)}")
     args = {k: p.default for k, p in params.items() if p.default is not inspect.Parameter.empty
-            and isinstance(p.default, (int, float, str, bool, type(None)))}
+            and isinstance(p.default, (int, float, str, bool, tuple, type(None)))}
     args.update(entry.defaults)
     args.update(overrides)
+    args = {k: list(v) if isinstance(v, tuple) else v for k, v in args.items()}  # JSON/YAML-friendly
     img, patch = args.get("img_size"), args.get("patch_size")
     if img is not None and patch is not None and img % patch:
         raise VitlabError(f"image size {img} is not divisible by patch size {patch}; "
@@ -105,15 +144,9 @@ def create_model(name: str, **overrides: Any) -> nn.Module:
     return model
 
 
-def architecture_of(model: nn.Module) -> str:
-    """A short architecture label for reports and run layouts ('vit', 'diff_vit', 'rev_vit', 'pit_vit', ...):
-    the class's `architecture`, prefixed 'diff_' when the model runs differential attention."""
-    arch = getattr(model, "architecture", type(model).__name__.lower())
-    return f"diff_{arch}" if getattr(model, "vitlab_args", {}).get("attn_layer") == "diff" else arch
-
-
 def split_size(name: str) -> tuple[str, str] | None:
-    """('vit_classic', '10M') for a name ending in a parameter-count label (seed 002's families), else None."""
+    """('vit_classic', '10M') for a name ending in a parameter-count label (the classic-vs-differential
+    scaling families), else None."""
     m = re.fullmatch(r"(.+)_(\d+[mb])", name)
     return (m.group(1), m.group(2).upper()) if m else None
 

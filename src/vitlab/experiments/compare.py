@@ -5,8 +5,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..config import build_config, read_yaml
+from ..config import read_yaml
 from ..errors import VitlabError
+from ..resolve import build
 from .collect import markdown, result_cells
 from .runs import Run, load_run
 from .sweep import Point, Sweep, run_local
@@ -20,7 +21,7 @@ def comparison(configs: list[str], epochs: int | None) -> Sweep:
     points, datasets = [], {}
     for c in configs:
         path = Path(c)
-        cfg = build_config(read_yaml(path), list(fixed.items()))
+        cfg = build(read_yaml(path), list(fixed.items()))
         datasets[path.name] = cfg.data.dataset
         points.append(Point(path.stem, {}, base=path))
     if len(set(datasets.values())) > 1:

@@ -29,8 +29,9 @@ from typing import Any
 
 import yaml
 
-from ..config import as_number, build_config, read_yaml
+from ..config import as_number, read_yaml
 from ..errors import VitlabError
+from ..resolve import build
 
 SPEC_KEYS = {"base", "set", "grid", "zip", "name"}
 
@@ -105,7 +106,7 @@ def load_spec(path: str | Path) -> Sweep:
     sweep = Sweep(str(spec.get("name") or path.stem), base, fixed, named)
     tree = read_yaml(base)
     for p in named:  # every point's config is checked before anything runs
-        build_config(tree, [*fixed.items(), *p.overrides.items()])
+        build(tree, [*fixed.items(), *p.overrides.items()])
     return sweep
 
 

@@ -1,14 +1,15 @@
 """Shared building blocks. Every model family is assembled from these; none keeps a private copy."""
-from .attention import Attention
-from .block import Block, LayerScale
+from .attention import Attention, LocalitySelfAttention
+from .block import Block, LayerNorm, LayerScale
 from .diff_attention import DiffAttention
 from .drop_path import DropPath
 from .mlp import Mlp
-from .patch_embed import ConvStem, PatchEmbed
+from .patch_embed import PATCH_EMBEDS, ConvStem, PatchEmbed, ShiftedPatchEmbed
 from .pos_embed import resample_pos_embed
 
 #: attention layers by the name `model.attn_layer` takes
-ATTN_LAYERS = {"mhsa": Attention, "diff": DiffAttention}
+ATTN_LAYERS = {"mhsa": Attention, "diff": DiffAttention, "lsa": LocalitySelfAttention}
 
-__all__ = ["ATTN_LAYERS", "Attention", "Block", "ConvStem", "DiffAttention", "DropPath", "LayerScale", "Mlp",
-           "PatchEmbed", "resample_pos_embed"]
+__all__ = ["ATTN_LAYERS", "PATCH_EMBEDS", "Attention", "Block", "ConvStem", "DiffAttention", "DropPath",
+           "LayerNorm", "LayerScale", "LocalitySelfAttention", "Mlp", "PatchEmbed", "ShiftedPatchEmbed",
+           "resample_pos_embed"]

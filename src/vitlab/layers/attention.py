@@ -1,9 +1,12 @@
-"""Multi-head self-attention (Vaswani et al. 2017) through `scaled_dot_product_attention`.
+"""Multi-head self-attention (Vaswani et al. 2017) through `scaled_dot_product_attention`, and Locality
+Self-Attention (Lee et al., arXiv 2112.13492) as a subclass that changes only the scores.
 
 One fused Linear(D, 3D) produces q, k and v; SDPA picks the fastest kernel for the device (flash or
 memory-efficient on CUDA, a fused C++ kernel on CPU). Parameter names (`qkv`, `proj`) match timm.
 """
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
@@ -26,11 +29,31 @@ class Attention(nn.Module):
         self.proj = nn.Linear(dim, dim)
         self.proj_drop = nn.Dropout(proj_drop) if proj_drop > 0 else nn.Identity()
 
-    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """softmax(q k^T / sqrt(d)) v over (B, H, N, d) tensors."""
+        return F.scaled_dot_product_attention(q, k, v, dropout_p=self.attn_drop if self.training else 0.0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, N, D = x.shape
         qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)  # each (B, H, N, d)
-        x = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=attn_mask, dropout_p=self.attn_drop if self.training else 0.0)
-        x = x.transpose(1, 2).reshape(B, N, D)  # (B, N, H*d)
+        x = self.attend(q, k, v).transpose(1, 2).reshape(B, N, D)  # (B, N, H*d)
         return self.proj_drop(self.proj(x))
+
+
+class LocalitySelfAttention(Attention):
+    """LSA (arXiv 2112.13492, eq. 4-5): softmax(mask(q k^T * exp(t))) v with a learned temperature
+    t (initialised at log(1/sqrt(d)), the usual scale) and the diagonal masked, so a token attends only to
+    the others and the sharper, learned temperature lets attention stay local on small datasets."""
+
+    def __init__(self, dim: int, num_heads: int = 8, qkv_bias: bool = True, attn_drop: float = 0.0,
+                 proj_drop: float = 0.0):
+        super().__init__(dim, num_heads, qkv_bias, attn_drop, proj_drop)
+        self.log_temperature = nn.Parameter(torch.tensor(math.log(self.head_dim ** -0.5)))
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        N = q.shape[-2]
+        off_diagonal = ~torch.eye(N, dtype=torch.bool, device=q.device)  # True: may attend
+        return F.scaled_dot_product_attention(q * self.log_temperature.exp().to(q.dtype), k, v,
+                                              attn_mask=off_diagonal, scale=1.0,
+                                              dropout_p=self.attn_drop if self.training else 0.0)

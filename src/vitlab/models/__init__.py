@@ -1,5 +1,6 @@
 """Model families. Importing this package registers every model name."""
-from . import bdia_vit, diff_vit, momentum_vit, rev_vit, staged_vit, vit_registry  # noqa: F401  (importing registers the names)
+from . import (bdia_vit, diff_vit, momentum_vit, rev_vit, small_dataset_vit, staged_vit,  # noqa: F401  (registers)
+               vit_registry)
 from .vit import VisionTransformer
 
 __all__ = ["VisionTransformer"]

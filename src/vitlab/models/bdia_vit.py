@@ -11,20 +11,18 @@ so the first term is exact, and the inverse
 
     x_{k-1} = (x_{k+1} - Q[(1 - gamma_k) x_k + (1 + gamma_k) h_k(x_k)]) / gamma_k - s_k 2^-l
 
-is exact in floating point (all values on the 2^-l grid; division by +-1/2 is exact). `BDIAStack` keeps the
-last two states, the side bits packed 8 per byte, and one integer seed from which the gammas and every
-dropout / drop-path draw are regenerated; its backward walks down the blocks, rebuilding each state bit for
-bit and recomputing h_k under autograd. State-dict keys are the reference ViT's: weights move both ways.
+is exact in floating point (all values on the 2^-l grid; division by +-1/2 is exact). The state is
+(x_{k-1}, x_k); `layers.reversible.InvertibleStack` keeps the last one, the side bits packed 8 per byte, and
+one integer seed from which the gammas and every dropout / drop-path draw are regenerated, and rebuilds each
+state bit for bit in the backward. State-dict keys are the reference ViT's: weights move both ways.
 """
 from __future__ import annotations
 
-from contextlib import nullcontext
 from typing import Any
 
 import torch
-from torch import nn
 
-from .rev_vit import _block_grads, _recompute, _random, _trainable, branch_rng, extend_signature
+from ..layers.reversible import InvertibleStack, Pass, State
 from .vit import VisionTransformer
 from .vit_registry import register_sizes
 
@@ -34,7 +32,7 @@ def quantize(y: torch.Tensor, bits: int) -> torch.Tensor:
 
 
 def ste(y: torch.Tensor, bits: int) -> torch.Tensor:
-    """Q(y) forward, identity backward (straight-through)."""
+    """Q(y) forward (the same value, bit for bit), identity backward (straight-through)."""
     return y + (quantize(y, bits) - y).detach()
 
 
@@ -68,111 +66,59 @@ def draw_gammas(seed: int | None, depth: int, x: torch.Tensor) -> torch.Tensor:
     return (signs.to(x.dtype) - 0.5).to(x.device)
 
 
-def _h(block: nn.Module, rng: int | None, k: int):
-    """h_k(x) = Block_k(x) - x with its dropout draws tied to (rng, k)."""
-    def h(x: torch.Tensor) -> torch.Tensor:
-        with branch_rng(rng, k, x.device):
-            return block(x) - x
-    return h
+class BDIAViT(InvertibleStack, VisionTransformer):
+    """The reference ViT trained with BDIA; `bits` is l of Q_l. Eval (gamma = 0) is the quantised ViT."""
+    base_architecture = "bdia_vit"
+    draws_per_pass = True  # the gammas
 
+    def __init__(self, *args: Any, bits: int = 9, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.bits = bits
 
-def bdia_forward(blocks: nn.Sequential, x0: torch.Tensor, gammas: torch.Tensor, bits: int, rng: int | None,
-                 q=ste, trace: list | None = None):
-    """The quantised BDIA forward (autograd-friendly with `q=ste`); block k's dropout draws follow `rng` + k
-    (None: no randomness to tie). Returns (x_{L-1}, x_L, packed side bits)."""
-    x_prev = q(x0, bits)
-    x = x_prev + q(_h(blocks[0], rng, 0)(x_prev), bits)
-    sides = []
-    for k in range(1, len(blocks)):
-        g = gammas[k]
-        s = parity(x_prev.detach(), bits)
-        sides.append(pack_bits(s))
-        if trace is not None:
-            trace.append(x_prev.detach().clone())
+    def q(self, y: torch.Tensor) -> torch.Tensor:
+        """Q_l, straight-through under autograd (both give the same values)."""
+        return ste(y, self.bits) if torch.is_grad_enabled() else quantize(y, self.bits)
+
+    def h(self, k: int):
+        block = self.blocks[k]
+        return lambda x: block(x) - x  # h_k
+
+    def gammas(self, p: Pass, x: torch.Tensor) -> torch.Tensor | None:
+        if p.seed is None:
+            return None
+        if "gammas" not in p.memo:
+            p.memo["gammas"] = draw_gammas(p.seed, len(self.blocks), x)
+        return p.memo["gammas"]
+
+    def initial_state(self, x: torch.Tensor) -> State:
+        x0 = self.q(x)
+        return x0, x0
+
+    def step(self, k: int, state: State, p: Pass) -> State:
+        x_prev, x = state
+        h = p.branch(0, self.h(k), x)
+        g = self.gammas(p, x)
+        if k == 0 or g is None:  # x_1 = x_0 + Q[h_0(x_0)]; eval (gamma = 0): x_{k+1} = Q[x_k + h_k(x_k)]
+            return x, x + self.q(h) if k == 0 else self.q(x + h)
+        g = g[k]
+        s = parity(x_prev.detach(), self.bits)
+        if not torch.is_grad_enabled():
+            p.side[k] = pack_bits(s)  # kept for the inverse (the replay under autograd recomputes it)
         # x_prev + s 2^-l is an even multiple of 2^-l, so Q[gamma (x_prev + s 2^-l)] with gamma = +-1/2 is the
         # product itself: the rounding is skipped, not approximated.
-        x_next = g * (x_prev + s * 2.0 ** -bits) + q((1 - g) * x + (1 + g) * _h(blocks[k], rng, k)(x), bits)
-        x_prev, x = x, x_next
-    return x_prev, x, sides
+        return x, g * (x_prev + s * 2.0 ** -self.bits) + self.q((1 - g) * x + (1 + g) * h)
+
+    def inverse(self, k: int, state: State, p: Pass) -> State:
+        x, x_next = state
+        if k == 0:
+            return x, x
+        g = self.gammas(p, x)[k]
+        term2 = quantize((1 - g) * x + (1 + g) * p.branch(0, self.h(k), x), self.bits)
+        s = unpack_bits(p.side.pop(k), x)
+        return (x_next - term2) / g - s * 2.0 ** -self.bits, x  # exact: every value is on the 2^-l grid
+
+    def features(self, state: State) -> torch.Tensor:
+        return state[1]
 
 
-class BDIAStack(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx: Any, x0: torch.Tensor, blocks: nn.Sequential, bits: int, seed: int,
-                trace: list | None, *params: torch.Tensor) -> torch.Tensor:
-        rng = seed if _random(blocks) else None  # no dropout: skip forking the random stream per block
-        with torch.no_grad():
-            gammas = draw_gammas(seed, len(blocks), x0)
-            x_prev, x, sides = bdia_forward(blocks, x0, gammas, bits, rng, q=quantize, trace=trace)
-        ctx.blocks, ctx.bits, ctx.seed, ctx.rng, ctx.sides, ctx.trace = blocks, bits, seed, rng, sides, trace
-        ctx.save_for_backward(x_prev, x)
-        return x
-
-    @staticmethod
-    def backward(ctx: Any, dx: torch.Tensor):
-        x, x_next = ctx.saved_tensors  # (x_{k}, x_{k+1}) with k = L-1
-        blocks, bits, seed, rng = ctx.blocks, ctx.bits, ctx.seed, ctx.rng
-        gammas = draw_gammas(seed, len(blocks), x)
-        d_next, d_cur = dx, torch.zeros_like(dx)  # dL/dx_{k+1}, dL/dx_k (accumulating)
-        grads = []
-        for k in reversed(range(1, len(blocks))):
-            g, params = gammas[k], _trainable(blocks[k])
-            h, dh_x, dp = _recompute(_h(blocks[k], rng, k), x, params, (1 + g) * d_next, nullcontext())
-            with torch.no_grad():
-                term2 = quantize((1 - g) * x + (1 + g) * h, bits)
-                s = unpack_bits(ctx.sides[k - 1], x)
-                x_prev = (x_next - term2) / g - s * 2.0 ** -bits  # exact: every value is on the 2^-l grid
-                d_cur = d_cur + (1 - g) * d_next + dh_x
-                d_prev = g * d_next
-            if ctx.trace is not None:
-                ctx.trace.append(x_prev.clone())
-            grads.append(_block_grads(blocks[k], params, dp, [], []))
-            x_next, x, d_next, d_cur = x, x_prev, d_cur, d_prev
-        # x_1 = x_0 + Q[h_0(x_0)]: d x_0 = d x_1 (+ d from x_2's gamma term) + J^T d x_1
-        params = _trainable(blocks[0])
-        _, dh_x, dp = _recompute(_h(blocks[0], rng, 0), x, params, d_next, nullcontext())
-        grads.append(_block_grads(blocks[0], params, dp, [], []))
-        d_x0 = d_cur + d_next + dh_x  # straight through Q(x_0)
-        flat = [g for block_grads in reversed(grads) for g in block_grads]
-        return (d_x0, None, None, None, None, *flat)
-
-
-class BDIAViT(VisionTransformer):
-    """The reference ViT trained with BDIA; `bits` is l of Q_l. Eval (gamma = 0) is the quantised ViT."""
-    architecture = "bdia_vit"
-    fsdp_compatible = False  # the custom backward runs blocks outside FSDP's hooks
-    def __init__(self, *args: Any, bits: int = 9, memory_efficient: bool = True, **kwargs: Any):
-        super().__init__(*args, **kwargs)
-        self.bits, self.memory_efficient = bits, memory_efficient
-        self.trace: list | None = None  # set to a list to record forward / rebuilt states (tests, debugging)
-
-    def forward_blocks(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.training:
-            return bdia_forward(self.blocks, x, draw_gammas(None, len(self.blocks), x), self.bits, None)[1]
-        seed = int(torch.randint(2 ** 62, (1,)))  # gammas and dropout draws all follow from it
-        if self.memory_efficient and torch.is_grad_enabled() and len(self.blocks) > 1:
-            params = [p for block in self.blocks for p in _trainable(block)]
-            return BDIAStack.apply(x, self.blocks, self.bits, seed, self.trace, *params)
-        return bdia_forward(self.blocks, x, draw_gammas(seed, len(self.blocks), x), self.bits,
-                            seed if _random(self.blocks) else None)[1]
-
-
-extend_signature(BDIAViT, bits=9, memory_efficient=True)
 register_sizes("bdia_vit", BDIAViT, family="reversible")
-
-
-def _register_seed003() -> None:
-    """Seed 003's `--net` names: its CIFAR-10 ViT-small (patch 4 on 32 px, dim 512, depth 6, 8 heads, MLP 512,
-    dropout 0.1) as a standard, reversible, BDIA and momentum model."""
-    from ..registry import register_model
-    from .momentum_vit import MomentumViT
-    from .rev_vit import RevViT
-
-    config = dict(img_size=32, patch_size=4, embed_dim=512, depth=6, num_heads=8, mlp_ratio=1.0, drop_rate=0.1,
-                  num_classes=10)
-    for name, builder in (("vit_small", VisionTransformer), ("vit_small_reverse", RevViT),
-                          ("vit_small_bdia", BDIAViT), ("vit_small_momentum", MomentumViT)):
-        register_model(name, builder, family="seed003", **config)
-
-
-_register_seed003()

@@ -33,7 +33,7 @@ def _register() -> None:
                           num_classes=classes)
             for kind, attn, h in (("classic", "mhsa", heads), ("differential", "diff", heads // 2)):
                 name = f"vit_{kind}_{proto}{label}"
-                register_model(name, VisionTransformer, family="seed002", num_heads=h, attn_layer=attn, **common)
+                register_model(name, VisionTransformer, family="classic_vs_differential", num_heads=h, attn_layer=attn, **common)
                 register_alias(f"vit_{kind}_{proto}{label[:-1]}b", name,
                                note=f"seed 002's size label '{label[:-1]}B' means ~{label[:-1]}M parameters: "
                                     f"using {name}")

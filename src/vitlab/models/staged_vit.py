@@ -14,16 +14,14 @@ Seed 004's repository built a position embedding and never added it; ours adds i
 """
 from __future__ import annotations
 
-from typing import Literal, Sequence
+from typing import Iterator, Literal, Sequence
 
 import torch
 from torch import nn
 
 from ..errors import VitlabError
-from ..layers import Block
-from ..layers.block import LayerNorm
 from ..registry import register_model
-from .vit import VisionTransformer, attn_factory
+from .vit import VisionTransformer, drop_path_rates
 
 
 class LinearTransition(nn.Module):
@@ -63,13 +61,11 @@ TRANSITIONS = {"linear": LinearTransition, "pool": PoolTransition}
 
 class StagedViT(VisionTransformer):
     """The reference ViT with `len(widths)` stages; `depths[s]` blocks of width `widths[s]` in stage s."""
+    derived_arguments = ("embed_dim", "depth", "num_heads")  # from widths, depths and head_dim
 
     def __init__(self, img_size: int = 32, patch_size: int = 4, in_chans: int = 3, num_classes: int = 10,
                  widths: Sequence[int] = (64, 128, 256), depths: Sequence[int] = (2, 2, 2),
-                 head_dim: int = 16, transition: Literal["linear", "pool"] = "linear", mlp_ratio: float = 4.0,
-                 qkv_bias: bool = True, class_token: bool = True, global_pool: Literal["token", "avg"] = "token",
-                 drop_rate: float = 0.0, attn_drop_rate: float = 0.0, drop_path_rate: float = 0.0,
-                 init_values: float | None = None, attn_layer: str = "mhsa", stem: str = "patch"):
+                 head_dim: int = 16, transition: Literal["linear", "pool"] = "linear", **kwargs):
         widths, depths = tuple(widths), tuple(depths)
         if len(widths) != len(depths) or not widths:
             raise VitlabError(f"widths {widths} and depths {depths} must name the same number (>= 1) of stages")
@@ -77,41 +73,46 @@ class StagedViT(VisionTransformer):
             raise VitlabError(f"transition must be one of {', '.join(TRANSITIONS)}, got {transition!r}")
         if any(w % head_dim for w in widths):
             raise VitlabError(f"every stage width {widths} must be a multiple of head_dim {head_dim}")
-        super().__init__(img_size, patch_size, in_chans, num_classes, embed_dim=widths[0], depth=0,
-                         num_heads=widths[0] // head_dim, mlp_ratio=mlp_ratio, qkv_bias=qkv_bias,
-                         class_token=class_token, global_pool=global_pool, drop_rate=drop_rate,
-                         attn_drop_rate=attn_drop_rate, drop_path_rate=drop_path_rate, init_values=init_values,
-                         attn_layer=attn_layer, stem=stem)
-        total = sum(depths)
-        dpr = [drop_path_rate * i / max(total - 1, 1) for i in range(total)]
-        attn = attn_factory(attn_layer)
-        blocks, transitions, grid, i = [], [], self.patch_embed.grid_size, 0
-        for s, (width, depth) in enumerate(zip(widths, depths)):
-            for _ in range(depth):
-                blocks.append(Block(width, width // head_dim, mlp_ratio, qkv_bias, drop=drop_rate,
-                                    attn_drop=attn_drop_rate, drop_path=dpr[i], init_values=init_values,
-                                    attn_layer=attn(i)))
-                i += 1
-            if s + 1 < len(widths):
-                transitions.append(TRANSITIONS[transition](width, widths[s + 1], grid, self.num_prefix_tokens))
-                grid = transitions[-1].grid_out
-        self.blocks = nn.Sequential(*blocks)
-        self.transitions = nn.ModuleList(transitions)
+        # plain attributes, read by the construction hooks that the reference constructor calls
+        self.widths, self.depths, self.head_dim, self.transition = widths, depths, head_dim, transition
         self.stage_ends = [sum(depths[:s + 1]) for s in range(len(depths))]
-        self.architecture = "tower_vit" if len(widths) == 1 else f"{'pit' if transition == 'pool' else 'staged'}_vit"
-        self.embed_dim = widths[-1]
-        self.norm = LayerNorm(widths[-1]) if global_pool == "token" else nn.Identity()
-        self.fc_norm = LayerNorm(widths[-1]) if global_pool == "avg" else nn.Identity()
-        self.head = nn.Linear(widths[-1], num_classes) if num_classes > 0 else nn.Identity()
-        self.init_weights()
+        super().__init__(img_size, patch_size, in_chans, num_classes, embed_dim=widths[0], depth=sum(depths),
+                         num_heads=widths[0] // head_dim, **kwargs)
+
+    def _build_blocks(self, depth: int) -> nn.Sequential:
+        """Blocks numbered across stages (`blocks.0 ...`), and the transitions between stages."""
+        rates = drop_path_rates(self.drop_path_rate, depth)
+        blocks, transitions, grid = [], [], self.patch_embed.grid_size
+        for s, width in enumerate(self.widths):
+            blocks += [self._build_block(i, width, width // self.head_dim, rates[i])
+                       for i in range(self.stage_ends[s] - self.depths[s], self.stage_ends[s])]
+            if s + 1 < len(self.widths):
+                transitions.append(TRANSITIONS[self.transition](width, self.widths[s + 1], grid,
+                                                                self.num_prefix_tokens))
+                grid = transitions[-1].grid_out
+        self.transitions = nn.ModuleList(transitions)
+        return nn.Sequential(*blocks)
+
+    def _num_features(self) -> int:
+        return self.widths[-1]
+
+    @property
+    def base_architecture(self) -> str:
+        if len(self.widths) == 1:
+            return "tower_vit"
+        return "pit_vit" if self.transition == "pool" else "staged_vit"
+
+    def iter_blocks(self, x: torch.Tensor) -> Iterator[torch.Tensor]:
+        transition_after = {end - 1: s for s, end in enumerate(self.stage_ends[:-1])}  # last block of a stage
+        for i, block in enumerate(self.blocks):
+            x = block(x)
+            yield x
+            if i in transition_after:
+                x = self.transitions[transition_after[i]](x)  # (B, 1+N_s, W_s) -> (B, 1+N_{s+1}, W_{s+1})
 
     def forward_blocks(self, x: torch.Tensor) -> torch.Tensor:
-        start = 0
-        for s, end in enumerate(self.stage_ends):
-            x = self.blocks[start:end](x)
-            if s < len(self.transitions):
-                x = self.transitions[s](x)  # (B, 1+N_s, W_s) -> (B, 1+N_{s+1}, W_{s+1})
-            start = end
+        for x in self.iter_blocks(x):
+            pass
         return x
 
 

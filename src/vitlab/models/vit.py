@@ -4,60 +4,78 @@
     z' = z + MSA(LN(z)),  z = z' + MLP(LN(z'))           (eq. 2-3, L blocks)
     y  = head(LN(z_L^0))                                 (eq. 4; or the mean of patch tokens)
 
-State-dict keys are timm's, so timm and original-JAX weights load unchanged (see `vitlab.pretrained`).
-Other families reuse `PatchEmbed`, `Block` and this class's embedding/head methods; they replace only
-`forward_blocks` or the layers handed to `Block`.
+State-dict keys are timm's, so timm and original-JAX weights load unchanged (see `vitlab.pretrained`), and so
+is the model interface: `forward_features` (normalised tokens), `forward_head(x, pre_logits)`,
+`forward_intermediates(x, indices)`.
+
+Variants are swaps (`patch_embed`, `attn_layer`, `mlp_layer`) or subclasses that override the construction
+hooks (`_build_blocks`, `_num_features`) and the block pass (`iter_blocks` / `forward_blocks`); the
+constructor builds and initialises once, in one order, so at the same seed every family starts from the
+reference weights wherever the shapes match.
 """
 from __future__ import annotations
 
 from functools import partial
-from typing import Callable, Literal
+from typing import Callable, Iterator, Literal, Sequence
 
 import torch
 from torch import nn
 
 from ..errors import VitlabError, did_you_mean
-from ..layers import ATTN_LAYERS, Block, ConvStem, Mlp, PatchEmbed
-from ..layers.block import LayerNorm
+from ..layers import ATTN_LAYERS, PATCH_EMBEDS, Block, LayerNorm, Mlp
+
+
+def _choose(kind: str, name: str, table: dict) -> object:
+    if name not in table:
+        raise VitlabError(f"unknown {kind} '{name}'{did_you_mean(name, list(table))}; "
+                          f"choose one of {', '.join(table)}")
+    return table[name]
 
 
 def attn_factory(attn_layer: str | Callable[..., nn.Module]) -> Callable[[int], Callable[..., nn.Module]]:
     """block index -> the attention constructor for that block (a name from ATTN_LAYERS, or a class); layers
     whose behaviour depends on depth (differential attention's lambda_init) receive `depth=index`."""
     if isinstance(attn_layer, str):
-        if attn_layer not in ATTN_LAYERS:
-            raise VitlabError(f"unknown attn_layer '{attn_layer}'{did_you_mean(attn_layer, list(ATTN_LAYERS))}; "
-                              f"choose one of {', '.join(ATTN_LAYERS)}")
-        attn_layer = ATTN_LAYERS[attn_layer]
+        attn_layer = _choose("attn_layer", attn_layer, ATTN_LAYERS)
     if getattr(attn_layer, "per_depth", False):
         return lambda i: partial(attn_layer, depth=i)
     return lambda i: attn_layer
 
 
+def drop_path_rates(rate: float, depth: int) -> list[float]:
+    """Stochastic depth grows linearly from 0 at the first block to `rate` at the last."""
+    return [rate * i / max(depth - 1, 1) for i in range(depth)]
+
+
 class VisionTransformer(nn.Module):
-    architecture = "vit"  # report label; see registry.architecture_of
+    base_architecture = "vit"  # report label; `architecture` adds the attention variant
+    fsdp_compatible = True  # families whose backward runs blocks outside autograd's graph set False
+
     def __init__(self, img_size: int = 224, patch_size: int = 16, in_chans: int = 3, num_classes: int = 1000,
                  embed_dim: int = 768, depth: int = 12, num_heads: int = 12, mlp_ratio: float = 4.0,
                  qkv_bias: bool = True, class_token: bool = True,
                  global_pool: Literal["token", "avg"] = "token", drop_rate: float = 0.0,
                  attn_drop_rate: float = 0.0, drop_path_rate: float = 0.0, init_values: float | None = None,
-                 stem: Literal["patch", "conv"] = "patch",
+                 patch_embed: Literal["patch", "conv", "spt"] = "patch",
                  attn_layer: str | Callable[..., nn.Module] = "mhsa", mlp_layer: Callable[..., nn.Module] = Mlp):
+        # One draw from the global stream seeds the initialisation, so what a subclass builds on top (a wider
+        # head, transitions) cannot shift the reference weights it shares (see `init_weights`).
+        init_seed = int(torch.randint(2 ** 62, (1,), device="cpu"))
         super().__init__()
         if global_pool not in ("token", "avg"):
             raise VitlabError(f"global_pool must be 'token' or 'avg', got {global_pool!r}")
-        if stem not in ("patch", "conv"):
-            raise VitlabError(f"stem must be 'patch' (ViT's P x P patchify) or 'conv' (3x3 conv stem), got {stem!r}")
         if global_pool == "token" and not class_token:
             raise VitlabError("global_pool='token' pools the class token, which class_token=False removes; "
                               "set model.global_pool=avg or model.class_token=true")
-        self.num_classes = num_classes
-        self.global_pool = global_pool
-        self.embed_dim = embed_dim
+        self.num_classes, self.global_pool, self.embed_dim = num_classes, global_pool, embed_dim
+        self.num_heads, self.drop_path_rate = num_heads, drop_path_rate
         self.num_prefix_tokens = 1 if class_token else 0
+        self.attn_layer_name = attn_layer if isinstance(attn_layer, str) else attn_layer.__name__
+        self.block_args = dict(mlp_ratio=mlp_ratio, qkv_bias=qkv_bias, drop=drop_rate, attn_drop=attn_drop_rate,
+                               init_values=init_values, mlp_layer=mlp_layer)
+        self.attn_for = attn_factory(attn_layer)
 
-        attn_for = attn_factory(attn_layer)
-        embed_layer = ConvStem if stem == "conv" else PatchEmbed
+        embed_layer = _choose("patch_embed", patch_embed, PATCH_EMBEDS)
         try:
             self.patch_embed = embed_layer(img_size, patch_size, in_chans, embed_dim)
         except ValueError as exc:
@@ -65,58 +83,108 @@ class VisionTransformer(nn.Module):
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim)) if class_token else None
         self.pos_embed = nn.Parameter(torch.zeros(1, self.patch_embed.num_patches + self.num_prefix_tokens, embed_dim))
         self.pos_drop = nn.Dropout(drop_rate) if drop_rate > 0 else nn.Identity()
-        dpr = [drop_path_rate * i / max(depth - 1, 1) for i in range(depth)]  # stochastic depth grows with depth
-        self.blocks = nn.Sequential(*[
-            Block(embed_dim, num_heads, mlp_ratio, qkv_bias, drop=drop_rate, attn_drop=attn_drop_rate,
-                  drop_path=dpr[i], init_values=init_values, mlp_layer=mlp_layer,
-                  attn_layer=attn_for(i))
-            for i in range(depth)])
+        self.blocks = self._build_blocks(depth)
+        self.num_features = self._num_features()
         # timm's layout: final norm before pooling for the cls token, after pooling (fc_norm) for the mean.
-        self.norm = LayerNorm(embed_dim) if global_pool == "token" else nn.Identity()
-        self.fc_norm = LayerNorm(embed_dim) if global_pool == "avg" else nn.Identity()
+        self.norm = LayerNorm(self.num_features) if global_pool == "token" else nn.Identity()
+        self.fc_norm = LayerNorm(self.num_features) if global_pool == "avg" else nn.Identity()
         self.head_drop = nn.Dropout(drop_rate) if drop_rate > 0 else nn.Identity()
-        self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
-        self.init_weights()
+        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(init_seed)
+            self.init_weights()
+
+    # -- construction hooks ----------------------------------------------------------------------------
+    def _build_block(self, index: int, dim: int, num_heads: int, drop_path: float) -> Block:
+        return Block(dim, num_heads, drop_path=drop_path, attn_layer=self.attn_for(index), **self.block_args)
+
+    def _build_blocks(self, depth: int) -> nn.Sequential:
+        """The block stack (the staged ViT builds stages of growing width here)."""
+        rates = drop_path_rates(self.drop_path_rate, depth)
+        return nn.Sequential(*[self._build_block(i, self.embed_dim, self.num_heads, rates[i]) for i in range(depth)])
+
+    def _num_features(self) -> int:
+        """Width of the tokens `forward_features` returns (two streams: twice the embedding width)."""
+        return self.embed_dim
+
+    @property
+    def architecture(self) -> str:
+        """Report label: 'vit', 'rev_vit', 'pit_vit', ... with 'diff_' in front under differential attention."""
+        return ("diff_" if self.attn_layer_name == "diff" else "") + self.base_architecture
 
     @torch.no_grad()
     def init_weights(self) -> None:
-        """Truncated-normal(0.02) for embeddings and Linear weights, zero biases (ViT/DeiT practice)."""
+        """Truncated-normal(0.02) for embeddings and Linear weights, zero biases (ViT/DeiT practice); the head
+        comes last in module order, so a wider head leaves every other weight as the reference's."""
         nn.init.trunc_normal_(self.pos_embed, std=0.02)
         if self.cls_token is not None:
             nn.init.trunc_normal_(self.cls_token, std=0.02)
-        for m in self.modules():
-            if isinstance(m, nn.Linear):
-                nn.init.trunc_normal_(m.weight, std=0.02)
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
         w = self.patch_embed.proj.weight  # LeCun-normal on the flattened patch projection, like a Linear layer
         nn.init.trunc_normal_(w, std=(1.0 / w[0].numel()) ** 0.5)
         nn.init.zeros_(self.patch_embed.proj.bias)
         for m in self.patch_embed.modules():  # conv stem: He init for the ReLU convs (BN starts at identity)
             if isinstance(m, nn.Conv2d) and m is not self.patch_embed.proj:
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+        for m in self.modules():
+            if isinstance(m, nn.Linear) and m is not self.patch_embed.proj:
+                nn.init.trunc_normal_(m.weight, std=0.02)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+
+    def set_progress(self, step: int, total_steps: int) -> None:
+        """Called by the trainer before every training batch; families with schedules that follow training
+        (see `vitlab.objective`) override it."""
 
     def no_weight_decay(self) -> set[str]:
         """Parameters that the optimizer should not decay (besides biases and norms)."""
         return {"pos_embed", "cls_token"}
 
+    # -- forward -----------------------------------------------------------------------------------------
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         x = self.patch_embed(x)  # (B, N, D)
         if self.cls_token is not None:
             x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)  # (B, 1+N, D)
         return self.pos_drop(x + self.pos_embed)
 
+    def iter_blocks(self, x: torch.Tensor) -> Iterator[torch.Tensor]:
+        """Each block's output tokens in turn (what `forward_intermediates` probes)."""
+        for block in self.blocks:
+            x = block(x)
+            yield x
+
     def forward_blocks(self, x: torch.Tensor) -> torch.Tensor:
         return self.blocks(x)
 
-    def pool(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.norm(x)
-        if self.global_pool == "avg":
-            return self.fc_norm(x[:, self.num_prefix_tokens:].mean(dim=1))  # (B, D)
-        return x[:, 0]  # (B, D): the cls token
-
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_blocks(self.embed(x))
+        """(B, C, H, W) -> normalised tokens (B, prefix + N, num_features)."""
+        return self.norm(self.forward_blocks(self.embed(x)))
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        """Tokens -> logits (B, classes), or the pooled, normalised features (B, num_features)."""
+        x = self.fc_norm(x[:, self.num_prefix_tokens:].mean(dim=1)) if self.global_pool == "avg" else x[:, 0]
+        x = self.head_drop(x)
+        return x if pre_logits else self.head(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.head_drop(self.pool(self.forward_features(x))))
+        return self.forward_head(self.forward_features(x))
+
+    def forward_intermediates(self, x: torch.Tensor, indices: int | Sequence[int] | None = None,
+                              intermediates_only: bool = False):
+        """Outputs of the listed blocks (an int n: the last n), each (B, prefix + N, width), for probing.
+        Returns (final normalised tokens, [outputs]) or, with `intermediates_only`, the list alone (and stops
+        after the last listed block)."""
+        depth = len(self.blocks)
+        wanted = list(range(depth - indices, depth)) if isinstance(indices, int) else \
+            list(range(depth)) if indices is None else [i % depth for i in indices]
+        if any(not 0 <= i < depth for i in wanted):
+            raise VitlabError(f"block indices {indices} out of range for a {depth}-block model")
+        found: dict[int, torch.Tensor] = {}
+        last = None
+        for i, tokens in enumerate(self.iter_blocks(self.embed(x))):
+            last = tokens
+            if i in wanted:
+                found[i] = tokens
+            if intermediates_only and len(found) == len(set(wanted)):
+                break
+        outputs = [found[i] for i in wanted]
+        return outputs if intermediates_only else (self.norm(last), outputs)

@@ -1,6 +1,7 @@
 """ViT sizes and names, as data.
 
-Standard names follow timm (`vit_<size>_patch<P>_<res>`), seed 001's short names are aliases, and the
+Standard names follow timm (`vit_<size>_patch<P>_<res>`), the short names b16, l16, ... (the original ViT
+project's, which seed 001 reproduces) are aliases, and the
 small-image configs serve 8-32 px datasets (digits, MNIST, CIFAR).
 """
 from __future__ import annotations
@@ -39,8 +40,8 @@ SMALL_IMAGE = [
     ("small", 4, 32, {}),
 ]
 
-#: seed 001's architecture names.
-SEED_ALIASES = {"b16": "vit_base_patch16_224", "b32": "vit_base_patch32_224", "l16": "vit_large_patch16_224",
+#: short architecture names of the original ViT project.
+SHORT_NAMES = {"b16": "vit_base_patch16_224", "b32": "vit_base_patch32_224", "l16": "vit_large_patch16_224",
                 "l32": "vit_large_patch32_224", "h14": "vit_huge_patch14_224"}
 
 
@@ -54,7 +55,7 @@ def register_sizes(prefix: str, builder, family: str, heads=lambda h: h, **extra
 
 def _register() -> None:
     by_target: dict[str, list[str]] = {}
-    for alias, target in SEED_ALIASES.items():
+    for alias, target in SHORT_NAMES.items():
         by_target.setdefault(target, []).append(alias)
     for size, patch, img, *extra in STANDARD + SMALL_IMAGE:
         dim, depth, heads = SIZES[size]

@@ -171,12 +171,6 @@ def all_gather_object(obj: Any) -> list[Any]:
     return out
 
 
-def barrier() -> None:
-    if active():
-        dist.barrier()
-
-
-# -- wrapping ----------------------------------------------------------------------------------------------
 def _fully_shard():
     try:
         from torch.distributed.fsdp import fully_shard  # torch >= 2.6

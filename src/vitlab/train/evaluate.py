@@ -10,9 +10,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import Config, config_from_dict
+from ..config import Config
 from ..errors import VitlabError
+from ..objective import logits_of
 from ..registry import create_model
+from ..resolve import build
 from .checkpoint import EMA_FILE, load_weights, read_metadata, resolve_checkpoint
 from .distributed import all_reduce_sum
 
@@ -38,7 +40,7 @@ def evaluate(model: nn.Module, loader: Iterable, device: torch.device, amp: str 
     for x, y in loader:
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         with autocast(device, amp):
-            logits = model(x)
+            logits = logits_of(model(x))
         logits = logits.float()
         k = min(5, logits.shape[1])
         hits = logits.topk(k, dim=1).indices.eq(y.unsqueeze(1))  # (B, k); a -100 label never hits
@@ -61,7 +63,7 @@ def load_checkpoint(path: str | Path, use_ema: bool = True) -> tuple[nn.Module, 
     ema = file.with_name(EMA_FILE)
     model.load_state_dict(load_weights(ema if use_ema and ema.is_file() else file))
     import yaml
-    cfg = config_from_dict(yaml.safe_load(meta["config"]))
+    cfg = build(yaml.safe_load(meta["config"]))
     extra = {k: json.loads(v) for k, v in meta.items() if k not in ("model_name", "model_args", "config")}
     return model.eval(), cfg, extra
 
@@ -69,5 +71,5 @@ def load_checkpoint(path: str | Path, use_ema: bool = True) -> tuple[nn.Module, 
 @torch.no_grad()
 def predict(model: nn.Module, images: torch.Tensor, topk: int = 5) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-k (probabilities, class indices) for a normalised batch (B, C, H, W)."""
-    probs = model(images).float().softmax(dim=-1)
+    probs = logits_of(model(images)).float().softmax(dim=-1)
     return probs.topk(min(topk, probs.shape[-1]), dim=-1)

@@ -1,6 +1,7 @@
-"""What a finished run hands on: seed 002's checkpoint layout and the files `--upload` sends.
+"""What a finished run hands on: the by-architecture checkpoint layout and the files `--upload` sends.
 
-`output.layout: seed002` adds, beside the task's run directories, the final weights and training log as
+`output.layout: by_architecture` (the layout of the classic-vs-differential project our seed 002 reproduces;
+the old value `seed002` is still accepted) adds, beside the task's run directories, the final weights and training log as
 
     <output.dir>/<task_name>/checkpoints/<architecture>/model_<run_id>_<size>_<dataset>.safetensors
     <output.dir>/<task_name>/checkpoints/<architecture>/model_<run_id>_<size>_<dataset>_training.log
@@ -26,8 +27,8 @@ def final_weights(run_dir: Path, results: dict[str, Any]) -> Path:
     return run_dir / "checkpoints" / "last" / (EMA_FILE if results.get("weights") == "ema" else MODEL_FILE)
 
 
-def seed002_names(results: dict[str, Any], run_id: str) -> tuple[str, str]:
-    """(architecture folder, file stem) of seed 002's layout."""
+def by_architecture_names(results: dict[str, Any], run_id: str) -> tuple[str, str]:
+    """(architecture folder, file stem) of the by-architecture layout."""
     arch, size = split_size(results["model"]) or (results["architecture"], f"{results['params'] / 1e6:.2f}M")
     return arch, f"model_{run_id}_{size}_{results['dataset']}"
 
@@ -40,12 +41,12 @@ def _copy_atomic(src: Path, dest: Path) -> None:
 
 
 def export_run(run_dir: Path, results: dict[str, Any], cfg: Config) -> dict[str, Path]:
-    """Write the seed 002 layout when asked; return {path in the Hub repository: local file} for `--upload`:
-    seed 002's two files under <architecture>/, or the run's weights, config, results and logs under
+    """Write the by-architecture layout when asked; return {path in the Hub repository: local file} for
+    `--upload`: that layout's two files under <architecture>/, or the run's weights, config, results and logs under
     <task_name>/<savefile>/."""
     weights = final_weights(run_dir, results)
-    if cfg.output.layout == "seed002":
-        arch, stem = seed002_names(results, cfg.output.savefile)
+    if cfg.output.layout == "by_architecture":
+        arch, stem = by_architecture_names(results, cfg.output.savefile)
         folder = run_dir.parent / "checkpoints" / arch
         files = {f"{arch}/{stem}.safetensors": folder / f"{stem}.safetensors",
                  f"{arch}/{stem}_training.log": folder / f"{stem}_training.log"}
@@ -60,7 +61,7 @@ def export_run(run_dir: Path, results: dict[str, Any], cfg: Config) -> dict[str,
 
 
 def publish(cfg: Config, results: dict[str, Any], hub: HubTarget | None) -> None:
-    """After training: write seed 002's layout when asked, then upload the run's files when `hub` is set."""
+    """After training: write the by-architecture layout when asked, then upload the run's files when `hub` is set."""
     files = export_run(cfg.run_dir, results, cfg)
     if hub is not None:
         sent = upload_files(files, hub, f"vitlab: {cfg.task_name}/{cfg.output.savefile}")

@@ -11,6 +11,46 @@ import time
 from pathlib import Path
 from typing import Any, TextIO
 
+import torch
+
+
+class BatchBuffer:
+    """Per-batch training values (loss, accuracy, lr, a model's auxiliary terms and metrics), kept as device
+    tensors until `flush`: one all-reduce over ranks and one device-to-host copy per `log_every` batches."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.sizes: list[int] = []
+        self.lrs: list[float] = []
+        self.rows: list[torch.Tensor] = []  # per batch: (loss, hits, *extras) sums over the batch's samples
+        self.keys: list[str] = []
+
+    def __len__(self) -> int:
+        return len(self.sizes)
+
+    def add(self, size: int, loss: torch.Tensor, hits: torch.Tensor, lr: float,
+            extras: dict[str, torch.Tensor]) -> None:
+        """`loss` and `extras` are batch means, `hits` a count; the first batch fixes the extras' keys."""
+        if not self.rows:
+            self.keys = list(extras)
+        values = [loss.detach().float() * size, hits.float(), *(extras[k].detach().float() * size for k in self.keys)]
+        self.rows.append(torch.stack(values))
+        self.sizes.append(size)
+        self.lrs.append(lr)
+
+    def flush(self, reduce) -> list[dict[str, float]]:
+        """Per-batch records {loss, acc, lr, *extras}, averaged over every rank's samples; empties the buffer.
+        `reduce` sums a tensor over ranks."""
+        n = torch.tensor(self.sizes, dtype=torch.float64).to(self.device, non_blocking=True)
+        sums = reduce(torch.cat([torch.stack(self.rows).double(), n[:, None]], dim=1))  # (k, 2 + extras + 1)
+        records = []
+        for row, lr in zip(sums.tolist(), self.lrs):
+            count = row[-1]
+            rec = {"loss": row[0] / count, "acc": row[1] / count, "lr": lr}
+            rec.update({k: v / count for k, v in zip(self.keys, row[2:-1])})
+            records.append(rec)
+        self.sizes, self.lrs, self.rows = [], [], []
+        return records
 
 
 class RunLogger:
@@ -49,14 +89,15 @@ class RunLogger:
                     self.tb.add_scalar(f"{kind}/{k}", v, values["step"])
 
     # -- per-batch training values -----------------------------------------------------------------------
-    def batches(self, epoch: int, first_batch: int, first_step: int, losses: list[float], accs: list[float],
-                lrs: list[float]) -> None:
+    def batches(self, epoch: int, first_batch: int, first_step: int, records: list[dict[str, float]]) -> None:
         """Write buffered per-batch records (values already reduced over ranks)."""
         lines = []
-        for i, (loss, acc, lr) in enumerate(zip(losses, accs, lrs)):
+        for i, rec in enumerate(records):
             batch, step = first_batch + i, first_step + i
-            self.record("train_batch", epoch=epoch, batch=batch, step=step, loss=loss, acc=acc, lr=lr)
-            lines.append(f"epoch {epoch} batch {batch} step {step} loss {loss:.4f} acc {acc:.3f} lr {lr:.3e}")
+            self.record("train_batch", epoch=epoch, batch=batch, step=step, **rec)
+            extra = "".join(f" {k} {v:.4g}" for k, v in rec.items() if k not in ("loss", "acc", "lr"))
+            lines.append(f"epoch {epoch} batch {batch} step {step} loss {rec['loss']:.4f} acc {rec['acc']:.3f} "
+                         f"lr {rec['lr']:.3e}{extra}")
         self.log_file.write("\n".join(lines) + "\n")
 
     def val_batches(self, records: list[tuple[int, int, int, float]]) -> None:

@@ -21,23 +21,21 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import Config, ModelConfig
-from ..data import MixCollate, build_data, set_epoch
+from ..config import Config
+from ..data import DataBundle, MixCollate, build_data, set_epoch
 from ..errors import VitlabError
 from ..hub import hub_target
-from ..registry import architecture_of, create_model, model_args, model_entry
+from ..objective import as_output
+from ..registry import create_model, model_args, model_entry
+from ..resolve import resolve_config
 from ..stats import MemoryMeter, forward_gflops
 from . import checkpoint as ckpt
 from .distributed import (DistEnv, all_gather_object, all_reduce_sum, detect, full_state, load_full_state, no_sync,
                           parallelize, process_group, resolve_device)
 from .evaluate import autocast, evaluate
 from .export import publish
-from .metrics import NullLogger, RunLogger
+from .metrics import BatchBuffer, NullLogger, RunLogger
 from .optim import build_optimizer, build_scheduler, scaled_lr
-
-# ModelConfig fields passed to create_model as-is; the others are resolved from the data or handled apart.
-MODEL_KEYS = tuple(f.name for f in dataclasses.fields(ModelConfig)
-                   if f.name not in ("name", "pretrained", "img_size", "in_chans", "num_classes"))
 
 
 def seed_all(seed: int) -> None:
@@ -66,17 +64,44 @@ def _tuples(x):
     return tuple(_tuples(v) for v in x) if isinstance(x, (list, tuple)) else x
 
 
-def build_model_for(cfg: Config, img_size: int, in_chans: int, num_classes: int) -> nn.Module:
-    overrides = {k: getattr(cfg.model, k) for k in MODEL_KEYS}
-    return create_model(cfg.model.name, img_size=img_size, in_chans=in_chans, num_classes=num_classes, **overrides)
-
-
 def resolve_img_size(cfg: Config) -> int:
     """data.img_size, else model.img_size, else the resolution in the model's name."""
-    d, m = cfg.data.img_size, cfg.model.img_size
+    d, m = cfg.data.img_size, cfg.model.args.get("img_size")
     if d and m and d != m:
         raise VitlabError(f"data.img_size={d} and model.img_size={m} disagree; set only one of them")
-    return d or m or model_args(cfg.model.name, patch_size=cfg.model.patch_size)["img_size"]
+    return d or m or model_args(cfg.model.name, patch_size=cfg.model.args.get("patch_size"))["img_size"]
+
+
+def build_model(cfg: Config, data: DataBundle) -> nn.Module:
+    """The configured model, sized for the data (image size, channels, classes), from pretrained weights
+    when `model.pretrained` names a file."""
+    info = data.info
+    if cfg.model.args.get("num_classes") not in (None, info.num_classes):
+        raise VitlabError(f"model.num_classes={cfg.model.args['num_classes']} but {info.name} has "
+                          f"{info.num_classes} classes; drop model.num_classes to take it from the dataset")
+    args = {**cfg.model.args, "img_size": data.img_size, "in_chans": data.in_chans, "num_classes": info.num_classes}
+    model = create_model(cfg.model.name, **args)
+    if cfg.model.pretrained:
+        from ..pretrained import load_pretrained
+        load_pretrained(model, cfg.model.pretrained)
+    return model
+
+
+def build_loaders(cfg: Config, data: DataBundle, env: DistEnv, pin: bool) -> dict[str, Any]:
+    """This rank's train / val / test loaders (MixUp/CutMix on train when configured)."""
+    tc, dc = cfg.train, cfg.data
+    mix = MixCollate(data.info.num_classes, dc.mixup, dc.cutmix) if dc.mixup or dc.cutmix else None
+    eval_bs, shard = tc.eval_batch_size or 2 * tc.batch_size, {"rank": env.rank, "world": env.world_size}
+    return {"train": data.loader("train", tc.batch_size, dc.num_workers, tc.seed, mix, pin, **shard),
+            "val": data.loader("val", eval_bs, dc.num_workers, pin_memory=pin, **shard),
+            "test": data.loader("test", eval_bs, dc.num_workers, pin_memory=pin, **shard)}
+
+
+def build_ema(cfg: Config, model: nn.Module) -> nn.Module | None:
+    if not cfg.train.ema:
+        return None
+    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+    return AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(cfg.train.ema_decay), use_buffers=True)
 
 
 class Trainer:
@@ -84,7 +109,7 @@ class Trainer:
     rank 0 writes the run directory, and every value it logs is reduced over ranks."""
 
     def __init__(self, cfg: Config, reload: bool = False, stream=None, env: DistEnv | None = None):
-        self.cfg, tc = cfg, cfg.train
+        self.cfg, tc = resolve_config(cfg), cfg.train
         self.env = env = env or DistEnv()
         self.run_dir = cfg.run_dir
         last = ckpt.existing(self.run_dir / "checkpoints" / "last")
@@ -100,71 +125,61 @@ class Trainer:
             os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
             torch.use_deterministic_algorithms(True, warn_only=True)
 
-        img_size = resolve_img_size(cfg)
-        self.data = build_data(cfg.data, img_size=img_size, in_chans=cfg.model.in_chans)
-        info = self.data.info
-        if cfg.model.num_classes not in (None, info.num_classes):
-            raise VitlabError(f"model.num_classes={cfg.model.num_classes} but {info.name} has {info.num_classes} "
-                              f"classes; drop model.num_classes to take it from the dataset")
-        self.model = build_model_for(cfg, self.data.img_size, self.data.in_chans, info.num_classes)
+        self.data = build_data(self.cfg.data, img_size=resolve_img_size(self.cfg),
+                               in_chans=self.cfg.model.args.get("in_chans"))
+        self.model = build_model(self.cfg, self.data)
         self.gflops = forward_gflops(self.model)
-        # Checked before training, so a missing HF_TOKEN fails in a second, not after the last epoch.
-        self.hub = hub_target(need_token=True) if cfg.output.upload and env.is_main else None
-        if cfg.model.pretrained:
-            from ..pretrained import load_pretrained
-            load_pretrained(self.model, cfg.model.pretrained)
         self.model.to(self.device)
-        self.ema = None
-        if tc.ema:
-            from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
-            self.ema = AveragedModel(self.model, multi_avg_fn=get_ema_multi_avg_fn(tc.ema_decay), use_buffers=True)
+        self.ema = build_ema(self.cfg, self.model)
         # `model` stays the plain module (checkpoints, evaluation); `train_model` is what the loop calls.
         self.train_model = parallelize(self.model, self.device, tc.strategy, tc.compile)
         seed_all(tc.seed + env.rank)  # per-rank streams for dropout, drop-path, mixup
+        self.loaders = build_loaders(self.cfg, self.data, env, pin=self.device.type == "cuda")
+        self._build_optimization()
+        self.epoch, self.step, self.best_val_loss = 0, 0, float("inf")
+        resumed = reload and last is not None
+        if resumed:
+            self._resume(last)
+        self.log = self._open_log(resumed, stream)
+        if reload:
+            self.log.info(f"resumed from {last} at epoch {self.epoch}, step {self.step}" if resumed
+                          else "nothing to resume: starting a new run")
 
-        pin = self.device.type == "cuda"
-        mix = MixCollate(info.num_classes, cfg.data.mixup, cfg.data.cutmix) if cfg.data.mixup or cfg.data.cutmix else None
-        eval_bs = tc.eval_batch_size or 2 * tc.batch_size
-        shard = {"rank": env.rank, "world": env.world_size}
-        self.train_loader = self.data.loader("train", tc.batch_size, cfg.data.num_workers, tc.seed, mix, pin, **shard)
-        self.val_loader = self.data.loader("val", eval_bs, cfg.data.num_workers, pin_memory=pin, **shard)
-        self.test_loader = self.data.loader("test", eval_bs, cfg.data.num_workers, pin_memory=pin, **shard)
-        self.steps_per_epoch = math.ceil(len(self.train_loader) / tc.accum_steps)
-        self.global_batch = tc.batch_size * env.world_size * tc.accum_steps
+    def _build_optimization(self) -> None:
+        """Optimizer, schedule, loss scaler and criterion, for the global batch of this launch."""
+        cfg, tc = self.cfg, self.cfg.train
+        self.steps_per_epoch = math.ceil(len(self.loaders["train"]) / tc.accum_steps)
+        self.total_steps = self.steps_per_epoch * tc.epochs
+        self.global_batch = tc.batch_size * self.env.world_size * tc.accum_steps
         self.lr = scaled_lr(cfg.optim, self.global_batch)
         self.optimizer = build_optimizer(self.model, cfg.optim, self.device, self.lr)
         self.scheduler = build_scheduler(self.optimizer, cfg.optim, self.steps_per_epoch, tc.epochs)
         self.scaler = torch.amp.GradScaler("cuda", enabled=tc.amp == "fp16" and self.device.type == "cuda")
         self.criterion = nn.CrossEntropyLoss(label_smoothing=cfg.optim.label_smoothing)
 
-        self.epoch, self.step, self.best_val_loss = 0, 0, float("inf")
-        resumed = reload and last is not None
-        if resumed:
-            self._resume(last)
-        if env.is_main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            if resumed:
-                _truncate_metrics(self.run_dir / "metrics.jsonl", self.epoch)
-            _atomic_write(self.run_dir / "config.yaml", cfg.dump())
-            self.log = RunLogger(self.run_dir, cfg.output.tensorboard, cfg.output.progress, append=resumed,
-                                 stream=stream)
-        else:
-            self.log = NullLogger()
+    def _open_log(self, resumed: bool, stream) -> RunLogger | NullLogger:
+        """Rank 0: the run directory, its config.yaml and logger, and the opening lines; others: a null log."""
+        cfg, tc, env, info = self.cfg, self.cfg.train, self.env, self.data.info
         self.params = sum(p.numel() for p in self.model.parameters())  # FSDP's DTensors report global sizes
+        if not env.is_main:
+            return NullLogger()
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        if resumed:
+            _truncate_metrics(self.run_dir / "metrics.jsonl", self.epoch)
+        _atomic_write(self.run_dir / "config.yaml", cfg.dump())
+        log = RunLogger(self.run_dir, cfg.output.tensorboard, cfg.output.progress, append=resumed, stream=stream)
         backend = torch.distributed.get_backend() if env.launcher != "none" else "none"
-        self.log.info(f"run {self.run_dir} | model {self.model.vitlab_name} ({self.params / 1e6:.2f}M params, "
-                      f"{self.data.img_size}px, {self.data.in_chans}ch) | data {info.name}: "
-                      f"{len(self.data.splits['train'])} train / {len(self.data.splits['val'])} val / "
-                      f"{len(self.data.splits['test'])} test | device {self.device} "
-                      f"(threads {torch.get_num_threads()}, amp {tc.amp}, compile {tc.compile})")
-        self.log.info(f"world size {env.world_size} (launcher {env.launcher}, backend {backend}, strategy "
-                      f"{tc.strategy if env.launcher != 'none' else 'single'}) | batch {tc.batch_size}/device x "
-                      f"{env.world_size} x accum {tc.accum_steps} = {self.global_batch} global | lr {self.lr:.3g}"
-                      + (f" (optim.lr {cfg.optim.lr:g}, {cfg.optim.lr_scaling} scaling from "
-                         f"{cfg.optim.base_batch_size})" if cfg.optim.lr_scaling != "none" else ""))
-        if reload:
-            self.log.info(f"resumed from {last} at epoch {self.epoch}, step {self.step}" if resumed
-                          else "nothing to resume: starting a new run")
+        sizes = {k: len(v) for k, v in self.data.splits.items()}
+        log.info(f"run {self.run_dir} | model {self.model.vitlab_name} ({self.params / 1e6:.2f}M params, "
+                 f"{self.data.img_size}px, {self.data.in_chans}ch) | data {info.name}: {sizes['train']} train / "
+                 f"{sizes['val']} val / {sizes['test']} test | device {self.device} "
+                 f"(threads {torch.get_num_threads()}, amp {tc.amp}, compile {tc.compile})")
+        log.info(f"world size {env.world_size} (launcher {env.launcher}, backend {backend}, strategy "
+                 f"{tc.strategy if env.launcher != 'none' else 'single'}) | batch {tc.batch_size}/device x "
+                 f"{env.world_size} x accum {tc.accum_steps} = {self.global_batch} global | lr {self.lr:.3g}"
+                 + (f" (optim.lr {cfg.optim.lr:g}, {cfg.optim.lr_scaling} scaling from "
+                    f"{cfg.optim.base_batch_size})" if cfg.optim.lr_scaling != "none" else ""))
+        return log
 
     # -- checkpoints -------------------------------------------------------------------------------------
     def _metadata(self) -> dict[str, str]:
@@ -217,7 +232,7 @@ class Trainer:
             epoch = self.epoch + 1
             seconds, images = self._train_epoch(epoch)
             train_time, train_images = train_time + seconds, train_images + images
-            val = evaluate(self.eval_model(), self.val_loader, self.device, tc.amp)
+            val = evaluate(self.eval_model(), self.loaders['val'], self.device, tc.amp)
             self.epoch = epoch
             improved = val["loss"] < self.best_val_loss
             self.best_val_loss = min(self.best_val_loss, val["loss"])
@@ -233,61 +248,56 @@ class Trainer:
 
     def _train_epoch(self, epoch: int) -> tuple[float, int]:
         """One pass over this rank's shard; returns (seconds, images seen by all ranks together)."""
-        tc, model, device = self.cfg.train, self.train_model, self.device
-        model.train()
-        set_epoch(self.train_loader, epoch)
-        n_batches, accum = len(self.train_loader), tc.accum_steps
-        losses, correct, sizes, lrs = [], [], [], []
-        first_batch, first_step = 1, self.step + 1
-        images, t0, t_flush = 0, time.perf_counter(), time.perf_counter()
+        tc, loader = self.cfg.train, self.loaders["train"]
+        self.train_model.train()
+        set_epoch(loader, epoch)
+        n_batches = len(loader)
+        buffer, pending_val, val_iter = BatchBuffer(self.device), [], None
+        first_batch, first_step, images = 1, self.step + 1, 0
+        t0 = t_flush = time.perf_counter()
         self.log.start_epoch(epoch, tc.epochs, n_batches)
-        val_iter, val_losses = None, []
-        for i, (x, y) in enumerate(self.train_loader):
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            group_start = i - i % accum
-            group_size = min(accum, n_batches - group_start)
-            step_now = i + 1 == group_start + group_size
-            with no_sync(model, sync=step_now):  # all-reduce gradients only on a group's last micro-batch
-                with autocast(device, tc.amp):
-                    logits = model(x)
-                loss = self.criterion(logits.float(), y)
-                self.scaler.scale(loss / group_size).backward()
-            if step_now:
-                self._optimizer_step()
-            hard = y.argmax(dim=-1) if y.ndim == 2 else y  # soft (mixed) targets: the dominant class
-            losses.append(loss.detach())
-            correct.append((logits.detach().argmax(dim=-1) == hard).sum())
-            sizes.append(y.shape[0])
-            lrs.append(self.optimizer.param_groups[0]["lr"])
+        for i, (x, y) in enumerate(loader):
+            x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+            self._train_batch(i, n_batches, x, y, buffer)
             images += y.shape[0]
             if tc.val_every_n_batches and (i + 1) % tc.val_every_n_batches == 0:
                 val_iter, loss_val = self._val_batch(val_iter)
-                val_losses.append((epoch, i + 1, self.step, loss_val))
-            if len(losses) == tc.log_every or i + 1 == n_batches:
-                self._flush_val(val_losses)
-                loss_avg, acc = self._flush_batches(epoch, first_batch, first_step, losses, correct, sizes, lrs)
+                pending_val.append((epoch, i + 1, self.step, loss_val))
+            if len(buffer) == tc.log_every or i + 1 == n_batches:
+                self._flush_val(pending_val)
+                count = len(buffer)
+                records = buffer.flush(all_reduce_sum)
+                self.log.batches(epoch, first_batch, first_step, records)
                 now = time.perf_counter()
-                done = (epoch - 1) * n_batches + i + 1
-                per_batch = (now - t0) / (i + 1)
-                self.log.update(len(losses), epoch, tc.epochs, i + 1, n_batches, loss_avg, acc,
-                                sum(sizes) * self.env.world_size / (now - t_flush),
-                                per_batch * (tc.epochs * n_batches - done))
-                first_batch, first_step = i + 2, first_step + len(losses)
-                losses, correct, sizes, lrs, t_flush = [], [], [], [], now
+                left = (tc.epochs * n_batches - (epoch - 1) * n_batches - i - 1) * (now - t0) / (i + 1)
+                self.log.update(count, epoch, tc.epochs, i + 1, n_batches,
+                                sum(r["loss"] for r in records) / count, sum(r["acc"] for r in records) / count,
+                                count * tc.batch_size * self.env.world_size / (now - t_flush), left)
+                first_batch, first_step, t_flush = i + 2, first_step + count, now
         self.log.end_epoch()
         # Every rank's shard has the same size (the loaders pad), so the global count is exact.
         return time.perf_counter() - t0, images * self.env.world_size
 
-    def _flush_batches(self, epoch: int, first_batch: int, first_step: int, losses: list, correct: list,
-                       sizes: list[int], lrs: list[float]) -> tuple[float, float]:
-        """Reduce buffered per-batch loss/accuracy over ranks (one collective), log them on rank 0, and
-        return the buffer's (mean loss, accuracy)."""
-        n = torch.tensor(sizes, dtype=torch.float64).to(self.device, non_blocking=True)
-        stats = torch.stack([torch.stack(losses).double() * n, torch.stack(correct).double(), n], dim=1)  # (k, 3)
-        loss_sum, hits, count = all_reduce_sum(stats).T.tolist()
-        self.log.batches(epoch, first_batch, first_step, [a / b for a, b in zip(loss_sum, count)],
-                         [a / b for a, b in zip(hits, count)], lrs)
-        return sum(loss_sum) / sum(count), sum(hits) / sum(count)
+    def _train_batch(self, i: int, n_batches: int, x: torch.Tensor, y: torch.Tensor, buffer: BatchBuffer) -> None:
+        """Forward, objective and backward of micro-batch i; an optimizer step on a group's last one."""
+        accum = self.cfg.train.accum_steps
+        group_start = i - i % accum
+        group_size = min(accum, n_batches - group_start)  # the last group of an epoch may be short
+        step_now = i + 1 == group_start + group_size
+        self.model.set_progress(self.step, self.total_steps)  # schedules that follow training
+        with no_sync(self.train_model, sync=step_now):  # all-reduce gradients only on a group's last micro-batch
+            with autocast(self.device, self.cfg.train.amp):
+                out = as_output(self.train_model(x))
+            # the objective: cross-entropy plus every auxiliary term the model returned, in fp32
+            ce = self.criterion(out.logits.float(), y)
+            loss = ce + sum(term.float() for term in out.losses.values())
+            self.scaler.scale(loss / group_size).backward()
+        if step_now:
+            self._optimizer_step()
+        hard = y.argmax(dim=-1) if y.ndim == 2 else y  # soft (mixed) targets: the dominant class
+        extras = {**({"ce": ce} if out.losses else {}), **out.losses, **out.metrics}
+        buffer.add(y.shape[0], loss, (out.logits.detach().argmax(dim=-1) == hard).sum(),
+                   self.optimizer.param_groups[0]["lr"], extras)
 
     def _optimizer_step(self) -> None:
         if self.cfg.optim.clip_grad > 0:
@@ -312,21 +322,22 @@ class Trainer:
         """(iterator, loss tensor) of the next validation batch of this rank's shard (seed 002 logs train and
         validation loss per batch)."""
         if it is None:
-            it = iter(self.val_loader)
+            it = iter(self.loaders['val'])
         try:
             x, y = next(it)
         except StopIteration:
-            it = iter(self.val_loader)
+            it = iter(self.loaders['val'])
             x, y = next(it)
         model = self.eval_model()
         model.eval()
         with torch.no_grad(), autocast(self.device, self.cfg.train.amp):
-            loss = F.cross_entropy(model(x.to(self.device)).float(), y.to(self.device))  # ignores -100 padding
+            logits = as_output(model(x.to(self.device))).logits
+            loss = F.cross_entropy(logits.float(), y.to(self.device))  # ignores -100 padding
         model.train()
         return it, loss
 
     def _finish(self, wall: float, train_time: float, train_images: int) -> dict[str, Any]:
-        test = evaluate(self.eval_model(), self.test_loader, self.device, self.cfg.train.amp)
+        test = evaluate(self.eval_model(), self.loaders['test'], self.device, self.cfg.train.amp)
         results = {"test_top1": test["top1"], "test_top5": test["top5"], "test_loss": test["loss"],
                    "test_samples": test["n"], "params": self.params, "epochs": self.epoch,
                    "train_seconds": round(wall, 3),
@@ -335,8 +346,8 @@ class Trainer:
                    "dataset": self.data.info.name, "device": str(self.device),
                    "weights": "ema" if self.ema is not None else "last", "run_dir": str(self.run_dir)}
         results.update(world_size=self.env.world_size, global_batch=self.global_batch, gflops=self.gflops,
-                       **self.memory.read(), architecture=architecture_of(self.model),
-                       family=model_entry(self.model.vitlab_name).family)
+                       **self.memory.read(), architecture=self.model.architecture,
+                       family=model_entry(self.model.vitlab_name).family, model_args=self.model.vitlab_args)
         if self.env.is_main:
             _atomic_write(self.run_dir / "results.json", json.dumps(results, indent=2) + "\n")
         self.log.record("test", step=self.step, loss=test["loss"], top1=test["top1"], top5=test["top5"])
@@ -361,17 +372,19 @@ def _truncate_metrics(path: Path, epoch: int) -> None:
 
 
 def train(cfg: Config, reload: bool = False, stream=None, local: bool = False) -> dict[str, Any]:
-    """Train `cfg` to the end (resuming when `reload`), test, and return results.json's content.
+    """Train `cfg` to the end (resuming when `reload`), test, and return results.json's content; then, on
+    rank 0, write the export layout and upload the run when asked.
 
     Under torchrun or srun this process joins the job's group (see `distributed.detect`); `local=True`
     (the `--local` flag) trains in one process even there, on rank 0, while other ranks step aside."""
     env = detect(local)
     if local and env.rank != 0:
         return {}
+    # Checked before training, so a missing HF_TOKEN fails in a second, not after the last epoch.
+    hub = hub_target(need_token=True) if cfg.output.upload and env.is_main else None
     device = resolve_device(cfg.train.device, env)
     with process_group(env, device, cfg.train.dist_timeout):
         trainer = Trainer(cfg, reload=reload, stream=stream, env=env)
-        hub = trainer.hub
         try:
             results = trainer.fit()
         finally:  # free DDP/FSDP state, which holds the group, before the group is destroyed

@@ -1,0 +1,30 @@
+"""The objective protocol between models and the trainer.
+
+In training a model may return, instead of bare logits, a `ModelOutput`: the logits plus named auxiliary
+loss terms (a router's keep-ratio loss, a distillation term, ...) and named metrics to log (a keep ratio,
+an entropy). The trainer adds every loss term to the cross-entropy, logs every term and metric per batch
+(metrics.jsonl, TensorBoard, train.log), averages them over ranks, and never asks which model it runs.
+A model whose schedule follows training (a keep-ratio target that decays) overrides
+`VisionTransformer.set_progress(step, total_steps)`, which the trainer calls before every batch.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass
+class ModelOutput:
+    logits: torch.Tensor  # (B, classes)
+    losses: dict[str, torch.Tensor] = field(default_factory=dict)  # scalar terms added to the objective
+    metrics: dict[str, torch.Tensor] = field(default_factory=dict)  # scalars logged, not optimised
+
+
+def as_output(out: torch.Tensor | ModelOutput) -> ModelOutput:
+    """Bare logits are a `ModelOutput` with no auxiliary terms."""
+    return out if isinstance(out, ModelOutput) else ModelOutput(out)
+
+
+def logits_of(out: torch.Tensor | ModelOutput) -> torch.Tensor:
+    return out.logits if isinstance(out, ModelOutput) else out

@@ -1,0 +1,57 @@
+"""Name resolution: the step after parsing that checks a config against the registries.
+
+`config` knows the schema only; this module checks the model and dataset names and types every model
+argument from the registered builder's signature (`model.beta=0.5` becomes a float because `MomentumViT`
+says `beta: float`), with did-you-mean errors. Old argument spellings (`stem`) are renamed here.
+"""
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any, Iterable
+
+from .config import Config, build_config, coerce, load_config
+from .data import dataset_names
+from .errors import VitlabError, did_you_mean
+from .registry import ARG_ALIASES, builder_annotations, builder_parameters, model_entry
+
+#: model arguments the trainer fills from the dataset when the config leaves them out
+FROM_DATA = ("img_size", "in_chans", "num_classes")
+
+
+def resolve_model_args(name: str, args: dict[str, Any]) -> dict[str, Any]:
+    """`args` renamed, checked against `name`'s builder and typed from its annotations; None values dropped
+    (None: the model's default)."""
+    entry = model_entry(name)
+    params, hints = builder_parameters(entry.builder), builder_annotations(entry.builder)
+    typed = {}
+    for key, value in args.items():
+        key = ARG_ALIASES.get(key, key)
+        if key not in params:
+            raise VitlabError(f"unknown config key 'model.{key}': model '{entry.name}' has no such argument"
+                              f"{did_you_mean(key, params)}; `vitlab models` lists models, their docstrings the "
+                              f"arguments")
+        if value is not None:
+            typed[key] = coerce(value, hints.get(key, Any), f"model.{key}")
+    return typed
+
+
+def resolve_config(cfg: Config) -> Config:
+    """A copy of `cfg` with its names checked and its model arguments typed."""
+    if cfg.data.dataset not in dataset_names():
+        raise VitlabError(f"unknown dataset '{cfg.data.dataset}'{did_you_mean(cfg.data.dataset, dataset_names())}; "
+                          f"choose one of: {', '.join(dataset_names())}")
+    model = dataclasses.replace(cfg.model, args=resolve_model_args(cfg.model.name, cfg.model.args))
+    return dataclasses.replace(cfg, model=model)
+
+
+def build(tree: dict[str, Any] | None = None, overrides: Iterable[tuple[str, Any]] = ()) -> Config:
+    """`config.build_config`, then `resolve_config`."""
+    return resolve_config(build_config(tree, overrides))
+
+
+def load(path: str | Path | None = None, overrides: Iterable[str] = ()) -> Config:
+    """A YAML file plus `section.key=value` strings, parsed and resolved."""
+    return resolve_config(load_config(path, overrides))
+
+
