@@ -309,28 +309,37 @@ def test_fsdp_refuses_models_with_a_custom_backward():
         parallelize(model, torch.device("cpu"), "fsdp", compile=False)
 
 
+DDP_GRADS_SCRIPT = """
+import sys, torch, torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+import vitlab
+family, store = sys.argv[1], sys.argv[2]
+dist.init_process_group("gloo", init_method=f"file://{store}", rank=0, world_size=1)
+torch.manual_seed(0)
+model = vitlab.create_model(f"{family}_micro_patch2_8", depth=3, num_classes=4)
+plain = vitlab.create_model(f"{family}_micro_patch2_8", depth=3, num_classes=4)
+plain.load_state_dict(model.state_dict())
+ddp = DistributedDataParallel(model)
+x = torch.randn(4, 3, 8, 8)
+for _ in range(2):  # a parameter DDP never saw would fail the second iteration
+    ddp.zero_grad()
+    torch.manual_seed(1)
+    ddp(x).square().mean().backward()
+torch.manual_seed(1)
+plain(x).square().mean().backward()
+for (name, p), q in zip(model.named_parameters(), plain.parameters()):
+    torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-6, msg=name)
+dist.destroy_process_group()
+print("ok")
+"""
+
+
 @pytest.mark.parametrize("family", ["rev_vit", "bdia_vit", "momentum_vit"])
 def test_memory_efficient_backward_feeds_ddp_block_by_block(family, tmp_path):
     """The invertible stacks hand each block's gradients to autograd from that block's backward step, so
     DDP's reducer sees every parameter (two iterations without 'unfinished reduction' errors) and the
-    all-reduced gradients equal a plain model's."""
-    import torch.distributed as dist
-    from torch.nn.parallel import DistributedDataParallel
-    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
-    try:
-        torch.manual_seed(0)
-        model = vitlab.create_model(f"{family}_micro_patch2_8", depth=3, num_classes=4)
-        plain = vitlab.create_model(f"{family}_micro_patch2_8", depth=3, num_classes=4)
-        plain.load_state_dict(model.state_dict())
-        ddp = DistributedDataParallel(model)
-        x = torch.randn(4, 3, 8, 8)
-        for _ in range(2):
-            ddp.zero_grad()
-            torch.manual_seed(1)
-            ddp(x).square().mean().backward()
-        torch.manual_seed(1)
-        plain(x).square().mean().backward()
-        for (name, p), q in zip(model.named_parameters(), plain.parameters()):
-            torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-6, msg=name)
-    finally:
-        dist.destroy_process_group()
+    all-reduced gradients equal a plain model's. In a fresh process: a process group in pytest's own would
+    outlive the test."""
+    r = subprocess.run([sys.executable, "-c", DDP_GRADS_SCRIPT, family, str(tmp_path / "store")], env=clean_env(),
+                       cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-2000:]
