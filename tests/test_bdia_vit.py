@@ -58,13 +58,15 @@ def test_eval_is_the_reference_vit_up_to_quantisation():
     ref = vitlab.create_model("vit_micro_patch7_28", in_chans=1, num_classes=10).eval()
     x = torch.randn(8, 1, 28, 28)
     diffs = []
-    for bits in (9, 16):
-        bdia = vitlab.create_model("bdia_vit_micro_patch7_28", in_chans=1, num_classes=10, bits=bits).eval()
-        bdia.load_state_dict(ref.state_dict())  # same keys: weights move both ways
-        with torch.no_grad():
-            diffs.append((bdia(x) - ref(x)).abs().max().item())
-    assert 0 < diffs[0] < 5e-2  # quantisation to 2^-9 per block, not a different model
-    assert diffs[1] < diffs[0] / 50  # and it vanishes as the grid gets finer
+    with torch.no_grad():
+        logits = ref(x)
+        for bits in (9, 16):
+            bdia = vitlab.create_model("bdia_vit_micro_patch7_28", in_chans=1, num_classes=10, bits=bits).eval()
+            bdia.load_state_dict(ref.state_dict())  # same keys: weights move both ways
+            diffs.append((bdia(x) - logits).abs().max().item())
+    assert 0 < diffs[0] < 0.05 * logits.abs().max().item()  # a few % of the logits: not a different model
+    # the gap is rounding noise of size 2^-bits: 7 more bits shrink it ~2^7 = 128-fold
+    assert 2 ** 7 / 4 < diffs[0] / diffs[1] < 2 ** 7 * 4
 
 
 def test_kept_state_is_two_activations_plus_one_bit_per_element():

@@ -9,7 +9,7 @@ from conftest import QUICK
 from vitlab.config import load_config
 from vitlab.models import VisionTransformer
 from vitlab.objective import ModelOutput
-from vitlab.registry import _REGISTRY, register_model  # noqa: PLC2701 (the test unregisters its model)
+from vitlab.registry import register_model, unregister_model
 from vitlab.train import train
 
 
@@ -39,7 +39,7 @@ def progress_vit():
     register_model("test_progress_vit", ProgressViT, family="test", img_size=8, patch_size=2, embed_dim=32,
                    depth=1, num_heads=2)
     yield "test_progress_vit"
-    del _REGISTRY["test_progress_vit"]
+    unregister_model("test_progress_vit")
 
 
 def test_trainer_adds_logs_and_schedules_auxiliary_terms(progress_vit, tmp_path):

@@ -154,6 +154,8 @@ def _type_name(tp: Any) -> str:
         return "a list of " + ", ".join(_type_name(a) for a in typing.get_args(tp))
     if origin in (list, collections.abc.Sequence):
         return f"a list of {_type_name(typing.get_args(tp)[0])}"
+    if origin is collections.abc.Callable or tp is collections.abc.Callable:
+        return "a Python callable (set it in code, not in a config)"
     return {type(None): "null"}.get(tp, getattr(tp, "__name__", str(tp)))
 
 

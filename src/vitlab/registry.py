@@ -42,6 +42,11 @@ def register_model(name: str, builder: Callable[..., nn.Module], family: str = "
         _ALIASES[alias] = name
 
 
+def unregister_model(name: str) -> None:
+    """Remove a registered name (a model a test or a notebook registered for a while)."""
+    del _REGISTRY[name]
+
+
 def register_alias(alias: str, name: str, note: str | None = None) -> None:
     """Another name for a registered model; `note`, if given, is printed on stderr the first time it is used."""
     if alias in _REGISTRY or alias in _ALIASES:

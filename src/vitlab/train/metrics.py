@@ -28,6 +28,11 @@ class BatchBuffer:
     def __len__(self) -> int:
         return len(self.sizes)
 
+    @property
+    def samples(self) -> int:
+        """This rank's samples in the buffer."""
+        return sum(self.sizes)
+
     def add(self, size: int, loss: torch.Tensor, hits: torch.Tensor, lr: float,
             extras: dict[str, torch.Tensor]) -> None:
         """`loss` and `extras` are batch means, `hits` a count; the first batch fixes the extras' keys."""

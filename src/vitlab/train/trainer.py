@@ -232,7 +232,7 @@ class Trainer:
             epoch = self.epoch + 1
             seconds, images = self._train_epoch(epoch)
             train_time, train_images = train_time + seconds, train_images + images
-            val = evaluate(self.eval_model(), self.loaders['val'], self.device, tc.amp)
+            val = evaluate(self.eval_model(), self.loaders["val"], self.device, tc.amp)
             self.epoch = epoch
             improved = val["loss"] < self.best_val_loss
             self.best_val_loss = min(self.best_val_loss, val["loss"])
@@ -265,14 +265,14 @@ class Trainer:
                 pending_val.append((epoch, i + 1, self.step, loss_val))
             if len(buffer) == tc.log_every or i + 1 == n_batches:
                 self._flush_val(pending_val)
-                count = len(buffer)
+                count, samples, sizes = len(buffer), buffer.samples, list(buffer.sizes)
                 records = buffer.flush(all_reduce_sum)
                 self.log.batches(epoch, first_batch, first_step, records)
                 now = time.perf_counter()
                 left = (tc.epochs * n_batches - (epoch - 1) * n_batches - i - 1) * (now - t0) / (i + 1)
-                self.log.update(count, epoch, tc.epochs, i + 1, n_batches,
-                                sum(r["loss"] for r in records) / count, sum(r["acc"] for r in records) / count,
-                                count * tc.batch_size * self.env.world_size / (now - t_flush), left)
+                mean = lambda key: sum(r[key] * n for r, n in zip(records, sizes)) / samples  # noqa: E731
+                self.log.update(count, epoch, tc.epochs, i + 1, n_batches, mean("loss"), mean("acc"),
+                                samples * self.env.world_size / (now - t_flush), left)
                 first_batch, first_step, t_flush = i + 2, first_step + count, now
         self.log.end_epoch()
         # Every rank's shard has the same size (the loaders pad), so the global count is exact.
@@ -322,11 +322,11 @@ class Trainer:
         """(iterator, loss tensor) of the next validation batch of this rank's shard (seed 002 logs train and
         validation loss per batch)."""
         if it is None:
-            it = iter(self.loaders['val'])
+            it = iter(self.loaders["val"])
         try:
             x, y = next(it)
         except StopIteration:
-            it = iter(self.loaders['val'])
+            it = iter(self.loaders["val"])
             x, y = next(it)
         model = self.eval_model()
         model.eval()
@@ -337,7 +337,7 @@ class Trainer:
         return it, loss
 
     def _finish(self, wall: float, train_time: float, train_images: int) -> dict[str, Any]:
-        test = evaluate(self.eval_model(), self.loaders['test'], self.device, self.cfg.train.amp)
+        test = evaluate(self.eval_model(), self.loaders["test"], self.device, self.cfg.train.amp)
         results = {"test_top1": test["top1"], "test_top5": test["top5"], "test_loss": test["loss"],
                    "test_samples": test["n"], "params": self.params, "epochs": self.epoch,
                    "train_seconds": round(wall, 3),
