@@ -24,7 +24,3 @@ class ModelOutput:
 def as_output(out: torch.Tensor | ModelOutput) -> ModelOutput:
     """Bare logits are a `ModelOutput` with no auxiliary terms."""
     return out if isinstance(out, ModelOutput) else ModelOutput(out)
-
-
-def logits_of(out: torch.Tensor | ModelOutput) -> torch.Tensor:
-    return out.logits if isinstance(out, ModelOutput) else out

@@ -185,11 +185,14 @@ class InvertibleStack:
         seed = int(torch.randint(2 ** 62, (1,))) if self.training and (replay or self.draws_per_pass) else None
         return Pass(seed, replay)
 
+    def _record(self, state: State) -> None:
+        if self.trace is not None:
+            self.trace.append(tuple(t.detach().clone() for t in state))
+
     def iter_states(self, x: torch.Tensor, p: Pass) -> Iterator[State]:
         state = self.initial_state(x)
         for k in range(len(self.blocks)):
-            if self.trace is not None:
-                self.trace.append(tuple(t.detach().clone() for t in state))
+            self._record(state)
             p.step = k
             state = self.step(k, state, p)
             yield state
@@ -207,7 +210,6 @@ class InvertibleStack:
             return self.features(state)
         state = self.initial_state(x)
         for k, block in enumerate(self.blocks):
-            if self.trace is not None:
-                self.trace.append(tuple(t.detach().clone() for t in state))
+            self._record(state)
             state = _Step.apply(self, k, p, len(state), *state, *trainable(block))
         return self.features(state)

@@ -12,7 +12,7 @@ from torch import nn
 
 from ..config import Config
 from ..errors import VitlabError
-from ..objective import logits_of
+from ..objective import as_output
 from ..registry import create_model
 from ..resolve import build
 from .checkpoint import EMA_FILE, load_weights, read_metadata, resolve_checkpoint
@@ -40,7 +40,7 @@ def evaluate(model: nn.Module, loader: Iterable, device: torch.device, amp: str 
     for x, y in loader:
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         with autocast(device, amp):
-            logits = logits_of(model(x))
+            logits = as_output(model(x)).logits
         logits = logits.float()
         k = min(5, logits.shape[1])
         hits = logits.topk(k, dim=1).indices.eq(y.unsqueeze(1))  # (B, k); a -100 label never hits
@@ -71,5 +71,5 @@ def load_checkpoint(path: str | Path, use_ema: bool = True) -> tuple[nn.Module, 
 @torch.no_grad()
 def predict(model: nn.Module, images: torch.Tensor, topk: int = 5) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-k (probabilities, class indices) for a normalised batch (B, C, H, W)."""
-    probs = logits_of(model(images)).float().softmax(dim=-1)
+    probs = as_output(model(images)).logits.float().softmax(dim=-1)
     return probs.topk(min(topk, probs.shape[-1]), dim=-1)
