@@ -3,7 +3,7 @@ PY      := .venv/bin/python
 STAMP   := .venv/.installed
 PYTEST  ?= $(PY) -m pytest
 
-.PHONY: demo test test-slow bench clean seed002 seed003 seed004
+.PHONY: demo test test-slow bench clean seed002 seed003 seed004 resvit
 
 $(STAMP): pyproject.toml constraints.txt
 	python3 -m venv .venv
@@ -40,6 +40,15 @@ seed004: $(STAMP)
 	$(PY) -m vitlab compare configs/tower_vit/tower_mnist.yaml configs/tower_vit/staged_mnist.yaml configs/tower_vit/pit_mnist.yaml --epochs 2 --output output/seed004_mnist
 	$(PY) -m vitlab plot output/seed004_mnist --out output/seed004_mnist/plots --checkpoint output/seed004_mnist/pit_mnist --data_dir $(DATA)
 	$(PY) -m vitlab report output/seed004_mnist --out output/seed004_mnist/report.html --title "Seed 004: TowerViT vs stage-wise ViT (MNIST)"
+
+# Seed 001's claim on CPU: a plain ViT teacher on MNIST-on-canvas, Res-ViT fine-tuned from it (routing arms x
+# target ratios x LoRA/full), equal-FLOPs depth cuts, learned vs random routing over seeds; then measured.
+resvit: $(STAMP)
+	$(PY) -m vitlab train --config configs/resvit/teacher_canvas.yaml --data_dir $(DATA) --reload
+	$(PY) -m vitlab sweep configs/resvit/routing_canvas.yaml --output output/resvit_canvas/routing
+	$(PY) -m vitlab sweep configs/resvit/depth_cut_canvas.yaml --output output/resvit_canvas/depth_cut
+	$(PY) -m vitlab sweep configs/resvit/seeds_canvas.yaml --output output/resvit_canvas/seeds
+	$(PY) bench/resvit.py output/resvit_canvas
 
 clean:
 	rm -rf output .pytest_cache

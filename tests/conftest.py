@@ -50,13 +50,16 @@ def trained_run(tmp_path_factory):
 
 def tiny_model(name, **overrides):
     """`name` at a tiny size for contract tests: two blocks of width 32 (staged: two one-block stages),
-    a 2 x 2 token grid, 5 classes, dropout and drop-path on so that replayed randomness is exercised."""
+    a 2 x 2 token grid, 5 classes, dropout and drop-path on so that replayed randomness is exercised (routed
+    models: routing on in both blocks, undecided routers, so both paths of every token run)."""
     import vitlab
     from vitlab.registry import model_args
     args = model_args(name)
     size = ({"widths": [16, 32], "depths": [1, 1], "head_dim": 8} if "widths" in args
             else {"embed_dim": 32, "depth": 2, "num_heads": 2})
     kw = dict(img_size=2 * args["patch_size"], num_classes=5, drop_path_rate=0.1, drop_rate=0.1, **size)
+    if "router_keep_bias" in args:  # routed: both layers dynamic, routers undecided, every token read by the head
+        kw.update(dynamic_start_layer=0, router_keep_bias=0.0, global_pool="avg", router_hdim=16, low_rank_dim=4)
     return vitlab.create_model(name, **{**kw, **overrides})
 
 

@@ -11,6 +11,7 @@ from safetensors.torch import save_file
 
 import vitlab
 from conftest import ROOT, model_input, tiny_model
+from vitlab.objective import as_output
 from vitlab.registry import list_models, model_entry
 from vitlab.train.checkpoint import model_metadata
 from vitlab.train.evaluate import load_checkpoint
@@ -34,9 +35,9 @@ FAMILIES = representatives()
 def test_forward_backward_every_parameter_gets_gradient(name):
     torch.manual_seed(0)
     model = tiny_model(name).train()
-    logits = model(model_input(model))
-    assert logits.shape == (3, 5) and torch.isfinite(logits).all()
-    logits.square().mean().backward()
+    out = as_output(model(model_input(model)))
+    assert out.logits.shape == (3, 5) and torch.isfinite(out.logits).all()
+    (out.logits.square().mean() + sum(out.losses.values())).backward()
     for pname, p in model.named_parameters():
         assert p.grad is not None, f"{pname} got no gradient"
         assert torch.isfinite(p.grad).all(), f"{pname} has a non-finite gradient"

@@ -120,7 +120,10 @@ def test_load_pretrained_errors(tmp_path):
     (tmp_path / "w.ckpt").write_text("x")
     with pytest.raises(VitlabError, match="unsupported checkpoint format"):
         vitlab.load_pretrained(m, tmp_path / "w.ckpt")
-    big = vitlab.create_model("vit_micro_patch2_8", depth=7)
+    big = vitlab.create_model("vit_micro_patch2_8", depth=7)  # a deeper checkpoint: its first blocks load
     save_file(big.state_dict(), str(tmp_path / "big.safetensors"))
+    assert vitlab.load_pretrained(m, tmp_path / "big.safetensors") == ["blocks 6-6 dropped (the model has 6)"]
+    other = vitlab.create_model("diff_vit_micro_patch2_8")  # another family's extra parameters do not fit
+    save_file(other.state_dict(), str(tmp_path / "diff.safetensors"))
     with pytest.raises(VitlabError, match="does not fit.*unexpected"):
-        vitlab.load_pretrained(m, tmp_path / "big.safetensors")
+        vitlab.load_pretrained(vitlab.create_model("vit_micro_patch2_8", num_heads=2), tmp_path / "diff.safetensors")

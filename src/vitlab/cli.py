@@ -20,6 +20,30 @@ TRAIN_FLAGS = {  # flag dest -> config key (seed 000's and seed 001/002's flags)
 }
 
 
+#: seed 001's defaults, applied when its flags (--model-arch) are used without --config: `src/train.py`
+#: fine-tunes with SGD + OneCycle for 15,000 steps; `res-vit/train.py` (--use-reslr True) with AdamW + cosine,
+#: clipping and LoRA (ROUTED_AND_ADAPTIVE.md B.2, B.4). configs/finetune/ holds the same recipes as YAML.
+SEED001_VIT = {"data": {"img_size": 224, "normalization": "half"},
+               "optim": {"name": "sgd", "lr": 0.03, "momentum": 0.9, "weight_decay": 0.0, "schedule": "onecycle",
+                         "warmup_steps": 500},
+               "train": {"max_steps": 15000, "batch_size": 32}}
+SEED001_RESVIT = {"data": {"img_size": 224, "normalization": "half"},
+                  "optim": {"name": "adamw", "lr": 1e-4, "weight_decay": 0.05, "schedule": "cosine",
+                            "warmup_steps": 500, "clip_grad": 1.0},
+                  "train": {"max_steps": 15000, "batch_size": 32}, "lora": {"rank": 8}}
+SEED001_FLAGS = {"dynamic_active_target": "model.active_target", "dynamic_start_layer": "model.dynamic_start_layer",
+                 "block_size": "model.block_size", "lora_rank": "lora.rank", "train_steps": "train.max_steps",
+                 "warmup_steps": "optim.warmup_steps", "checkpoint_path": "model.pretrained"}
+
+
+def flag_bool(text: str) -> bool:
+    """Boolean flag values as the seeds write them: True/true/1/yes, False/false/0/no."""
+    value = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}.get(text.lower())
+    if value is None:
+        raise argparse.ArgumentTypeError(f"expected True or False, got {text!r}")
+    return value
+
+
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str):  # argparse prints usage + error; we print one line
         raise VitlabError(f"{message} (see `{self.prog} --help`)")
@@ -45,10 +69,26 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--lr", type=float, help="optim.lr")
     t.add_argument("--upload", action="store_true",
                    help="upload the final weights and logs to HF_REPOSITORY (token: HF_TOKEN; env or .env)")
+    s1 = t.add_argument_group("seed 001's flags (ViT / Res-ViT fine-tuning; without --config they bring its recipe)")
+    s1.add_argument("--model-arch", "--model_arch", dest="model_arch", help="b16, b32, l16, l32, h14 (model.name)")
+    s1.add_argument("--use-reslr", "--use_reslr", dest="use_reslr", type=flag_bool, metavar="BOOL",
+                    help="Res-ViT: token routers and low-rank approximators (resvit_* of the same size)")
+    s1.add_argument("--use-lora", "--use_lora", dest="use_lora", type=flag_bool, metavar="BOOL",
+                    help="LoRA fine-tuning (lora.rank 8 unless --lora-rank)")
+    s1.add_argument("--lora-rank", "--lora_rank", dest="lora_rank", type=int, help="lora.rank")
+    s1.add_argument("--dynamic-active-target", "--dynamic_active_target", dest="dynamic_active_target", type=float,
+                    help="Res-ViT target active ratio (model.active_target)")
+    s1.add_argument("--dynamic-start-layer", "--dynamic_start_layer", dest="dynamic_start_layer", type=int)
+    s1.add_argument("--block-size", "--block_size", dest="block_size", type=int)
+    s1.add_argument("--train-steps", "--train_steps", dest="train_steps", type=int, help="train.max_steps")
+    s1.add_argument("--warmup-steps", "--warmup_steps", dest="warmup_steps", type=int, help="optim.warmup_steps")
+    s1.add_argument("--checkpoint-path", "--checkpoint_path", dest="checkpoint_path",
+                    help="pretrained weights to fine-tune (model.pretrained; .pth, .npz or .safetensors)")
     t.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. optim.lr=3e-4")
 
     e = sub.add_parser("evaluate", help="loss, top-1 and top-5 of a checkpoint on a dataset split (JSON)")
-    e.add_argument("--checkpoint", required=True, help="run dir, checkpoint dir or model.safetensors")
+    e.add_argument("--checkpoint", "--checkpoint-path", "--checkpoint_path", dest="checkpoint", required=True,
+                   help="run dir, checkpoint dir or model.safetensors")
     e.add_argument("--dataset", help="dataset name (default: the one it was trained on)")
     e.add_argument("--data_dir", "--data-dir", help="dataset folder")
     e.add_argument("--split", choices=("train", "val", "test"), default="test")
@@ -109,12 +149,31 @@ def cmd_train(args) -> int:
 
     tree = read_yaml(args.config) if args.config else {}
     overrides = [(key, getattr(args, dest)) for dest, key in TRAIN_FLAGS.items() if getattr(args, dest) is not None]
+    seed001 = _seed001(args)
+    if (seed001 or args.use_reslr is not None) and not args.config:
+        tree = SEED001_RESVIT if args.use_reslr else SEED001_VIT
+    overrides += seed001
     overrides += [parse_override(o) for o in args.overrides]
     if args.upload:
         overrides.append(("output.upload", True))
     cfg = build(tree, overrides)
     train(cfg, reload=args.reload, local=args.local)
     return 0
+
+
+def _seed001(args) -> list[tuple[str, object]]:
+    """Seed 001's flags as (key, value) overrides, also printed as the equivalent key=value form."""
+    from .registry import resolve_name
+
+    out = [(key, getattr(args, dest)) for dest, key in SEED001_FLAGS.items() if getattr(args, dest) is not None]
+    if args.model_arch:
+        name = resolve_name(args.model_arch)
+        out.append(("model.name", name.replace("vit_", "resvit_", 1) if args.use_reslr else name))
+    if args.use_lora is not None and args.lora_rank is None:
+        out.append(("lora.rank", 8 if args.use_lora else 0))
+    if out or args.use_reslr is not None:
+        print("vitlab: seed 001 flags as config: " + " ".join(f"{k}={v}" for k, v in out), file=sys.stderr)
+    return out
 
 
 def cmd_evaluate(args) -> int:

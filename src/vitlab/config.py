@@ -46,6 +46,11 @@ class DataConfig:
     num_workers: int = 8
     synthetic_size: int = 1024  # `synthetic` only: number of training images
     synthetic_classes: int = 10
+    # dataset: the dataset's own mean/std; half: 0.5/0.5 (the original ViT fine-tuning); imagenet: ImageNet's
+    normalization: Literal["dataset", "half", "imagenet"] = "dataset"
+    max_train_samples: int = 0  # train on a seeded subset of this many images (0: all)
+    canvas_size: int = 56  # mnist_canvas: side of the black canvas
+    canvas_digit_size: int = 28  # mnist_canvas: side the MNIST digit is resized to before it is pasted
 
 
 @dataclass
@@ -56,7 +61,10 @@ class OptimConfig:
     betas: tuple[float, float] = (0.9, 0.999)
     momentum: float = 0.9  # sgd
     nesterov: bool = False  # sgd
-    schedule: Literal["cosine", "constant"] = "cosine"
+    # cosine / constant after a linear warm-up; onecycle: torch's OneCycleLR (cosine up over the warm-up from
+    # lr/25, then down to lr/25e4), cycling SGD momentum (AdamW beta1) between 0.85 and 0.95 (seed 001's recipe)
+    schedule: Literal["cosine", "constant", "onecycle"] = "cosine"
+    cycle_momentum: bool = True  # onecycle only
     warmup_steps: int = 0
     warmup_epochs: float = 0.0  # used when warmup_steps is 0
     min_lr: float = 0.0
@@ -71,6 +79,7 @@ class OptimConfig:
 @dataclass
 class TrainConfig:
     epochs: int = 10
+    max_steps: int = 0  # > 0: train exactly this many optimizer steps (the last epoch stops early); overrides epochs
     batch_size: int = 128  # per device (process); the global batch is batch_size x world size x accum_steps
     eval_batch_size: Optional[int] = None  # default: 2 x batch_size
     accum_steps: int = 1
@@ -85,6 +94,18 @@ class TrainConfig:
     ema_decay: float = 0.999
     val_every_n_batches: int = 0  # also log one validation batch's loss every N train batches; 0 = off
     log_every: int = 20  # flush per-batch metrics (and the progress line) every N batches
+
+
+@dataclass
+class LoraConfig:
+    """LoRA fine-tuning of any model (vitlab.layers.lora); rank 0 trains every parameter instead."""
+    rank: int = 0
+    alpha: Optional[float] = None  # the update is scaled by alpha / rank; default alpha = rank
+    dropout: float = 0.0
+    targets: list[str] = field(default_factory=lambda: ["qkv"])  # of qkv, proj, fc1, fc2
+    init: Literal["kaiming", "normal001"] = "kaiming"  # loralib (B = 0: starts at the base model) or seed 001's
+    # what trains besides the adapters (parameter-name substrings; LayerNorms never): seed 001's set
+    trainable: list[str] = field(default_factory=lambda: ["routers.", "approximators.", "cls_token", "head."])
 
 
 @dataclass
@@ -106,6 +127,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
 
     @property
@@ -300,6 +322,10 @@ def validate(cfg: Config) -> None:
     for key, value in positive.items():
         if value <= 0:
             raise VitlabError(f"config key '{key}' must be positive, got {value}")
+    for key, value in (("train.max_steps", cfg.train.max_steps), ("lora.rank", cfg.lora.rank),
+                       ("data.max_train_samples", cfg.data.max_train_samples)):
+        if value < 0:
+            raise VitlabError(f"config key '{key}' must be >= 0, got {value}")
     for key in ("data.val_fraction", "data.test_fraction"):
         value = getattr(cfg.data, key.split(".")[1])
         if not 0 <= value < 1:

@@ -1,12 +1,17 @@
 """Loading pretrained weights from local files into a vitlab model.
 
 Formats: `.safetensors` (timm / Hugging Face / vitlab), `.pth`/`.pt`/`.bin` (a state dict, possibly under
-'model' or 'state_dict'), and `.npz` from the original JAX ViT (google-research/vision_transformer) or
-big_vision, converted to our (= timm's) key layout. On the way in:
+'model' or 'state_dict'; seed 001's JAX-converted `.pth`, `transformer.encoder_layers.i.attn.query...`, is
+recognised by its keys), and `.npz` from the original JAX ViT (google-research/vision_transformer) or
+big_vision, all converted to our (= timm's) key layout. On the way in:
   * `module.` / `_orig_mod.` prefixes (DDP, torch.compile) are stripped;
   * the position embedding is resampled (bicubic, antialiased) to the model's grid;
   * 3-channel patch weights are summed for a 1-channel model (and tiled for more channels);
-  * a classifier head whose shape does not match (other num_classes) is dropped and keeps its fresh init.
+  * a classifier head whose shape does not match (other num_classes) is dropped and keeps its fresh init;
+  * blocks beyond a shallower model's depth are dropped (a depth-cut student starts from its teacher's first
+    blocks);
+  * parameters a family adds to the reference ViT (Res-ViT's routers, LoRA adapters) may be missing: they
+    keep their initialisation (`model.new_parameter_prefixes`).
 """
 from __future__ import annotations
 
@@ -39,7 +44,8 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         sd = convert_jax_npz(dict(np.load(path)))
     else:
         raise VitlabError(f"unsupported checkpoint format '{suffix}' ({path}); use .safetensors, .pth or .npz")
-    return {_strip(k): v for k, v in sd.items() if isinstance(v, torch.Tensor)}
+    sd = {_strip(k): v for k, v in sd.items() if isinstance(v, torch.Tensor)}
+    return convert_encoder_layers(sd) if any(k.startswith("transformer.encoder_layers.") for k in sd) else sd
 
 
 def _strip(key: str) -> str:
@@ -87,6 +93,33 @@ def convert_jax_npz(w: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
     return sd
 
 
+def convert_encoder_layers(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Seed 001's layout (the JAX ViT converted to PyTorch by asyml/vision-transformer-pytorch) -> timm keys.
+
+    Attention kernels keep JAX's head axes: query/key/value weights (D, H, d) with biases (H, d), and the output
+    weight (H, d, D); x @ W.reshape(D, D) is a Linear with weight W.reshape(D, D).T."""
+    out = {"patch_embed.proj.weight": sd["embedding.weight"], "patch_embed.proj.bias": sd["embedding.bias"],
+           "pos_embed": sd["transformer.pos_embedding.pos_embedding"],
+           "norm.weight": sd["transformer.norm.weight"], "norm.bias": sd["transformer.norm.bias"]}
+    if "cls_token" in sd:
+        out["cls_token"] = sd["cls_token"]
+    if "classifier.weight" in sd:
+        out["head.weight"], out["head.bias"] = sd["classifier.weight"], sd["classifier.bias"]
+    depth = 1 + max(int(k.split(".")[2]) for k in sd if k.startswith("transformer.encoder_layers."))
+    for i in range(depth):
+        src, dst = f"transformer.encoder_layers.{i}.", f"blocks.{i}."
+        D = sd[src + "attn.query.weight"].shape[0]
+        out[dst + "attn.qkv.weight"] = torch.cat([sd[f"{src}attn.{n}.weight"].reshape(D, D).T
+                                                  for n in ("query", "key", "value")])
+        out[dst + "attn.qkv.bias"] = torch.cat([sd[f"{src}attn.{n}.bias"].reshape(D) for n in ("query", "key", "value")])
+        out[dst + "attn.proj.weight"] = sd[src + "attn.out.weight"].reshape(D, D).T  # (H, d, D) -> (D, D)
+        out[dst + "attn.proj.bias"] = sd[src + "attn.out.bias"]
+        for part in ("norm1", "norm2", "mlp.fc1", "mlp.fc2"):
+            for p in ("weight", "bias"):
+                out[f"{dst}{part}.{p}"] = sd[f"{src}{part}.{p}"]
+    return {k: v.contiguous() for k, v in out.items()}
+
+
 def adapt_state_dict(sd: dict[str, torch.Tensor], model: nn.Module) -> tuple[dict[str, torch.Tensor], list[str]]:
     """Make a checkpoint fit `model` where that is well defined; returns the adapted dict and what changed."""
     own = model.state_dict()
@@ -105,6 +138,12 @@ def adapt_state_dict(sd: dict[str, torch.Tensor], model: nn.Module) -> tuple[dic
                               f"{tuple(own[key].shape[2:])}; build the model with the checkpoint's patch_size")
         sd[key] = w.sum(1, keepdim=True) if c == 1 else w.repeat(1, math.ceil(c / w.shape[1]), 1, 1)[:, :c] * (w.shape[1] / c)
         notes.append(f"patch embedding adapted from {w.shape[1]} to {c} input channels")
+    block_index = lambda k: int(k.split(".")[1]) if k.startswith("blocks.") else -1  # noqa: E731
+    depth = 1 + max(map(block_index, own), default=-1)
+    if depth and any(block_index(k) >= depth for k in sd):
+        extra = sorted({block_index(k) for k in sd if block_index(k) >= depth})
+        sd = {k: v for k, v in sd.items() if block_index(k) < depth}
+        notes.append(f"blocks {extra[0]}-{extra[-1]} dropped (the model has {depth})")
     for k in ("head.weight", "head.bias"):
         if k in sd and (k not in own or sd[k].shape != own[k].shape):
             del sd[k]
@@ -119,7 +158,8 @@ def load_pretrained(model: nn.Module, path: str | Path, strict: bool = True) -> 
     hold no keys the model lacks; mismatches are a VitlabError listing the first few keys."""
     sd, notes = adapt_state_dict(read_state_dict(path), model)
     missing, unexpected = model.load_state_dict(sd, strict=False)
-    missing = [k for k in missing if not k.startswith("head.")]
+    new = ("head.", *getattr(model, "new_parameter_prefixes", ()))
+    missing = [k for k in missing if not k.startswith(new) and ".lora_" not in k]
     if strict and (missing or unexpected):
         raise VitlabError(f"'{path}' does not fit model {getattr(model, 'vitlab_name', type(model).__name__)}: "
                           f"missing {missing[:4]}, unexpected {unexpected[:4]}; check the model size and patch size")

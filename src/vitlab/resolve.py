@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from .config import Config, build_config, coerce, load_config
-from .data import dataset_names
+from .data import canonical_dataset, dataset_names
 from .errors import VitlabError, did_you_mean
 from .registry import ARG_ALIASES, builder_annotations, builder_parameters, model_entry
 
@@ -27,22 +27,24 @@ def resolve_model_args(name: str, args: dict[str, Any]) -> dict[str, Any]:
     typed = {}
     for key, value in args.items():
         key = ARG_ALIASES.get(key, key)
+        if value is None:  # unset: the model's default (a sweep may unset an argument of its base's model)
+            continue
         if key not in params:
             raise VitlabError(f"unknown config key 'model.{key}': model '{entry.name}' has no such argument"
                               f"{did_you_mean(key, params)}; `vitlab models` lists models, their docstrings the "
                               f"arguments")
-        if value is not None:
-            typed[key] = coerce(value, hints.get(key, Any), f"model.{key}")
+        typed[key] = coerce(value, hints.get(key, Any), f"model.{key}")
     return typed
 
 
 def resolve_config(cfg: Config) -> Config:
     """A copy of `cfg` with its names checked and its model arguments typed."""
-    if cfg.data.dataset not in dataset_names():
+    dataset = canonical_dataset(cfg.data.dataset)
+    if dataset is None:
         raise VitlabError(f"unknown dataset '{cfg.data.dataset}'{did_you_mean(cfg.data.dataset, dataset_names())}; "
                           f"choose one of: {', '.join(dataset_names())}")
     model = dataclasses.replace(cfg.model, args=resolve_model_args(cfg.model.name, cfg.model.args))
-    return dataclasses.replace(cfg, model=model)
+    return dataclasses.replace(cfg, model=model, data=dataclasses.replace(cfg.data, dataset=dataset))
 
 
 def build(tree: dict[str, Any] | None = None, overrides: Iterable[tuple[str, Any]] = ()) -> Config:

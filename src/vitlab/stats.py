@@ -4,7 +4,22 @@ from __future__ import annotations
 import sys
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode
+from torch.utils.flop_counter import FlopCounterMode, register_flop_formula, sdpa_backward_flop_count, sdpa_flop_count
+
+aten = torch.ops.aten
+
+
+# torch counts the CUDA attention kernels but not CPU's fused one; without these, FLOPs counted on a real CPU
+# model (data-dependent routing cannot run on the meta device) would miss every attention matmul.
+@register_flop_formula(aten._scaled_dot_product_flash_attention_for_cpu)
+def _cpu_sdpa_flop(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+    return sdpa_flop_count(query_shape, key_shape, value_shape)
+
+
+@register_flop_formula(aten._scaled_dot_product_flash_attention_for_cpu_backward)
+def _cpu_sdpa_backward_flop(grad_out_shape, query_shape, key_shape, value_shape, *args, out_shape=None,
+                            **kwargs) -> int:
+    return sdpa_backward_flop_count(grad_out_shape, query_shape, key_shape, value_shape)
 
 from .registry import create_model
 
@@ -12,6 +27,7 @@ from .registry import create_model
 def model_stats(name: str, **overrides) -> dict[str, float]:
     with torch.device("meta"):
         model = create_model(name, **overrides)
+        model = create_model(name, **{**model.vitlab_args, **getattr(model, "static_flops_args", {})})
     a = model.vitlab_args
     return {"params": sum(p.numel() for p in model.parameters()), "gflops": _count_gflops(model),
             "img_size": a["img_size"]}
@@ -23,7 +39,8 @@ def forward_gflops(model: torch.nn.Module) -> float:
     computed, and every op there has a FLOP formula (CPU's fused flash-attention kernel has none, so counting
     a real CPU model would miss the attention matmuls)."""
     with torch.device("meta"):
-        return _count_gflops(create_model(model.vitlab_name, **model.vitlab_args))
+        args = {**model.vitlab_args, **getattr(model, "static_flops_args", {})}
+        return _count_gflops(create_model(model.vitlab_name, **args))
 
 
 def _count_gflops(meta_model: torch.nn.Module) -> float:

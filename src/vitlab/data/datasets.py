@@ -190,6 +190,71 @@ _FASHION = ((0.2860,), (0.3530,))
 _CIFAR10 = ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616))
 _CIFAR100 = ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762))
 
+class CanvasDigits:
+    """MNIST-on-canvas: each digit resized to `digit` px and pasted at a random position on a black `canvas`
+    px square, so most of an image (most tokens) is background. Indexing with a batch of indices renders those
+    images (uint8, (B, 1, canvas, canvas)); positions are a function of (seed, epoch, sample), redrawn by
+    `set_epoch` (training) and fixed at epoch 0 otherwise (validation and test)."""
+
+    def __init__(self, digits: torch.Tensor, canvas: int, digit: int, seed: int, ids: torch.Tensor | None = None):
+        if not 0 < digit <= canvas:
+            raise VitlabError(f"data.canvas_digit_size={digit} must be in 1..data.canvas_size={canvas}")
+        if digits.shape[-1] != digit:
+            digits = torch.nn.functional.interpolate(digits.float(), size=(digit, digit), mode="bilinear",
+                                                     antialias=True).round().clamp(0, 255).to(torch.uint8)
+        self.digits, self.canvas, self.digit, self.seed = digits, canvas, digit, seed
+        self.ids = torch.arange(len(digits)) if ids is None else ids  # sample identity: positions follow it
+        self.set_epoch(0)
+
+    def __len__(self) -> int:
+        return len(self.digits)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return (len(self), 1, self.canvas, self.canvas)
+
+    def set_epoch(self, epoch: int) -> None:
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+        span = self.canvas - self.digit + 1
+        every = torch.randint(0, span, (2, int(self.ids.max()) + 1 if len(self.ids) else 0), generator=g)
+        self.offsets = every[:, self.ids]  # (2, n): row and column of each digit's top-left corner
+
+    def subset(self, index: torch.Tensor) -> "CanvasDigits":
+        return CanvasDigits(self.digits[index], self.canvas, self.digit, self.seed, self.ids[index])
+
+    def boxes(self, index) -> torch.Tensor:
+        """(B, 4) digit boxes (top, left, bottom, right) in canvas pixels."""
+        oy, ox = self.offsets[:, index]
+        return torch.stack([oy, ox, oy + self.digit, ox + self.digit], -1)
+
+    def __getitem__(self, index) -> torch.Tensor:
+        single = isinstance(index, int)
+        index = torch.as_tensor([index] if single else index)
+        c, d = self.canvas, self.digit
+        oy, ox = self.offsets[:, index]
+        # canvas pixel (r, s) shows digit pixel (r - oy, s - ox) where that is inside the digit, else black
+        r = torch.arange(c).view(1, c, 1) - oy.view(-1, 1, 1)
+        s = torch.arange(c).view(1, 1, c) - ox.view(-1, 1, 1)
+        inside = (r >= 0) & (r < d) & (s >= 0) & (s < d)
+        b = torch.arange(len(index)).view(-1, 1, 1)
+        out = torch.where(inside, self.digits[index][:, 0][b, r.clamp(0, d - 1), s.clamp(0, d - 1)], 0)
+        out = out.unsqueeze(1).to(torch.uint8)  # (B, 1, c, c)
+        return out[0] if single else out
+
+
+def _mnist_canvas(data_dir: str, download: bool, canvas_size: int, canvas_digit_size: int, split_seed: int,
+                  **_) -> RawSplits:
+    mnist = DATASETS["mnist"](data_dir=data_dir, download=download)
+    splits = [TensorImages(CanvasDigits(part.images, canvas_size, canvas_digit_size, split_seed + k), part.labels)
+              for k, part in enumerate((mnist.train, mnist.test))]
+    # statistics of the canvases, exactly: the digit's moments diluted by the black area around it
+    area, pixels = (canvas_digit_size / canvas_size) ** 2, splits[0].images.digits.float() / 255
+    mean, square = float(pixels.mean()) * area, float(pixels.square().mean()) * area
+    info = DatasetInfo("mnist_canvas", 10, 1, canvas_size, (mean,), ((square - mean ** 2) ** 0.5,), hflip=False,
+                       crop="pad", class_names=mnist.info.class_names)
+    return RawSplits(info, *splits)
+
+
 DATASETS: dict[str, Callable[..., RawSplits]] = {
     "digits": _digits,
     "mnist": _torchvision("MNIST", "mnist", 10, 1, 28, *_MNIST, hflip=False),
@@ -199,11 +264,19 @@ DATASETS: dict[str, Callable[..., RawSplits]] = {
     "imagefolder": lambda **kw: _folder_splits("imagefolder", **kw),
     "bach": lambda **kw: _folder_splits("bach", expect_classes=4, **kw),
     "synthetic": _synthetic,
+    "mnist_canvas": _mnist_canvas,
 }
 
 
 def dataset_names() -> list[str]:
     return list(DATASETS)
+
+
+def canonical_dataset(name: str) -> str | None:
+    """The registered name for any spelling that differs only in case, dashes and underscores
+    (CIFAR-100, CIFAR100, cifar_100 -> cifar100); None when there is none."""
+    key = lambda n: n.lower().replace("-", "").replace("_", "")  # noqa: E731
+    return next((n for n in DATASETS if key(n) == key(name)), None)
 
 
 def load_raw(name: str, **kwargs) -> RawSplits:

@@ -1,6 +1,7 @@
 """Turn a `DataConfig` into train/val/test splits and their loaders."""
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass
 
@@ -9,7 +10,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from torch.utils.data.distributed import DistributedSampler
 
 from ..config import DataConfig
-from .datasets import DatasetInfo, TensorImages, load_raw, seeded_split
+from .datasets import IMAGENET_MEAN, IMAGENET_STD, DatasetInfo, TensorImages, load_raw, seeded_split
 from .tensor_loader import TensorBatchLoader
 from .transforms import MixCollate, build_transform
 
@@ -90,18 +91,28 @@ def _tensors(ds: Dataset) -> tuple[torch.Tensor, torch.Tensor] | None:
         ds = ds.dataset
     if not isinstance(ds, TensorImages):
         return None
-    return (ds.images, ds.labels) if index is None else (ds.images[index], ds.labels[index])
+    if index is None:
+        return ds.images, ds.labels
+    subset = getattr(ds.images, "subset", None)  # generated images (CanvasDigits) stay generated
+    return (subset(index) if subset else ds.images[index]), ds.labels[index]
 
 
 def build_data(cfg: DataConfig, img_size: int | None = None, in_chans: int | None = None) -> DataBundle:
     """Load `cfg.dataset`; `img_size`/`in_chans` default to the data's own."""
     raw = load_raw(cfg.dataset, data_dir=cfg.data_dir, download=cfg.download, test_fraction=cfg.test_fraction,
                    split_seed=cfg.split_seed, img_size=cfg.img_size or img_size,
-                   synthetic_size=cfg.synthetic_size, synthetic_classes=cfg.synthetic_classes)
+                   synthetic_size=cfg.synthetic_size, synthetic_classes=cfg.synthetic_classes,
+                   canvas_size=cfg.canvas_size, canvas_digit_size=cfg.canvas_digit_size)
     train, val = raw.train, raw.val
     if val is None:
         train, val = seeded_split(train, cfg.val_fraction, cfg.split_seed + 1)
-    return DataBundle(raw.info, cfg.img_size or img_size or raw.info.img_size, in_chans or raw.info.in_chans,
+    if 0 < cfg.max_train_samples < len(train):
+        train, _ = seeded_split(train, 1 - cfg.max_train_samples / len(train), cfg.split_seed + 2)
+    info = raw.info
+    if cfg.normalization != "dataset":
+        mean, std = ((0.5,) * 3, (0.5,) * 3) if cfg.normalization == "half" else (IMAGENET_MEAN, IMAGENET_STD)
+        info = dataclasses.replace(info, mean=mean, std=std)
+    return DataBundle(info, cfg.img_size or img_size or raw.info.img_size, in_chans or raw.info.in_chans,
                       cfg.augment, {"train": train, "val": val, "test": raw.test})
 
 

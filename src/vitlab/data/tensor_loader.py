@@ -41,6 +41,8 @@ class TensorBatchLoader:
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
+        if hasattr(self.images, "set_epoch"):  # generated images (MNIST-on-canvas) redraw their layout
+            self.images.set_epoch(epoch)
 
     def __len__(self) -> int:
         n = len(self.labels)

@@ -34,6 +34,7 @@ SMALL_IMAGE = [
     ("micro", 2, 8, {}),    # sklearn digits (8x8): 16 tokens
     ("micro", 7, 28, {}),   # MNIST / Fashion-MNIST: 16 tokens, the fast CPU recipe
     ("micro", 4, 28, {}),   # 49 tokens
+    ("micro", 4, 32, {}),   # 64 tokens: MNIST-on-canvas, the CPU Res-ViT experiment
     ("mini", 4, 28, {}),
     ("mini", 4, 32, {}),    # CIFAR: 64 tokens
     ("tiny", 4, 32, {}),

@@ -70,6 +70,13 @@ def save_checkpoint(path: Path, model: nn.Module | dict[str, torch.Tensor], meta
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def save_weights(file: Path, weights: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
+    """One safetensors file, written to a temporary sibling and renamed into place."""
+    tmp = file.with_name(f".{file.name}.tmp")
+    save_file({k: v.contiguous() for k, v in weights.items()}, tmp, metadata=metadata)
+    os.replace(tmp, file)
+
+
 def existing(path: Path) -> Path | None:
     """`path` if complete, else its `.old` twin left by a kill mid-swap, else None."""
     for p in (Path(path), Path(path).with_name(Path(path).name + ".old")):

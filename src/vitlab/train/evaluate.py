@@ -59,11 +59,22 @@ def load_checkpoint(path: str | Path, use_ema: bool = True) -> tuple[nn.Module, 
     meta = read_metadata(file)
     if "model_name" not in meta:
         raise VitlabError(f"'{file}' has no vitlab metadata; use vitlab.load_pretrained() for foreign weights")
-    model = create_model(meta["model_name"], **json.loads(meta["model_args"]))
-    ema = file.with_name(EMA_FILE)
-    model.load_state_dict(load_weights(ema if use_ema and ema.is_file() else file))
     import yaml
     cfg = build(yaml.safe_load(meta["config"]))
+    model = create_model(meta["model_name"], **json.loads(meta["model_args"]))
+    from .trainer import add_lora
+    add_lora(model, cfg.lora)
+    ema = file.with_name(EMA_FILE)
+    weights = load_weights(ema if use_ema and ema.is_file() else file)
+    if file.name == "adapter.safetensors":  # the adapter alone: the base comes from the run's pretrained file
+        if not cfg.model.pretrained:
+            raise VitlabError(f"'{file}' holds a LoRA adapter but its run names no model.pretrained base; "
+                              f"load the run's merged.safetensors or a full checkpoint instead")
+        from ..pretrained import load_pretrained
+        load_pretrained(model, cfg.model.pretrained)
+        model.load_state_dict(weights, strict=False)
+    else:
+        model.load_state_dict(weights)
     extra = {k: json.loads(v) for k, v in meta.items() if k not in ("model_name", "model_args", "config")}
     return model.eval(), cfg, extra
 

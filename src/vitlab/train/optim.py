@@ -48,10 +48,14 @@ def lr_factor(step: int, total: int, warmup: int, schedule: str, min_ratio: floa
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimConfig, steps_per_epoch: int,
-                    epochs: int) -> torch.optim.lr_scheduler.LambdaLR:
-    """A per-optimizer-step schedule; its state (the step count) goes into the trainer checkpoint."""
-    total = steps_per_epoch * epochs
+                    total: int) -> torch.optim.lr_scheduler.LRScheduler:
+    """A per-optimizer-step schedule over `total` steps; its state (the step count) goes into the trainer
+    checkpoint."""
     warmup = cfg.warmup_steps or int(round(cfg.warmup_epochs * steps_per_epoch))
+    if cfg.schedule == "onecycle":  # seed 001: OneCycleLR(max_lr, total_steps, pct_start=warm-up / total)
+        return torch.optim.lr_scheduler.OneCycleLR(
+            optimizer, max_lr=[g["lr"] for g in optimizer.param_groups], total_steps=max(total, 1),
+            pct_start=min(max(warmup, 1) / max(total, 1), 1.0), cycle_momentum=cfg.cycle_momentum)
     min_ratio = cfg.min_lr / cfg.lr
     return torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: lr_factor(step, total, warmup, cfg.schedule, min_ratio))

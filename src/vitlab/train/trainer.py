@@ -21,10 +21,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import Config
+from ..config import Config, LoraConfig
 from ..data import DataBundle, MixCollate, build_data, set_epoch
 from ..errors import VitlabError
 from ..hub import hub_target
+from ..layers.lora import adapter_state_dict, apply_lora, freeze_for_lora, merged_state_dict
 from ..objective import as_output
 from ..registry import create_model, model_args, model_entry
 from ..resolve import resolve_config
@@ -81,10 +82,19 @@ def build_model(cfg: Config, data: DataBundle) -> nn.Module:
                           f"{info.num_classes} classes; drop model.num_classes to take it from the dataset")
     args = {**cfg.model.args, "img_size": data.img_size, "in_chans": data.in_chans, "num_classes": info.num_classes}
     model = create_model(cfg.model.name, **args)
+    model.pretrained_notes = []
     if cfg.model.pretrained:
         from ..pretrained import load_pretrained
-        load_pretrained(model, cfg.model.pretrained)
+        model.pretrained_notes = load_pretrained(model, cfg.model.pretrained)
+    add_lora(model, cfg.lora)
     return model
+
+
+def add_lora(model: nn.Module, lc: LoraConfig) -> None:
+    """LoRA adapters and seed 001's freeze policy when `lora.rank` > 0 (building a model or rebuilding one)."""
+    if lc.rank > 0:
+        apply_lora(model, lc.rank, lc.alpha, lc.dropout, lc.targets, lc.init)
+        freeze_for_lora(model, lc.trainable)
 
 
 def build_loaders(cfg: Config, data: DataBundle, env: DistEnv, pin: bool) -> dict[str, Any]:
@@ -149,11 +159,13 @@ class Trainer:
         """Optimizer, schedule, loss scaler and criterion, for the global batch of this launch."""
         cfg, tc = self.cfg, self.cfg.train
         self.steps_per_epoch = math.ceil(len(self.loaders["train"]) / tc.accum_steps)
-        self.total_steps = self.steps_per_epoch * tc.epochs
+        # train.max_steps (seed 001 counts steps) overrides epochs; the last epoch then stops early
+        self.epochs = math.ceil(tc.max_steps / self.steps_per_epoch) if tc.max_steps else tc.epochs
+        self.total_steps = tc.max_steps or self.steps_per_epoch * tc.epochs
         self.global_batch = tc.batch_size * self.env.world_size * tc.accum_steps
         self.lr = scaled_lr(cfg.optim, self.global_batch)
         self.optimizer = build_optimizer(self.model, cfg.optim, self.device, self.lr)
-        self.scheduler = build_scheduler(self.optimizer, cfg.optim, self.steps_per_epoch, tc.epochs)
+        self.scheduler = build_scheduler(self.optimizer, cfg.optim, self.steps_per_epoch, self.total_steps)
         self.scaler = torch.amp.GradScaler("cuda", enabled=tc.amp == "fp16" and self.device.type == "cuda")
         self.criterion = nn.CrossEntropyLoss(label_smoothing=cfg.optim.label_smoothing)
 
@@ -161,6 +173,7 @@ class Trainer:
         """Rank 0: the run directory, its config.yaml and logger, and the opening lines; others: a null log."""
         cfg, tc, env, info = self.cfg, self.cfg.train, self.env, self.data.info
         self.params = sum(p.numel() for p in self.model.parameters())  # FSDP's DTensors report global sizes
+        self.trainable = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
         if not env.is_main:
             return NullLogger()
         self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -174,6 +187,11 @@ class Trainer:
                  f"{self.data.img_size}px, {self.data.in_chans}ch) | data {info.name}: {sizes['train']} train / "
                  f"{sizes['val']} val / {sizes['test']} test | device {self.device} "
                  f"(threads {torch.get_num_threads()}, amp {tc.amp}, compile {tc.compile})")
+        log.info(f"parameters: {self.params:,} total, {self.trainable:,} trainable "
+                 f"({100 * self.trainable / self.params:.2f}%)" + (f" | LoRA rank {cfg.lora.rank} on "
+                                                                  f"{', '.join(cfg.lora.targets)}" if cfg.lora.rank else "")
+                 + (f" | from {cfg.model.pretrained}" if cfg.model.pretrained else "")
+                 + "".join(f"; {n}" for n in getattr(self.model, "pretrained_notes", [])))
         log.info(f"world size {env.world_size} (launcher {env.launcher}, backend {backend}, strategy "
                  f"{tc.strategy if env.launcher != 'none' else 'single'}) | batch {tc.batch_size}/device x "
                  f"{env.world_size} x accum {tc.accum_steps} = {self.global_batch} global | lr {self.lr:.3g}"
@@ -219,6 +237,10 @@ class Trainer:
         else:  # another world size: fresh per-rank streams, still a function of (seed, rank, epoch)
             seed_all(self.cfg.train.seed + self.env.rank + 1_000_003 * self.epoch)
 
+    def _merged_config(self) -> str:
+        """The run's config without LoRA: what rebuilds the plain model `merged.safetensors` loads into."""
+        return dataclasses.replace(self.cfg, lora=LoraConfig()).dump()
+
     # -- training ----------------------------------------------------------------------------------------
     def eval_model(self) -> nn.Module:
         return self.ema.module if self.ema is not None else self.model
@@ -228,7 +250,7 @@ class Trainer:
         start = time.perf_counter()
         self.memory = MemoryMeter(self.device).start()
         train_time, train_images = 0.0, 0
-        while self.epoch < tc.epochs:
+        while self.epoch < self.epochs:
             epoch = self.epoch + 1
             seconds, images = self._train_epoch(epoch)
             train_time, train_images = train_time + seconds, train_images + images
@@ -238,7 +260,7 @@ class Trainer:
             self.best_val_loss = min(self.best_val_loss, val["loss"])
             self.log.record("epoch", epoch=epoch, step=self.step, val_loss=val["loss"], val_top1=val["top1"],
                             val_top5=val["top5"], epoch_seconds=seconds, images_per_second=images / seconds)
-            self.log.info(f"epoch {epoch}/{tc.epochs} val loss {val['loss']:.4f} top-1 {val['top1']:.4f} "
+            self.log.info(f"epoch {epoch}/{self.epochs} val loss {val['loss']:.4f} top-1 {val['top1']:.4f} "
                           f"top-5 {val['top5']:.4f} | {images / seconds:,.0f} img/s, {seconds:.1f}s"
                           + (" | best" if improved else ""))
             if improved:
@@ -251,12 +273,15 @@ class Trainer:
         tc, loader = self.cfg.train, self.loaders["train"]
         self.train_model.train()
         set_epoch(loader, epoch)
-        n_batches = len(loader)
+        # train.max_steps may end training inside this epoch
+        n_batches = min(len(loader), (self.total_steps - self.step) * tc.accum_steps)
         buffer, pending_val, val_iter = BatchBuffer(self.device), [], None
         first_batch, first_step, images = 1, self.step + 1, 0
         t0 = t_flush = time.perf_counter()
-        self.log.start_epoch(epoch, tc.epochs, n_batches)
+        self.log.start_epoch(epoch, self.epochs, n_batches)
         for i, (x, y) in enumerate(loader):
+            if i == n_batches:
+                break
             x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
             self._train_batch(i, n_batches, x, y, buffer)
             images += y.shape[0]
@@ -269,9 +294,9 @@ class Trainer:
                 records = buffer.flush(all_reduce_sum)
                 self.log.batches(epoch, first_batch, first_step, records)
                 now = time.perf_counter()
-                left = (tc.epochs * n_batches - (epoch - 1) * n_batches - i - 1) * (now - t0) / (i + 1)
+                left = (self.total_steps - self.step) * tc.accum_steps * (now - t0) / (i + 1)
                 mean = lambda key: sum(r[key] * n for r, n in zip(records, sizes)) / samples  # noqa: E731
-                self.log.update(count, epoch, tc.epochs, i + 1, n_batches, mean("loss"), mean("acc"),
+                self.log.update(count, epoch, self.epochs, i + 1, n_batches, mean("loss"), mean("acc"),
                                 samples * self.env.world_size / (now - t_flush), left)
                 first_batch, first_step, t_flush = i + 2, first_step + count, now
         self.log.end_epoch()
@@ -348,7 +373,14 @@ class Trainer:
         results.update(world_size=self.env.world_size, global_batch=self.global_batch, gflops=self.gflops,
                        **self.memory.read(), architecture=self.model.architecture,
                        family=model_entry(self.model.vitlab_name).family, model_args=self.model.vitlab_args)
+        if self.cfg.lora.rank:
+            results["trainable_params"] = self.trainable
         if self.env.is_main:
+            if self.cfg.lora.rank:  # the adapter alone (small), and merged weights that load into the plain model
+                meta = self._metadata()
+                ckpt.save_weights(self.run_dir / "adapter.safetensors", adapter_state_dict(self.eval_model()), meta)
+                ckpt.save_weights(self.run_dir / "merged.safetensors", merged_state_dict(self.eval_model()),
+                                  {**meta, "config": self._merged_config()})
             _atomic_write(self.run_dir / "results.json", json.dumps(results, indent=2) + "\n")
         self.log.record("test", step=self.step, loss=test["loss"], top1=test["top1"], top5=test["top5"])
         self.log.info(f"test top-1 {test['top1']:.4f} top-5 {test['top5']:.4f} loss {test['loss']:.4f} "

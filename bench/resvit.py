@@ -1,0 +1,162 @@
+"""Measure the runs of `make resvit` (Res-ViT on MNIST-on-canvas) and write the table, figures and report.
+
+    python bench/resvit.py output/resvit_canvas [--images 1024] [--reps 20]
+
+For every finished run under the folder (the teacher, the routing sweep, the depth cuts, the seeds):
+test top-1 (results.json, all 10,000 test images); on the first `--images` test images: the measured active
+ratio of the dynamic layers (patch tokens), the fraction of kept tokens that touch the digit against the
+fraction of all tokens that do, and top-1 under `mod` execution; FLOPs per image measured with
+`torch.utils.flop_counter` in `skip` (one image at a time, so no padding is counted; multiply-adds, the GFLOPs
+convention); eval wall-clock per image at batch 64 (median of `--reps`) in `mask`, `skip` and `mod`, and the
+speed-up of `skip` over the teacher measured in the same process. Writes resvit.md / resvit.csv, figures
+(accuracy vs FLOPs, kept tokens over sample images) and report.html into the folder.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+import vitlab.stats  # noqa: E402,F401  (FLOP formulas for CPU attention)
+from vitlab.data import build_data  # noqa: E402
+from vitlab.experiments.report import build_report, html_table  # noqa: E402
+from vitlab.experiments.runs import find_runs  # noqa: E402
+from vitlab.plots import all_run_figures  # noqa: E402
+from vitlab.plots.common import save  # noqa: E402
+from vitlab.plots.routing import accuracy_flops_figure, routing_figure  # noqa: E402
+from vitlab.train import load_checkpoint  # noqa: E402
+
+
+def gflops_per_image(model, images: torch.Tensor) -> float:
+    with FlopCounterMode(display=False) as counter, torch.inference_mode():
+        for x in images:
+            model(x[None])
+    return counter.get_total_flops() / len(images) / 2e9
+
+
+def ms_per_image(model, x: torch.Tensor, reps: int) -> float:
+    with torch.inference_mode():
+        model(x)  # warm-up
+        times = []
+        for _ in range(reps):
+            t = time.perf_counter()
+            model(x)
+            times.append(time.perf_counter() - t)
+    return 1e3 * statistics.median(times) / len(x)
+
+
+def touches_digit(images: torch.Tensor, patch: int) -> torch.Tensor:
+    """(B, grid^2) bool: the patch holds a pixel brighter than the black canvas."""
+    background = images.amin()
+    return (F.max_pool2d(images[:, :1], patch) > background + 1e-3).flatten(1)
+
+
+def describe(run, args: dict) -> tuple[str, str]:
+    """(arm, group) labels of a run from its model arguments and config."""
+    lora = "LoRA" if run.config.get("lora", {}).get("rank") else "full FT"
+    if run.results.get("family") != "resvit":
+        depth = args.get("depth")
+        return (f"ViT depth {depth}", "teacher" if run.path.name == "teacher" else f"depth cut, {lora}")
+    arm = "random" if args.get("routing") == "random" else f"learned ({args.get('router_grad')})"
+    return arm, f"{arm}, {lora}"
+
+
+def measure(run, images: torch.Tensor, labels: torch.Tensor, reps: int) -> tuple[dict, object]:
+    model, _, _ = load_checkpoint(run.path)
+    torch.manual_seed(0)  # random routing draws
+    args = model.vitlab_args
+    arm, group = describe(run, args)
+    row = {"run": run.path.name, "arm": arm, "group": group, "target": args.get("active_target", ""),
+           "lora": run.config.get("lora", {}).get("rank", 0), "seed": run.config.get("train", {}).get("seed", 0),
+           "top1": run.results["test_top1"], "trainable_params": run.results.get("trainable_params",
+                                                                                   run.results["params"])}
+    batch = images[:64]
+    if run.results.get("family") != "resvit":
+        row.update(gflops=gflops_per_image(model, images[:32]), ms_mask=ms_per_image(model, batch, reps))
+        return row, None
+    patch, grid = args["patch_size"], args["img_size"] // args["patch_size"]
+    model.execution = "skip"
+    keep = torch.cat([model.route(x)[1] for x in images.split(64)])  # (n, dynamic layers, 1 + grid^2)
+    patch_keep = keep[:, :, -grid * grid:]
+    fg = touches_digit(images, patch)[:, None].expand_as(patch_keep)
+    row.update(active=patch_keep.float().mean().item(),
+               kept_on_digit=(patch_keep & fg).sum().item() / max(patch_keep.sum().item(), 1),
+               tokens_on_digit=fg.float().mean().item(),
+               gflops=gflops_per_image(model, images[:32]))
+    for mode in ("mask", "skip", "mod"):
+        model.execution = mode
+        row[f"ms_{mode}"] = ms_per_image(model, batch, reps)
+    with torch.inference_mode():
+        row["top1_mod"] = sum((model(x).argmax(-1) == y).sum().item() for x, y in
+                              zip(images.split(64), labels.split(64))) / len(labels)
+    model.execution = "skip"
+    return row, keep
+
+
+COLUMNS = ["run", "group", "target", "seed", "top1", "top1_mod", "active", "kept_on_digit", "tokens_on_digit",
+           "gflops", "ms_mask", "ms_skip", "ms_mod", "speedup_skip", "trainable_params"]
+
+
+def fmt(value) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("root", type=Path)
+    p.add_argument("--images", type=int, default=1024)
+    p.add_argument("--reps", type=int, default=20)
+    a = p.parse_args()
+    torch.set_num_threads(max(torch.get_num_threads(), 1))
+    runs = find_runs([a.root], finished_only=True)
+    teacher = next(r for r in runs if r.path.name == "teacher")
+    _, cfg, _ = load_checkpoint(teacher.path)
+    data = build_data(cfg.data)
+    x, y = zip(*[(xb, yb) for xb, yb in data.loader("test", 256)])
+    images, labels = torch.cat(x)[:a.images], torch.cat(y)[:a.images]
+    rows, figures, shown = [], {}, 0
+    for run in sorted(runs, key=lambda r: str(r.path)):
+        row, routed = measure(run, images, labels, a.reps)
+        rows.append(row)
+        print(" ".join(f"{k}={fmt(row.get(k, ''))}" for k in COLUMNS), flush=True)
+        if routed is not None and row["lora"] and row["seed"] == 0 and shown < 4 and "learned (ste)" in row["arm"]:
+            keep = routed
+            raw = images[:8] * data.info.std[0] + data.info.mean[0]
+            figures[f"kept_tokens_{row['run']}"] = routing_figure(
+                raw, keep[:8], data.img_size // 4,
+                f"{row['run']}: layers each token ran (of {keep.shape[1]}); top-1 {row['top1']:.3f}")
+            shown += 1
+    base_ms = next(r["ms_mask"] for r in rows if r["run"] == "teacher")
+    for r in rows:
+        r["speedup_skip"] = base_ms / r.get("ms_skip", r["ms_mask"])
+    figures["accuracy_vs_flops"] = accuracy_flops_figure(
+        [{"group": r["group"], "gflops": r["gflops"], "top1": r["top1"]} for r in rows])
+    out = a.root
+    with open(out / "resvit.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
+        w.writeheader()
+        w.writerows(rows)
+    header, body = COLUMNS, [[fmt(r.get(c, "")) for c in COLUMNS] for r in rows]
+    md = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + ["| " + " | ".join(b) + " |" for b in body]
+    (out / "resvit.md").write_text("\n".join(md) + "\n")
+    report_figures = {**figures, **all_run_figures(runs)}
+    page = build_report(runs, report_figures, "Res-ViT on MNIST-on-canvas (seed 001)")
+    page = page.replace("<h2>Runs</h2>", "<h2>Measured (bench/resvit.py)</h2>" + html_table(header, body)
+                        + "<h2>Runs</h2>", 1)
+    (out / "report.html").write_text(page)
+    save(figures, out / "plots")
+    print(f"wrote {out / 'resvit.md'}, {out / 'resvit.csv'}, {out / 'plots'}, {out / 'report.html'}")
+    print(json.dumps({"runs": len(rows)}))
+
+
+if __name__ == "__main__":
+    main()

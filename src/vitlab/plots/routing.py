@@ -1,0 +1,34 @@
+"""Routed models: which tokens ran, drawn over the images, and accuracy against measured FLOPs."""
+from __future__ import annotations
+
+import torch
+from matplotlib.figure import Figure
+
+from .common import new_figure, plt
+
+
+def routing_figure(images: torch.Tensor, keep: torch.Tensor, grid: int, title: str) -> Figure:
+    """Each image with, per patch, the number of dynamic layers the token ran in (0: skipped them all).
+    images (B, C, H, W), already scaled to [0, 1]; keep (B, dynamic layers, prefix + grid^2) bool."""
+    n, layers = min(len(images), 8), keep.shape[1]
+    counts = keep[:n, :, -grid * grid:].sum(1).view(n, grid, grid).float()  # (n, grid, grid)
+    fig, axes = plt.subplots(1, n, figsize=(1.6 * n, 2.0), layout="constrained")
+    for ax, image, count in zip(axes, images[:n], counts):
+        ax.imshow(image.permute(1, 2, 0).squeeze(-1).clamp(0, 1), cmap="gray",
+                  extent=(0, grid, grid, 0), interpolation="nearest")
+        shown = ax.imshow(count, cmap="viridis", alpha=0.45, vmin=0, vmax=layers, extent=(0, grid, grid, 0))
+        ax.set_xticks([])
+        ax.set_yticks([])
+    fig.colorbar(shown, ax=axes, shrink=0.8, label="layers run")
+    fig.suptitle(title, fontsize=10)
+    return fig
+
+
+def accuracy_flops_figure(points: list[dict], title: str = "accuracy against measured FLOPs") -> Figure:
+    """points: {"label", "group", "gflops", "top1"}; one marker series per group."""
+    fig, ax = new_figure(title, "GFLOPs per image (measured, multiply-adds)", "test top-1")
+    for group in sorted({p["group"] for p in points}):
+        mine = sorted((p for p in points if p["group"] == group), key=lambda p: p["gflops"])
+        ax.plot([p["gflops"] for p in mine], [p["top1"] for p in mine], "o-", label=group, alpha=0.8)
+    ax.legend(fontsize=8)
+    return fig
