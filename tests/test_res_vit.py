@@ -63,8 +63,10 @@ def test_all_skipped_with_zero_approximators_is_the_truncated_vit(execution):
         for block in plain.blocks[:2]:
             x = block(x)
         expected = plain.forward_head(plain.norm(x))
-        assert torch.equal(res(X), expected) if execution == "mask" else True
-        torch.testing.assert_close(res(X), expected, rtol=1e-5, atol=1e-5)
+        if execution == "mask":
+            assert torch.equal(res(X), expected)
+        else:
+            torch.testing.assert_close(res(X), expected, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("block_size", [1, 2])
@@ -181,7 +183,7 @@ def test_skip_flops_are_affine_in_the_active_ratio_and_match_the_formula():
     """Per dynamic layer in `skip`: (2 + 10a) N D^2 + 2a N^2 D multiply-adds plus 2 r D N for the approximator
     (ROUTED_AND_ADAPTIVE.md B.3.4); everything else does not depend on a."""
     _, res = pair(routing="random", execution="skip")
-    N, D, r, dynamic = 17, 64, 8, 4
+    N, D = 17, 64
     x = X[:1]
 
     def measured(target):
@@ -199,8 +201,6 @@ def test_skip_flops_are_affine_in_the_active_ratio_and_match_the_formula():
         predicted = sum(2 * ((10 * (ai - bi)) * N * D * D + 2 * (ai - bi) * N * N * D)
                         for ai, bi in zip(a.tolist(), a0.tolist()))
         assert (flops - base_flops) == pytest.approx(predicted, rel=0.01)
-    full, _ = measured(1.0)
-    assert full - base_flops > 0 and dynamic * 2 * r * D * N < base_flops
 
 
 def test_timm_state_dict_leaves_exactly_the_new_keys_missing():
@@ -226,7 +226,7 @@ def test_distillation_and_entropy_terms_are_reported():
     assert set(out.losses) == {"active", "distill", "entropy"}
     assert set(out.metrics) == {"active_dynamic", "active_all", "target", "router_entropy"}
     assert 0 < out.metrics["active_dynamic"] < 1 and out.metrics["active_all"] > out.metrics["active_dynamic"]
-    assert math.isfinite(float(out.losses["distill"]))
+    assert math.isfinite(out.losses["distill"].item())
 
 
 def test_bad_plans_are_one_line_errors():

@@ -104,8 +104,9 @@ class LoraConfig:
     dropout: float = 0.0
     targets: list[str] = field(default_factory=lambda: ["qkv"])  # of qkv, proj, fc1, fc2
     init: Literal["kaiming", "normal001"] = "kaiming"  # loralib (B = 0: starts at the base model) or seed 001's
-    # what trains besides the adapters (parameter-name substrings; LayerNorms never): seed 001's set
-    trainable: list[str] = field(default_factory=lambda: ["routers.", "approximators.", "cls_token", "head."])
+    # what trains besides the adapters (parameter-name substrings; LayerNorms never); null: seed 001's set
+    # (routers, approximators, cls token, head: vitlab.layers.lora.TRAIN_WITH_LORA)
+    trainable: Optional[list[str]] = None
 
 
 @dataclass

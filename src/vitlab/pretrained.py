@@ -45,7 +45,12 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     else:
         raise VitlabError(f"unsupported checkpoint format '{suffix}' ({path}); use .safetensors, .pth or .npz")
     sd = {_strip(k): v for k, v in sd.items() if isinstance(v, torch.Tensor)}
-    return convert_encoder_layers(sd) if any(k.startswith("transformer.encoder_layers.") for k in sd) else sd
+    if not any(k.startswith("transformer.encoder_layers.") for k in sd):
+        return sd
+    try:
+        return convert_encoder_layers(sd)
+    except KeyError as exc:
+        raise VitlabError(f"'{path}' looks like seed 001's ViT layout but has no {exc}; is the file complete?") from None
 
 
 def _strip(key: str) -> str:

@@ -21,13 +21,13 @@ def _cpu_sdpa_backward_flop(grad_out_shape, query_shape, key_shape, value_shape,
                             **kwargs) -> int:
     return sdpa_backward_flop_count(grad_out_shape, query_shape, key_shape, value_shape)
 
-from .registry import create_model
+from .registry import create_model, model_entry
 
 
 def model_stats(name: str, **overrides) -> dict[str, float]:
+    static = getattr(model_entry(name).builder, "static_flops_args", {})
     with torch.device("meta"):
-        model = create_model(name, **overrides)
-        model = create_model(name, **{**model.vitlab_args, **getattr(model, "static_flops_args", {})})
+        model = create_model(name, **{**overrides, **static})
     a = model.vitlab_args
     return {"params": sum(p.numel() for p in model.parameters()), "gflops": _count_gflops(model),
             "img_size": a["img_size"]}

@@ -209,10 +209,6 @@ class CanvasDigits:
     def __len__(self) -> int:
         return len(self.digits)
 
-    @property
-    def shape(self) -> tuple[int, ...]:
-        return (len(self), 1, self.canvas, self.canvas)
-
     def set_epoch(self, epoch: int) -> None:
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
         span = self.canvas - self.digit + 1
@@ -221,11 +217,6 @@ class CanvasDigits:
 
     def subset(self, index: torch.Tensor) -> "CanvasDigits":
         return CanvasDigits(self.digits[index], self.canvas, self.digit, self.seed, self.ids[index])
-
-    def boxes(self, index) -> torch.Tensor:
-        """(B, 4) digit boxes (top, left, bottom, right) in canvas pixels."""
-        oy, ox = self.offsets[:, index]
-        return torch.stack([oy, ox, oy + self.digit, ox + self.digit], -1)
 
     def __getitem__(self, index) -> torch.Tensor:
         single = isinstance(index, int)

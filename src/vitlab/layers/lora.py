@@ -77,15 +77,16 @@ class LoRALinear(nn.Linear):
         return y if self.merged else y + self.delta(x)
 
 
-def linear_rows(linear: nn.Linear, x: torch.Tensor, part: int, parts: int) -> torch.Tensor:
-    """Output slice `part` of `parts` (q of a fused qkv: part 0 of 3) computed alone, LoRA included."""
+def linear_rows(linear: nn.Linear, x: torch.Tensor, part: range, parts: int) -> torch.Tensor:
+    """Output slices `part` of `parts` computed alone, LoRA included: q of a fused qkv is range(0, 1) of 3, k and
+    v together range(1, 3)."""
     n = linear.out_features // parts
-    rows = slice(part * n, (part + 1) * n)
+    rows = slice(part.start * n, part.stop * n)
     y = F.linear(x, linear.weight[rows], None if linear.bias is None else linear.bias[rows])
     if not isinstance(linear, LoRALinear) or linear.merged:
         return y
-    if linear.parts == parts:  # one adapter per slice: run only this slice's
-        return y + linear.delta(x, slice(part, part + 1))
+    if linear.parts == parts:  # one adapter per slice: run only these slices'
+        return y + linear.delta(x, slice(part.start, part.stop))
     return y + linear.delta(x)[..., rows]
 
 

@@ -128,9 +128,10 @@ class ResViT(VisionTransformer):
                                      for _ in range(n_blocks))
         self.approximators = nn.ModuleList(LowRankApproximators(self.embed_dim, low_rank_dim, count)
                                            for _ in range(n_blocks))
-        # run (i, j) -> approximator index, for approx_key=run
-        self.register_buffer("run_index", torch.tensor([[i * b - i * (i - 1) // 2 + (j - i) if j >= i else 0
-                                                         for j in range(b)] for i in range(b)]), persistent=False)
+        # approx_key=run: inactive run (first layer i, last layer j) -> its approximator's index
+        runs = [(i, j) for i in range(b) for j in range(i, b)]
+        self.register_buffer("run_index", torch.tensor([[runs.index((i, j)) if j >= i else 0 for j in range(b)]
+                                                        for i in range(b)]), persistent=False)
 
     # -- schedule ------------------------------------------------------------------------------------------
     def set_progress(self, step: int, total_steps: int) -> None:
@@ -164,13 +165,14 @@ class ResViT(VisionTransformer):
         return self.run_index[run_start(bits, j), j]
 
     # -- one dynamic layer -------------------------------------------------------------------------------
-    def _partial(self, block: Block, x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-        """The layer's output for the tokens at `rows` (B, K): their queries, every token's keys and values."""
-        attn, D = block.attn, x.shape[-1]
-        xq = x.gather(1, rows[..., None].expand(-1, -1, D))  # (B, K, D)
-        h, hq = block.norm1(x), block.norm1(xq)
+    def _partial(self, block: Block, x: torch.Tensor, xq: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        """The layer's output for the gathered tokens xq = x.gather(1, idx) (B, K, D): their queries, every
+        token's keys and values."""
+        attn = block.attn
+        h = block.norm1(x)
         heads = lambda t: t.unflatten(-1, (attn.num_heads, attn.head_dim)).transpose(1, 2)  # noqa: E731 (B,H,T,d)
-        q, k, v = (heads(linear_rows(attn.qkv, src, i, 3)) for i, src in enumerate((hq, h, h)))
+        q = heads(linear_rows(attn.qkv, h.gather(1, idx), range(0, 1), 3))  # queries of the active tokens only
+        k, v = map(heads, linear_rows(attn.qkv, h, range(1, 3), 3).chunk(2, dim=-1))  # every token's keys, values
         out = attn.attend(q, k, v).transpose(1, 2).flatten(2)  # (B, K, D)
         xq = xq + block.drop_path1(block.ls1(attn.proj_drop(attn.proj(out))))
         return xq + block.mlp_residual(xq)
@@ -183,16 +185,16 @@ class ResViT(VisionTransformer):
             return keep * y + (1.0 - keep) * x, y
         active, D = w > 0.5, x.shape[-1]  # (B, N)
         if self.execution == "mod":  # routing kept exactly `capacity` tokens per sample: static shapes
-            rows = _active_first(active, self._capacity(x.shape[1]))
-            new = block(x.gather(1, rows[..., None].expand(-1, -1, D)))  # attention among the kept tokens
-        else:
-            count = int(active.sum(1).max())  # skip pads to the batch's largest count: one sync per layer
-            if count == 0:
-                return x, None
-            rows = _active_first(active, count)
-            xq = x.gather(1, rows[..., None].expand(-1, -1, D))
-            new = torch.where(active.gather(1, rows)[..., None], self._partial(block, x, rows), xq)
-        return x.scatter(1, rows[..., None].expand(-1, -1, D), new), None
+            idx = _active_first(active, self._capacity(x.shape[1]))[..., None].expand(-1, -1, D)
+            return x.scatter(1, idx, block(x.gather(1, idx))), None  # attention among the kept tokens only
+        count = int(active.sum(1).max())  # skip pads to the batch's largest count: one sync per layer
+        if count == 0:
+            return x, None
+        rows = _active_first(active, count)  # (B, K)
+        idx = rows[..., None].expand(-1, -1, D)
+        xq = x.gather(1, idx)
+        new = torch.where(active.gather(1, rows)[..., None], self._partial(block, x, xq, idx), xq)  # padding: as is
+        return x.scatter(1, idx, new), None
 
     def _capacity(self, n: int) -> int:
         """mod: tokens each layer keeps, the reserved ones included."""
@@ -234,21 +236,19 @@ class ResViT(VisionTransformer):
             pass
         return x
 
-    def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(logits, keep bits (B, dynamic layers, N) as bool): which tokens ran in each dynamic layer."""
+    def _run(self, x: torch.Tensor) -> tuple[torch.Tensor, _Trace]:
         trace = _Trace()
         for h in self._layers(self.embed(x), trace):
             pass
-        logits = self.forward_head(self.norm(h))
-        keep = torch.stack(trace.bits, 1) > 0.5 if trace.bits else torch.ones(x.shape[0], 0, h.shape[1],
-                                                                              dtype=torch.bool, device=x.device)
-        return logits, keep
+        return self.forward_head(self.norm(h)), trace
+
+    def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(logits, keep bits (B, dynamic layers, tokens) as bool): which tokens ran in each dynamic layer."""
+        logits, trace = self._run(x)
+        return logits, torch.stack(trace.bits, 1) > 0.5 if trace.bits else torch.zeros(0, dtype=torch.bool)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor | ModelOutput:
-        trace = _Trace()
-        for h in self._layers(self.embed(x), trace):
-            pass
-        logits = self.forward_head(self.norm(h))
+        logits, trace = self._run(x)
         if not self.training or not trace.bits:
             return logits
         return ModelOutput(logits, *self._objective(trace))

@@ -10,8 +10,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import Config
+from ..config import Config, LoraConfig
 from ..errors import VitlabError
+from ..layers.lora import TRAIN_WITH_LORA, apply_lora, freeze_for_lora
 from ..objective import as_output
 from ..registry import create_model
 from ..resolve import build
@@ -53,6 +54,13 @@ def evaluate(model: nn.Module, loader: Iterable, device: torch.device, amp: str 
     return {"loss": loss_sum / n, "top1": top1 / n, "top5": top5 / n, "n": int(n)}
 
 
+def add_lora(model: nn.Module, lc: LoraConfig) -> None:
+    """LoRA adapters and the freeze policy when `lora.rank` > 0 (building a model, or rebuilding a saved one)."""
+    if lc.rank > 0:
+        apply_lora(model, lc.rank, lc.alpha, lc.dropout, lc.targets, lc.init)
+        freeze_for_lora(model, TRAIN_WITH_LORA if lc.trainable is None else lc.trainable)
+
+
 def load_checkpoint(path: str | Path, use_ema: bool = True) -> tuple[nn.Module, Config, dict]:
     """Rebuild the model saved at `path` (file, checkpoint dir or run dir); EMA weights when present."""
     file = resolve_checkpoint(path)
@@ -62,7 +70,6 @@ def load_checkpoint(path: str | Path, use_ema: bool = True) -> tuple[nn.Module, 
     import yaml
     cfg = build(yaml.safe_load(meta["config"]))
     model = create_model(meta["model_name"], **json.loads(meta["model_args"]))
-    from .trainer import add_lora
     add_lora(model, cfg.lora)
     ema = file.with_name(EMA_FILE)
     weights = load_weights(ema if use_ema and ema.is_file() else file)
@@ -72,7 +79,9 @@ def load_checkpoint(path: str | Path, use_ema: bool = True) -> tuple[nn.Module, 
                               f"load the run's merged.safetensors or a full checkpoint instead")
         from ..pretrained import load_pretrained
         load_pretrained(model, cfg.model.pretrained)
-        model.load_state_dict(weights, strict=False)
+        _, unexpected = model.load_state_dict(weights, strict=False)
+        if unexpected:
+            raise VitlabError(f"'{file}' does not fit its run's model: unexpected {unexpected[:4]}")
     else:
         model.load_state_dict(weights)
     extra = {k: json.loads(v) for k, v in meta.items() if k not in ("model_name", "model_args", "config")}

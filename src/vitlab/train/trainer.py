@@ -25,7 +25,7 @@ from ..config import Config, LoraConfig
 from ..data import DataBundle, MixCollate, build_data, set_epoch
 from ..errors import VitlabError
 from ..hub import hub_target
-from ..layers.lora import adapter_state_dict, apply_lora, freeze_for_lora, merged_state_dict
+from ..layers.lora import adapter_state_dict, merged_state_dict
 from ..objective import as_output
 from ..registry import create_model, model_args, model_entry
 from ..resolve import resolve_config
@@ -33,7 +33,7 @@ from ..stats import MemoryMeter, forward_gflops
 from . import checkpoint as ckpt
 from .distributed import (DistEnv, all_gather_object, all_reduce_sum, detect, full_state, load_full_state, no_sync,
                           parallelize, process_group, resolve_device)
-from .evaluate import autocast, evaluate
+from .evaluate import add_lora, autocast, evaluate
 from .export import publish
 from .metrics import BatchBuffer, NullLogger, RunLogger
 from .optim import build_optimizer, build_scheduler, scaled_lr
@@ -88,13 +88,6 @@ def build_model(cfg: Config, data: DataBundle) -> nn.Module:
         model.pretrained_notes = load_pretrained(model, cfg.model.pretrained)
     add_lora(model, cfg.lora)
     return model
-
-
-def add_lora(model: nn.Module, lc: LoraConfig) -> None:
-    """LoRA adapters and seed 001's freeze policy when `lora.rank` > 0 (building a model or rebuilding one)."""
-    if lc.rank > 0:
-        apply_lora(model, lc.rank, lc.alpha, lc.dropout, lc.targets, lc.init)
-        freeze_for_lora(model, lc.trainable)
 
 
 def build_loaders(cfg: Config, data: DataBundle, env: DistEnv, pin: bool) -> dict[str, Any]:
