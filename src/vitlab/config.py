@@ -73,6 +73,7 @@ class OptimConfig:
     # The learning rate used is lr x (global batch / base_batch_size)^k, k = 1 (linear), 1/2 (sqrt) or 0 (none);
     # global batch = train.batch_size x world size x train.accum_steps. The run log prints the result.
     lr_scaling: Literal["none", "linear", "sqrt"] = "none"
+    lr_scale: dict[str, float] = field(default_factory=dict)  # parameter-name substring -> lr multiplier
     base_batch_size: int = 256
 
 
@@ -203,6 +204,10 @@ def coerce(value: Any, tp: Any, key: str) -> Any:
         args = typing.get_args(tp)
         if isinstance(value, (list, tuple)) and len(value) == len(args):
             return tuple(coerce(v, a, key) for v, a in zip(value, args))
+    elif origin is dict:
+        if isinstance(value, dict):
+            k_tp, v_tp = typing.get_args(tp)
+            return {coerce(k, k_tp, key): coerce(v, v_tp, key) for k, v in value.items()}
     elif origin in (list, collections.abc.Sequence):
         if isinstance(value, (list, tuple)):
             return [coerce(v, typing.get_args(tp)[0], key) for v in value]

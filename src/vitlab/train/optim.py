@@ -9,15 +9,20 @@ from torch import nn
 from ..config import OptimConfig
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """No weight decay on biases, norm weights (1-D) and the model's `no_weight_decay()` names."""
+def param_groups(model: nn.Module, weight_decay: float, lr: float,
+                 lr_scale: dict[str, float] | None = None) -> list[dict]:
+    """No weight decay on biases, norm weights (1-D) and the model's `no_weight_decay()` names; parameters whose
+    name contains a key of `lr_scale` (e.g. {"routers.": 10}: a new module fine-tuned beside a pretrained body)
+    get lr times its value (the first key that matches)."""
     skip = getattr(model, "no_weight_decay", lambda: set())()
-    decay, no_decay = [], []
+    groups: dict[tuple[bool, float], list] = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        (no_decay if p.ndim <= 1 or name in skip else decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        scale = next((v for k, v in (lr_scale or {}).items() if k in name), 1.0)
+        groups.setdefault((p.ndim > 1 and name not in skip, scale), []).append(p)
+    return [{"params": ps, "weight_decay": weight_decay if decay else 0.0, "lr": lr * scale}
+            for (decay, scale), ps in sorted(groups.items(), key=lambda kv: (not kv[0][0], kv[0][1]))]
 
 
 def scaled_lr(cfg: OptimConfig, global_batch: int) -> float:
@@ -28,8 +33,8 @@ def scaled_lr(cfg: OptimConfig, global_batch: int) -> float:
 
 def build_optimizer(model: nn.Module, cfg: OptimConfig, device: torch.device,
                     lr: float | None = None) -> torch.optim.Optimizer:
-    groups = param_groups(model, cfg.weight_decay)
     lr = cfg.lr if lr is None else lr
+    groups = param_groups(model, cfg.weight_decay, lr, cfg.lr_scale)
     # Fused kernels (one launch for all parameters) on CUDA; foreach elsewhere.
     fused = {"fused": True} if device.type == "cuda" else {"foreach": True}
     if cfg.name == "adamw":
