@@ -211,3 +211,18 @@ def test_mnist_canvas_places_real_digits_at_redrawn_positions():
     assert not torch.equal(x1[order1], x2[order2])  # positions (and order) change with the epoch
     val = data.loader("val", 64)
     assert torch.equal(next(iter(val))[0], next(iter(val))[0])  # fixed for evaluation
+
+
+def test_lr_scale_gives_named_parameters_their_own_learning_rate():
+    from vitlab.config import OptimConfig
+    from vitlab.train.optim import build_optimizer
+    model = small("resvit_base_patch16_224", dynamic_start_layer=1, router_hdim=16, low_rank_dim=4)
+    cfg = vitlab.load_config(None, ["optim.lr_scale={routers.: 10}", "optim.lr=0.01"]).optim
+    assert isinstance(cfg, OptimConfig) and cfg.lr_scale == {"routers.": 10.0}
+    opt = build_optimizer(model, cfg, torch.device("cpu"))
+    lr_of = {id(p): g["lr"] for g in opt.param_groups for p in g["params"]}
+    for name, p in model.named_parameters():
+        assert lr_of[id(p)] == pytest.approx(0.1 if name.startswith("routers.") else 0.01), name
+    assert sum(len(g["params"]) for g in opt.param_groups) == len(list(model.parameters()))
+    with pytest.raises(vitlab.VitlabError, match="optim.lr_scale"):
+        vitlab.load_config(None, ["optim.lr_scale={routers.: fast}"])
