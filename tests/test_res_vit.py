@@ -232,3 +232,13 @@ def test_distillation_and_entropy_terms_are_reported():
 def test_bad_plans_are_one_line_errors():
     with pytest.raises(vitlab.VitlabError, match="multiple of model.block_size"):
         vitlab.create_model("resvit_base_patch16_224", **{**ARGS, "block_size": 4, "dynamic_start_layer": 1})
+
+
+def test_router_entropy_is_finite_for_saturated_routers():
+    _, res = pair(lambda_entropy=0.1)
+    force(res, keep=True)  # keep probability 1 - 2e-22: log(1 - p) underflows in float32
+    res.train()
+    out = as_output(res(X))
+    assert torch.isfinite(out.losses["entropy"]) and out.metrics["router_entropy"] < 1e-6
+    out.losses["entropy"].backward()
+    assert all(torch.isfinite(p.grad).all() for p in res.routers.parameters() if p.grad is not None)

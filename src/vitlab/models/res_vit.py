@@ -81,7 +81,7 @@ def cosine_target(step: int, total: int, target: float) -> float:
 @dataclass
 class _Trace:
     """What one forward collects for the losses and metrics."""
-    probs: list[torch.Tensor] = field(default_factory=list)  # soft keep probabilities per router (B, N, b)
+    margins: list[torch.Tensor] = field(default_factory=list)  # keep-minus-skip logits per router (B, N, b)
     bits: list[torch.Tensor] = field(default_factory=list)  # keep bits per dynamic layer (B, N)
     distill: list[torch.Tensor] = field(default_factory=list)
 
@@ -140,9 +140,10 @@ class ResViT(VisionTransformer):
 
     # -- routing -------------------------------------------------------------------------------------------
     def _route(self, k: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Keep bits (B, N, b), straight-through in training, and soft keep probabilities (B, N, b)."""
+        """Keep bits (B, N, b), straight-through in training, and keep-minus-skip logits (B, N, b)."""
         logits = self.routers[k](x)  # (B, N, b, 2)
-        prob = logits.softmax(dim=-1)[..., 1]
+        margin = logits[..., 1] - logits[..., 0]
+        prob = torch.sigmoid(margin)  # = softmax(logits)[..., 1]
         if self.routing == "random":  # the baseline: Bernoulli(target) per token and layer
             bits = (torch.rand(prob.shape, device=x.device) < self.target).to(x.dtype)
         elif self.training and self.gumbel_noise:
@@ -157,7 +158,7 @@ class ResViT(VisionTransformer):
         else:
             bits = (logits[..., 1] > logits[..., 0]).to(x.dtype)
         bits = torch.cat([torch.ones_like(bits[:, :self.reserved]), bits[:, self.reserved:]], dim=1)
-        return (bits if self.router_grad == "ste" else bits.detach()), prob
+        return (bits if self.router_grad == "ste" else bits.detach()), margin
 
     def _approx_keys(self, bits: torch.Tensor, j: int) -> torch.Tensor:
         if self.approx_key == "pid":  # all-ones (2^b - 1) never ends a run; clamp keeps the gather in range
@@ -210,8 +211,8 @@ class ResViT(VisionTransformer):
                 continue
             k, j = divmod(l - self.s0, self.b)
             if j == 0:
-                bits, prob = self._route(k, x)
-                trace.probs.append(prob)
+                bits, margin = self._route(k, x)
+                trace.margins.append(margin)
                 if self.training and self.distill == "cls_teacher" and teacher is None:
                     teacher = x.detach()
             w, end = bits[..., j], run_end(bits, j)
@@ -256,15 +257,15 @@ class ResViT(VisionTransformer):
     def _objective(self, trace: _Trace) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
         lambda_active, lambda_distill, lambda_entropy = self.lambdas
         R, depth = self.reserved, len(self.blocks)
-        prob = torch.cat([p[:, R:] for p in trace.probs], dim=-1)  # (B, N - R, dynamic layers)
+        margin = torch.cat([m[:, R:] for m in trace.margins], dim=-1)  # (B, N - R, dynamic layers)
+        prob = torch.sigmoid(margin)
         hard = torch.stack([w[:, R:] for w in trace.bits], dim=-1)  # (B, N - R, dynamic layers)
         ratio_all = (hard.sum(-1) + self.s0) / depth  # static layers always run
         if self.active_loss == "mse_soft":
             active = (prob.mean() - self.target) ** 2
         else:
             active = (ratio_all.mean() - self.target).abs()
-        p = prob.clamp(1e-8, 1 - 1e-8)
-        entropy = -(p * p.log() + (1 - p) * (1 - p).log()).mean()
+        entropy = (F.softplus(margin) - prob * margin).mean()  # Bernoulli entropy, stable for saturated routers
         losses = {"active": lambda_active * active}
         if trace.distill:
             losses["distill"] = lambda_distill * torch.stack(trace.distill).sum()
