@@ -3,9 +3,10 @@
     python bench/resvit.py output/resvit_canvas [--images 1024] [--reps 20]
 
 For every finished run under the folder (the teacher, the routing sweep, the depth cuts, the seeds):
-test top-1 (results.json, all 10,000 test images); on the first `--images` test images: the measured active
-ratio of the dynamic layers (patch tokens), the fraction of kept tokens that touch the digit against the
-fraction of all tokens that do, and top-1 under `mod` execution; FLOPs per image measured with
+test top-1 on all 10,000 test images (Res-ViT: in `skip` with its default top-k decisions at the target ratio,
+and under `mod`; `top1_threshold` is results.json's, with the original's p > 1/2 decisions); on the first
+`--images` test images: the measured active ratio of the dynamic layers (patch tokens) and the fraction of kept
+tokens that touch the digit against the fraction of all tokens that do; FLOPs per image measured with
 `torch.utils.flop_counter` in `skip` (one image at a time, so no padding is counted; multiply-adds, the GFLOPs
 convention); eval wall-clock per image at batch 64 (median of `--reps`) in `mask`, `skip` and `mod`, and the
 speed-up of `skip` over the teacher measured in the same process. Writes resvit.md / resvit.csv, figures
@@ -70,8 +71,14 @@ def describe(run, args: dict) -> tuple[str, str]:
     return arm, f"{arm}, {lora}"
 
 
-def measure(run, images: torch.Tensor, labels: torch.Tensor, reps: int) -> tuple[dict, object]:
-    model, _, _ = load_checkpoint(run.path)
+def top1(model, images: torch.Tensor, labels: torch.Tensor) -> float:
+    with torch.inference_mode():
+        return sum((model(x).argmax(-1) == y).sum().item() for x, y in
+                   zip(images.split(256), labels.split(256))) / len(labels)
+
+
+def measure(run, test: tuple[torch.Tensor, torch.Tensor], n: int, reps: int) -> tuple[dict, object]:
+    model, _, _ = load_checkpoint(run.path / "checkpoints" / "last")  # the weights results.json tested
     torch.manual_seed(0)  # random routing draws
     args = model.vitlab_args
     arm, group = describe(run, args)
@@ -79,12 +86,15 @@ def measure(run, images: torch.Tensor, labels: torch.Tensor, reps: int) -> tuple
            "lora": run.config.get("lora", {}).get("rank", 0), "seed": run.config.get("train", {}).get("seed", 0),
            "top1": run.results["test_top1"], "trainable_params": run.results.get("trainable_params",
                                                                                    run.results["params"])}
+    images = test[0][:n]
     batch = images[:64]
     if run.results.get("family") != "resvit":
         row.update(gflops=gflops_per_image(model, images[:32]), ms_mask=ms_per_image(model, batch, reps))
         return row, None
     patch, grid = args["patch_size"], args["img_size"] // args["patch_size"]
     model.execution = "skip"
+    row["top1_threshold"] = row["top1"]  # results.json: the original's p > 1/2 decisions
+    row["top1"] = top1(model, *test)  # top-k at the target ratio (the default), all test images
     keep = torch.cat([model.route(x)[1] for x in images.split(64)])  # (n, dynamic layers, 1 + grid^2)
     patch_keep = keep[:, :, -grid * grid:]
     fg = touches_digit(images, patch)[:, None].expand_as(patch_keep)
@@ -95,14 +105,12 @@ def measure(run, images: torch.Tensor, labels: torch.Tensor, reps: int) -> tuple
     for mode in ("mask", "skip", "mod"):
         model.execution = mode
         row[f"ms_{mode}"] = ms_per_image(model, batch, reps)
-    with torch.inference_mode():
-        row["top1_mod"] = sum((model(x).argmax(-1) == y).sum().item() for x, y in
-                              zip(images.split(64), labels.split(64))) / len(labels)
+    row["top1_mod"] = top1(model, *test)
     model.execution = "skip"
     return row, keep
 
 
-COLUMNS = ["run", "group", "target", "seed", "top1", "top1_mod", "active", "kept_on_digit", "tokens_on_digit",
+COLUMNS = ["run", "group", "target", "seed", "top1", "top1_threshold", "top1_mod", "active", "kept_on_digit", "tokens_on_digit",
            "gflops", "ms_mask", "ms_skip", "ms_mod", "speedup_skip", "trainable_params"]
 
 
@@ -122,10 +130,11 @@ def main() -> None:
     _, cfg, _ = load_checkpoint(teacher.path)
     data = build_data(cfg.data)
     x, y = zip(*[(xb, yb) for xb, yb in data.loader("test", 256)])
-    images, labels = torch.cat(x)[:a.images], torch.cat(y)[:a.images]
+    test = torch.cat(x), torch.cat(y)
+    images = test[0][:a.images]
     rows, figures, shown = [], {}, 0
     for run in sorted(runs, key=lambda r: str(r.path)):
-        row, routed = measure(run, images, labels, a.reps)
+        row, routed = measure(run, test, a.images, a.reps)
         rows.append(row)
         print(" ".join(f"{k}={fmt(row.get(k, ''))}" for k in COLUMNS), flush=True)
         if routed is not None and row["lora"] and row["seed"] == 0 and shown < 4 and "learned (ste)" in row["arm"]:

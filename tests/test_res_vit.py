@@ -40,7 +40,7 @@ def force(res, keep: bool):
 @pytest.mark.parametrize("execution", ["mask", "skip", "mod"])
 @pytest.mark.parametrize("lora", [False, True])
 def test_all_active_equals_the_plain_vit(execution, lora):
-    plain, res = pair(execution=execution, mod_capacity=1.0)
+    plain, res = pair(execution=execution, capacity=1.0)
     force(res, keep=True)
     if lora:
         apply_lora(res, rank=4)  # B = 0: no change yet
@@ -54,7 +54,7 @@ def test_all_active_equals_the_plain_vit(execution, lora):
 
 @pytest.mark.parametrize("execution", ["mask", "skip"])
 def test_all_skipped_with_zero_approximators_is_the_truncated_vit(execution):
-    plain, res = pair(execution=execution, reserve_initials=0, dynamic_start_layer=2)
+    plain, res = pair(execution=execution, reserve_initials=0, dynamic_start_layer=2, eval_routing="threshold")
     force(res, keep=False)
     with torch.no_grad():
         for a in res.approximators:
@@ -71,7 +71,8 @@ def test_all_skipped_with_zero_approximators_is_the_truncated_vit(execution):
 
 @pytest.mark.parametrize("block_size", [1, 2])
 def test_train_and_eval_agree_with_deterministic_routing(block_size):
-    _, res = pair(gumbel_noise=False, router_keep_bias=0.0, block_size=block_size, dynamic_start_layer=2)
+    _, res = pair(gumbel_noise=False, router_keep_bias=0.0, block_size=block_size, dynamic_start_layer=2,
+                  eval_routing="threshold")
     with torch.no_grad():
         res.train()
         train_logits = as_output(res(X)).logits
@@ -109,7 +110,7 @@ def test_run_keys_index_distinct_approximators():
 
 
 def test_reserved_tokens_always_run():
-    _, res = pair(reserve_initials=3)
+    _, res = pair(reserve_initials=3, eval_routing="threshold")
     force(res, keep=False)
     _, keep = res.route(X)  # (B, dynamic layers, N)
     assert keep[:, :, :3].all() and not keep[:, :, 3:].any()
@@ -158,8 +159,9 @@ def test_router_gradient_from_the_task_loss(router_grad):
         assert all(p.grad is None for p in res.routers.parameters())
 
 
-def test_skip_equals_mask_under_the_same_routing():
-    _, res = pair(router_keep_bias=0.0)
+@pytest.mark.parametrize("eval_routing", ["threshold", "topk"])
+def test_skip_equals_mask_under_the_same_routing(eval_routing):
+    _, res = pair(router_keep_bias=0.0, eval_routing=eval_routing)
     with torch.no_grad():
         for r in res.routers:
             r.mlp[-1].weight.normal_(std=1.0)  # mixed decisions per token
@@ -208,7 +210,7 @@ def test_timm_state_dict_leaves_exactly_the_new_keys_missing():
     plain = vitlab.create_model("vit_base_patch16_224", img_size=32, patch_size=8, embed_dim=64, depth=6,
                                 num_heads=4, num_classes=10)
     sd = {k: torch.randn_like(v) for k, v in plain.state_dict().items()}  # a random timm-format checkpoint
-    res = vitlab.create_model("resvit_base_patch16_224", **ARGS)
+    res = vitlab.create_model("resvit_base_patch16_224", **ARGS, capacity=1.0)
     apply_lora(res, rank=4)
     missing, unexpected = res.load_state_dict(sd, strict=False)
     new = {k for k in res.state_dict() if k.startswith(("routers.", "approximators.")) or ".lora_" in k}
@@ -242,3 +244,18 @@ def test_router_entropy_is_finite_for_saturated_routers():
     assert torch.isfinite(out.losses["entropy"]) and out.metrics["router_entropy"] < 1e-6
     out.losses["entropy"].backward()
     assert all(torch.isfinite(p.grad).all() for p in res.routers.parameters() if p.grad is not None)
+
+
+def test_topk_eval_routing_runs_at_the_target_ratio():
+    """A router at p_keep = 0.62 everywhere meets a 0.6 target in training; at inference `threshold` keeps every
+    token, `topk` keeps 60% of the patch tokens in every layer."""
+    _, res = pair(active_target=0.6)
+    with torch.no_grad():
+        for r in res.routers:
+            r.mlp[-1].weight.normal_(std=0.01)
+            r.mlp[-1].bias.view(-1, 2).copy_(torch.tensor([0.0, 0.5]))
+    _, keep = res.route(X)
+    assert keep[:, :, 1:].float().mean() == pytest.approx(math.ceil(0.6 * 16) / 16)
+    res.eval_routing = "threshold"
+    _, keep = res.route(X)
+    assert keep.all()

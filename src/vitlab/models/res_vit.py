@@ -11,11 +11,16 @@ so a skipped run passes its tokens through and adds one low-rank correction at t
 marks it). With `router_grad: ste` the task gradient reaches the router through w (upstream mixes with a
 boolean and the router learns from the ratio loss alone: `router_grad: none`).
 
+Inference decisions (`eval_routing`): `topk` keeps each layer's `capacity` (default: the target ratio) most
+likely tokens per image, so inference runs at the ratio training targeted; `threshold` keeps tokens with
+p_keep > 1/2 (the original's argmax), which can keep far more: the ratio loss constrains the mean probability,
+and a router at p = 0.6 everywhere meets a 0.6 target in training and keeps every token at inference.
+
 Execution (`execution`, inference; training always computes F for every token, which the straight-through
 gradient of a skipped token needs):
     mask  F on all tokens, then the mix above (the reference);
-    skip  queries, output projection and MLP on the active tokens only (gathered, padded to the batch's
-          largest count), keys and values over all tokens: equal to `mask`, at (2 + 10a) N D^2 + 2a N^2 D
+    skip  queries, output projection and MLP on the active tokens only (gathered; under `threshold` padded to
+          the batch's largest count), keys and values over all tokens: equal to `mask`, at (2 + 10a) N D^2 + 2a N^2 D
           multiply-adds instead of 12 N D^2 + 2 N^2 D;
     mod   Mixture-of-Depths: a fixed capacity of tokens by keep probability; the others are also dropped
           from keys and values (12a N D^2 + 2a^2 N^2 D; static shapes).
@@ -97,7 +102,8 @@ class ResViT(VisionTransformer):
                  router_hdim: int = 512, router_keep_bias: float = 5.0, low_rank_dim: int = 256,
                  approx_key: Literal["pid", "run"] = "pid", routing: Literal["learned", "random"] = "learned",
                  router_grad: Literal["ste", "none"] = "ste", gumbel_noise: bool = True,
-                 execution: Literal["mask", "skip", "mod"] = "skip", mod_capacity: float | None = None,
+                 execution: Literal["mask", "skip", "mod"] = "skip",
+                 eval_routing: Literal["topk", "threshold"] = "topk", capacity: float | None = None,
                  active_target: float = 0.6, target_schedule: Literal["cosine", "const"] = "cosine",
                  active_loss: Literal["mse_soft", "l1_hard"] = "mse_soft",
                  distill: Literal["cls_teacher", "layer_local", "none"] = "cls_teacher",
@@ -117,7 +123,8 @@ class ResViT(VisionTransformer):
                               f"use model.execution=mask with attn_layer={self.attn_layer_name}")
         self.s0, self.b, self.reserved = s0, b, reserve_initials
         self.approx_key, self.routing, self.router_grad = approx_key, routing, router_grad
-        self.gumbel_noise, self.execution, self.mod_capacity = gumbel_noise, execution, mod_capacity
+        self.gumbel_noise, self.execution, self.eval_routing = gumbel_noise, execution, eval_routing
+        self.capacity = capacity
         self.active_target, self.target_schedule, self.active_loss = active_target, target_schedule, active_loss
         self.distill, self.lambdas = distill, (lambda_active, lambda_distill, lambda_entropy)
         self.target = active_target  # the current ratio target; set_progress moves it during training
@@ -151,7 +158,7 @@ class ResViT(VisionTransformer):
         elif self.training:  # deterministic, still straight-through
             hard = (logits[..., 1] > logits[..., 0]).to(x.dtype)
             bits = hard + prob - prob.detach()
-        elif self.execution == "mod":  # a fixed capacity: the most likely tokens of each layer
+        elif self.execution == "mod" or self.eval_routing == "topk":  # the most likely `capacity` tokens
             score = torch.cat([torch.full_like(prob[:, :self.reserved], math.inf), prob[:, self.reserved:]], 1)
             top = score.topk(self._capacity(x.shape[1]), dim=1).indices  # (B, C, b)
             bits = torch.zeros_like(prob).scatter_(1, top, 1.0)
@@ -185,10 +192,13 @@ class ResViT(VisionTransformer):
             keep = w[..., None]
             return keep * y + (1.0 - keep) * x, y
         active, D = w > 0.5, x.shape[-1]  # (B, N)
-        if self.execution == "mod":  # routing kept exactly `capacity` tokens per sample: static shapes
-            idx = _active_first(active, self._capacity(x.shape[1]))[..., None].expand(-1, -1, D)
+        fixed = self.execution == "mod" or (self.eval_routing == "topk" and self.routing == "learned")
+        # top-k routing kept exactly `capacity` tokens per sample (static shapes); a threshold pads to the
+        # batch's largest count, one host sync per layer
+        count = self._capacity(x.shape[1]) if fixed else int(active.sum(1).max())
+        if self.execution == "mod":
+            idx = _active_first(active, count)[..., None].expand(-1, -1, D)
             return x.scatter(1, idx, block(x.gather(1, idx))), None  # attention among the kept tokens only
-        count = int(active.sum(1).max())  # skip pads to the batch's largest count: one sync per layer
         if count == 0:
             return x, None
         rows = _active_first(active, count)  # (B, K)
@@ -198,8 +208,8 @@ class ResViT(VisionTransformer):
         return x.scatter(1, idx, new), None
 
     def _capacity(self, n: int) -> int:
-        """mod: tokens each layer keeps, the reserved ones included."""
-        return min(n, self.reserved + math.ceil((self.mod_capacity or self.target) * (n - self.reserved)))
+        """Tokens each layer keeps under top-k routing (eval, or mod), the reserved ones included."""
+        return min(n, self.reserved + math.ceil((self.capacity or self.target) * (n - self.reserved)))
 
     # -- the stack -----------------------------------------------------------------------------------------
     def _layers(self, x: torch.Tensor, trace: _Trace) -> Iterator[torch.Tensor]:
