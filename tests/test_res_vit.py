@@ -70,9 +70,12 @@ def test_all_skipped_with_zero_approximators_is_the_truncated_vit(execution):
 
 
 @pytest.mark.parametrize("block_size", [1, 2])
-def test_train_and_eval_agree_with_deterministic_routing(block_size):
+@pytest.mark.parametrize("decisions", [("sample", "threshold"), ("topk", "topk")])
+def test_train_and_eval_agree_with_deterministic_routing(block_size, decisions):
+    """Without noise, training's decisions are inference's: p > 1/2 (the original) or each image's top-k."""
+    train_routing, eval_routing = decisions
     _, res = pair(gumbel_noise=False, router_keep_bias=0.0, block_size=block_size, dynamic_start_layer=2,
-                  eval_routing="threshold")
+                  train_routing=train_routing, eval_routing=eval_routing, active_target=0.5)
     with torch.no_grad():
         res.train()
         train_logits = as_output(res(X)).logits
@@ -259,3 +262,15 @@ def test_topk_eval_routing_runs_at_the_target_ratio():
     res.eval_routing = "threshold"
     _, keep = res.route(X)
     assert keep.all()
+
+
+def test_topk_training_keeps_each_images_budget():
+    """train_routing=topk: every image keeps exactly the current target's share of its patch tokens in every
+    dynamic layer (the budget top-k inference applies), the draws differ under Gumbel noise."""
+    _, res = pair(active_target=0.5, router_keep_bias=0.0, distill="none")
+    res.train()
+    _, trace = res._run(X)
+    bits = torch.stack(trace.bits, 1)[:, :, 1:]  # (B, dynamic layers, patch tokens)
+    assert torch.equal(bits.sum(-1), torch.full(bits.shape[:2], 8.0))  # 0.5 of 16 in every image and layer
+    _, again = res._run(X)
+    assert not torch.equal(torch.stack(again.bits, 1)[:, :, 1:], bits)

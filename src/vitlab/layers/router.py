@@ -38,8 +38,11 @@ class TokenRouter(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(B, N, dim) -> logits (B, N, layers, 2); index 1 is 'keep'."""
         e = F.gelu(self.local(self.norm(x)))  # (B, N, h)
-        g = e[:, self.reserved:].mean(dim=1, keepdim=True).expand_as(e)  # (B, N, h)
-        return self.mlp(torch.cat([e, g], dim=-1)).unflatten(-1, (self.layers, 2))
+        g = e[:, self.reserved:].mean(dim=1, keepdim=True)  # (B, 1, h)
+        # W [e; g] + c = W_e e + (W_g g + c): the global half once per image, not once per token
+        first, h = self.mlp[0], e.shape[-1]
+        z = F.linear(e, first.weight[:, :h]) + F.linear(g, first.weight[:, h:], first.bias)  # (B, N, h)
+        return self.mlp[1:](z).unflatten(-1, (self.layers, 2))
 
 
 class LowRankApproximators(nn.Module):
