@@ -15,6 +15,7 @@ speed-up of `skip` over the teacher measured in the same process. Writes resvit.
 from __future__ import annotations
 
 import argparse
+import ctypes
 import csv
 import json
 import statistics
@@ -28,6 +29,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 import vitlab.stats  # noqa: E402,F401  (FLOP formulas for CPU attention)
+from vitlab import create_model  # noqa: E402
 from vitlab.data import build_data  # noqa: E402
 from vitlab.experiments.report import build_report, html_table  # noqa: E402
 from vitlab.experiments.runs import find_runs  # noqa: E402
@@ -35,6 +37,17 @@ from vitlab.plots import all_run_figures  # noqa: E402
 from vitlab.plots.common import save  # noqa: E402
 from vitlab.plots.routing import accuracy_flops_figure, routing_figure  # noqa: E402
 from vitlab.train import load_checkpoint  # noqa: E402
+
+
+def quiet_allocator() -> None:
+    """Keep freed memory in the heap (glibc): without it every large activation is a fresh mmap whose page
+    faults add seconds of system time and most of the run-to-run noise, for both models alike."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return
+    for option in (-1, -3):  # M_TRIM_THRESHOLD, M_MMAP_THRESHOLD
+        libc.mallopt(option, 1 << 30)
 
 
 def gflops_per_image(model, images: torch.Tensor) -> float:
@@ -67,7 +80,8 @@ def describe(run, args: dict) -> tuple[str, str]:
     if run.results.get("family") != "resvit":
         depth = args.get("depth")
         return (f"ViT depth {depth}", "teacher" if run.path.name == "teacher" else f"depth cut, {lora}")
-    arm = "random" if args.get("routing") == "random" else f"learned ({args.get('router_grad')})"
+    arm = ("random" if args.get("routing") == "random"
+           else f"learned ({args.get('router_grad')}, {args.get('train_routing', 'sample')})")
     return arm, f"{arm}, {lora}"
 
 
@@ -77,7 +91,47 @@ def top1(model, images: torch.Tensor, labels: torch.Tensor) -> float:
                    zip(images.split(256), labels.split(256))) / len(labels)
 
 
-def measure(run, test: tuple[torch.Tensor, torch.Tensor], n: int, reps: int) -> tuple[dict, object]:
+def reference_width(size: str, batch: int, reps: int) -> list[dict]:
+    """Eval wall-clock per image of Res-ViT at ratio 0.5 (`skip` and `mod`) against the plain ViT at a reference
+    size, measured interleaved in one process. Untrained weights: top-k decisions keep exactly half of the patch
+    tokens whatever the router says, so the time does not depend on them. The router and approximator are
+    scaled as in the canvas recipe (router D/8 wide, approximator rank D/16)."""
+    torch.manual_seed(0)
+    vit = create_model(f"vit_{size}").eval()
+    dim = vit.embed_dim
+    res = create_model(f"resvit_{size}", active_target=0.5, router_hdim=dim // 8, low_rank_dim=dim // 16).eval()
+    x = torch.randn(batch, 3, vit.patch_embed.img_size, vit.patch_embed.img_size)
+    arms = {"vit": (vit, "mask"), "skip": (res, "skip"), "mod": (res, "mod")}
+    times: dict[str, list[float]] = {arm: [] for arm in arms}
+    with torch.inference_mode():
+        for rep in range(reps + 1):  # the first round warms up
+            for arm, (model, mode) in arms.items():
+                model.execution = mode
+                t = time.perf_counter()
+                model(x)
+                if rep:
+                    times[arm].append(time.perf_counter() - t)
+    rows = []
+    for arm, (model, mode) in arms.items():
+        model.execution = mode
+        ms = 1e3 * statistics.median(times[arm]) / batch
+        rows.append({"model": f"{model.vitlab_name} ({mode})" if arm != "vit" else model.vitlab_name,
+                     "batch": batch, "ms_per_image": ms, "gflops": gflops_per_image(model, x[:1]),
+                     "speedup": 1e3 * statistics.median(times["vit"]) / batch / ms})
+    return rows
+
+
+def block_flops(model, image: torch.Tensor) -> tuple[float, float]:
+    """(GMACs of one block, GMACs of everything else: embedding, final norm, head) per image."""
+    tokens = model.embed(image[None])
+    with FlopCounterMode(display=False) as counter, torch.inference_mode():
+        model.blocks[0](tokens)
+    block = counter.get_total_flops() / 2e9
+    return block, gflops_per_image(model, image[None]) - len(model.blocks) * block
+
+
+def measure(run, test: tuple[torch.Tensor, torch.Tensor], n: int, reps: int,
+            unit: tuple[float, float]) -> tuple[dict, object]:
     model, _, _ = load_checkpoint(run.path / "checkpoints" / "last")  # the weights results.json tested
     torch.manual_seed(0)  # random routing draws
     args = model.vitlab_args
@@ -92,9 +146,11 @@ def measure(run, test: tuple[torch.Tensor, torch.Tensor], n: int, reps: int) -> 
         row.update(gflops=gflops_per_image(model, images[:32]), ms_mask=ms_per_image(model, batch, reps))
         return row, None
     patch, grid = args["patch_size"], args["img_size"] // args["patch_size"]
-    model.execution = "skip"
-    row["top1_threshold"] = row["top1"]  # results.json: the original's p > 1/2 decisions
-    row["top1"] = top1(model, *test)  # top-k at the target ratio (the default), all test images
+    model.execution, decisions = "skip", model.eval_routing
+    row["top1"] = top1(model, *test)  # the run's own inference decisions (top-k at the target: the default)
+    model.eval_routing = "threshold"  # the original's p > 1/2
+    row["top1_threshold"] = top1(model, *test)
+    model.eval_routing = decisions
     keep = torch.cat([model.route(x)[1] for x in images.split(64)])  # (n, dynamic layers, 1 + grid^2)
     patch_keep = keep[:, :, -grid * grid:]
     fg = touches_digit(images, patch)[:, None].expand_as(patch_keep)
@@ -102,6 +158,10 @@ def measure(run, test: tuple[torch.Tensor, torch.Tensor], n: int, reps: int) -> 
                kept_on_digit=(patch_keep & fg).sum().item() / max(patch_keep.sum().item(), 1),
                tokens_on_digit=fg.float().mean().item(),
                gflops=gflops_per_image(model, images[:32]))
+    # dynamic layers (routers and approximators included) against as many of the teacher's layers
+    block, rest = unit
+    static = args["dynamic_start_layer"]
+    row["dyn_flops"] = (row["gflops"] - rest - static * block) / ((len(model.blocks) - static) * block)
     for mode in ("mask", "skip", "mod"):
         model.execution = mode
         row[f"ms_{mode}"] = ms_per_image(model, batch, reps)
@@ -110,8 +170,9 @@ def measure(run, test: tuple[torch.Tensor, torch.Tensor], n: int, reps: int) -> 
     return row, keep
 
 
-COLUMNS = ["run", "group", "target", "seed", "top1", "top1_threshold", "top1_mod", "active", "kept_on_digit", "tokens_on_digit",
-           "gflops", "ms_mask", "ms_skip", "ms_mod", "speedup_skip", "trainable_params"]
+COLUMNS = ["run", "group", "target", "seed", "top1", "top1_threshold", "top1_mod", "active", "kept_on_digit",
+           "tokens_on_digit", "gflops", "dyn_flops", "ms_mask", "ms_skip", "ms_mod", "speedup_skip",
+           "trainable_params"]
 
 
 def fmt(value) -> str:
@@ -123,8 +184,10 @@ def main() -> None:
     p.add_argument("root", type=Path)
     p.add_argument("--images", type=int, default=1024)
     p.add_argument("--reps", type=int, default=20)
+    p.add_argument("--wide", default="small_patch16_224", help="reference size timed at batch 64 ('' skips it)")
+    p.add_argument("--wide-reps", type=int, default=5)
     a = p.parse_args()
-    torch.set_num_threads(max(torch.get_num_threads(), 1))
+    quiet_allocator()
     runs = find_runs([a.root], finished_only=True)
     teacher = next(r for r in runs if r.path.name == "teacher")
     _, cfg, _ = load_checkpoint(teacher.path)
@@ -132,12 +195,13 @@ def main() -> None:
     x, y = zip(*[(xb, yb) for xb, yb in data.loader("test", 256)])
     test = torch.cat(x), torch.cat(y)
     images = test[0][:a.images]
+    unit = block_flops(load_checkpoint(teacher.path / "checkpoints" / "last")[0], images[0])
     rows, figures, shown = [], {}, 0
     for run in sorted(runs, key=lambda r: str(r.path)):
-        row, routed = measure(run, test, a.images, a.reps)
+        row, routed = measure(run, test, a.images, a.reps, unit)
         rows.append(row)
         print(" ".join(f"{k}={fmt(row.get(k, ''))}" for k in COLUMNS), flush=True)
-        if routed is not None and row["lora"] and row["seed"] == 0 and shown < 4 and "learned (ste)" in row["arm"]:
+        if routed is not None and row["lora"] and row["seed"] == 0 and shown < 4 and row["arm"] == "learned (ste, topk)":
             keep = routed
             raw = images[:8] * data.info.std[0] + data.info.mean[0]
             figures[f"kept_tokens_{row['run']}"] = routing_figure(
@@ -156,6 +220,13 @@ def main() -> None:
         w.writerows(rows)
     header, body = COLUMNS, [[fmt(r.get(c, "")) for c in COLUMNS] for r in rows]
     md = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + ["| " + " | ".join(b) + " |" for b in body]
+    if a.wide:
+        wide = reference_width(a.wide, 64, a.wide_reps)
+        keys = list(wide[0])
+        md += ["", f"At a reference width (batch 64, median of {a.wide_reps}, untrained weights, ratio 0.5):", "",
+               "| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
+        md += ["| " + " | ".join(fmt(r[k]) for k in keys) + " |" for r in wide]
+        print("\n".join(md[-len(wide) - 2:]), flush=True)
     (out / "resvit.md").write_text("\n".join(md) + "\n")
     report_figures = {**figures, **all_run_figures(runs)}
     page = build_report(runs, report_figures, "Res-ViT on MNIST-on-canvas (seed 001)")
