@@ -58,6 +58,8 @@ def tiny_model(name, **overrides):
     size = ({"widths": [16, 32], "depths": [1, 1], "head_dim": 8} if "widths" in args
             else {"embed_dim": 32, "depth": 2, "num_heads": 2})
     kw = dict(img_size=2 * args["patch_size"], num_classes=5, drop_path_rate=0.1, drop_rate=0.1, **size)
+    if "stages" in args:  # quadtree: 16 px, 4 patches of 8 px, half split into 4 px children: 2 + 8 tokens
+        kw.update(img_size=16, patch_size=4, stages=[[8, 4, 0.5]], stage_depth=1)
     if "router_keep_bias" in args:  # routed: both layers dynamic, routers undecided, every token read by the head
         kw.update(dynamic_start_layer=0, router_keep_bias=0.0, global_pool="avg", router_hdim=16, low_rank_dim=4)
     return vitlab.create_model(name, **{**kw, **overrides})

@@ -82,7 +82,7 @@ def model_entry(name: str) -> ModelEntry:
 
 
 #: old argument spellings still accepted -> the current name
-ARG_ALIASES = {"stem": "patch_embed"}
+ARG_ALIASES = {"stem": "patch_embed", "target_leaf_size": "patch_size"}
 
 
 def builder_parameters(builder: Callable[..., nn.Module]) -> dict[str, inspect.Parameter]:

@@ -21,3 +21,12 @@ def resample_pos_embed(pos_embed: torch.Tensor, new_grid: int, num_prefix_tokens
     grid = F.interpolate(grid, size=(new_grid, new_grid), mode=mode, antialias=antialias, align_corners=False)
     grid = grid.permute(0, 2, 3, 1).reshape(1, new_grid * new_grid, D).to(pos_embed.dtype)  # (1, g'*g', D)
     return torch.cat([prefix, grid], dim=1)
+
+
+def sincos_2d(coords: torch.Tensor, dim: int) -> torch.Tensor:
+    """Sinusoidal encoding of 2-D points, (..., 2) as [x, y] -> (..., dim):
+    [sin(x w), cos(x w), sin(y w), cos(y w)] with w_j = 10000^(-2j / (dim/2)), j < dim/4 (dim % 4 == 0)."""
+    j = torch.arange(dim // 4, device=coords.device, dtype=torch.float32)
+    omega = 10000.0 ** (-2.0 * j / (dim / 2))  # (dim/4,)
+    x, y = coords[..., :1].float() * omega, coords[..., 1:].float() * omega
+    return torch.cat([x.sin(), x.cos(), y.sin(), y.cos()], dim=-1)

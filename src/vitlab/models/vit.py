@@ -81,7 +81,7 @@ class VisionTransformer(nn.Module):
         except ValueError as exc:
             raise VitlabError(str(exc)) from None
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim)) if class_token else None
-        self.pos_embed = nn.Parameter(torch.zeros(1, self.patch_embed.num_patches + self.num_prefix_tokens, embed_dim))
+        self.pos_embed = nn.Parameter(torch.zeros(1, self._num_positions() + self.num_prefix_tokens, embed_dim))
         self.pos_drop = nn.Dropout(drop_rate) if drop_rate > 0 else nn.Identity()
         self.blocks = self._build_blocks(depth)
         self.num_features = self._num_features()
@@ -102,6 +102,10 @@ class VisionTransformer(nn.Module):
         """The block stack (the staged ViT builds stages of growing width here)."""
         rates = drop_path_rates(self.drop_path_rate, depth)
         return nn.Sequential(*[self._build_block(i, self.embed_dim, self.num_heads, rates[i]) for i in range(depth)])
+
+    def _num_positions(self) -> int:
+        """Rows of the learned position table besides the prefix tokens' (one per patch of the grid)."""
+        return self.patch_embed.num_patches
 
     def _num_features(self) -> int:
         """Width of the tokens `forward_features` returns (two streams: twice the embedding width)."""

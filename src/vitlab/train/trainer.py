@@ -184,7 +184,8 @@ class Trainer:
                  f"({100 * self.trainable / self.params:.2f}%)" + (f" | LoRA rank {cfg.lora.rank} on "
                                                                   f"{', '.join(cfg.lora.targets)}" if cfg.lora.rank else "")
                  + (f" | from {cfg.model.pretrained}" if cfg.model.pretrained else "")
-                 + "".join(f"; {n}" for n in getattr(self.model, "pretrained_notes", [])))
+                 + "".join(f"; {n}" for n in getattr(self.model, "pretrained_notes", []))
+                 + (f" | {self.model.token_plan}" if hasattr(self.model, "token_plan") else ""))
         log.info(f"world size {env.world_size} (launcher {env.launcher}, backend {backend}, strategy "
                  f"{tc.strategy if env.launcher != 'none' else 'single'}) | batch {tc.batch_size}/device x "
                  f"{env.world_size} x accum {tc.accum_steps} = {self.global_batch} global | lr {self.lr:.3g}"

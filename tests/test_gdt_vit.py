@@ -1,0 +1,197 @@
+"""GDT-ViT's defining properties (ROUTED_AND_ADAPTIVE.md A.5), on tiny widths with random weights."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import vitlab
+from vitlab.errors import VitlabError
+from vitlab.layers.quadtree import LeafGroup, paint, patchify, resize_leaves, split_children
+from vitlab.models.gdt_vit import plan_tokens
+
+TINY = dict(embed_dim=32, depth=2, num_heads=2, stage_depth=1, num_classes=5)
+
+
+def gdt(img_size=32, stages=((16, 8, 0.25), (8, 4, 0.5)), patch_size=4, in_chans=3, seed=0, **kw):
+    torch.manual_seed(seed)
+    return vitlab.create_model("gdt_vit_tiny_64", img_size=img_size, stages=stages, patch_size=patch_size,
+                               in_chans=in_chans, **{**TINY, **kw}).eval()
+
+
+def images(batch=3, size=32, channels=3, seed=0):
+    return torch.randn(batch, channels, size, size, generator=torch.Generator().manual_seed(seed))
+
+
+def leaf_crops_match(x, tree):
+    for g in tree.groups:
+        for b in range(len(x)):
+            for pixels, (cx, cy) in zip(g.pixels[b], g.coords[b].long().tolist()):
+                crop = x[b, :, cy:cy + g.size, cx:cx + g.size].reshape(-1)
+                if not torch.allclose(pixels, crop, atol=1e-6):
+                    return False
+    return True
+
+
+# (stages, M per stage, group sizes, T) of the original's four configs (256 px), A.2.9
+CONFIGS = [
+    ([(32, 16, .25), (16, 8, .25), (8, 4, .25), (4, 2, .25)], [64] * 4, [48, 48, 48, 48, 64], 256),
+    ([(32, 16, .5), (16, 8, .25), (8, 4, .125), (4, 2, .0625)], [64, 128, 128, 64], [32, 96, 112, 60, 16], 316),
+    ([(16, 8, .25), (8, 4, .25), (4, 2, .25)], [256] * 3, [192, 192, 192, 256], 832),
+    ([(32, 16, .25), (16, 8, .25)], [64, 64], [48, 48, 64], 160),
+]
+
+
+@pytest.mark.parametrize("stages, seq_lens, groups, total", CONFIGS)
+def test_token_count_formula(stages, seq_lens, groups, total):
+    counts, got = plan_tokens(256, stages)
+    assert got == groups and sum(got) == total and counts[:len(stages)] == seq_lens
+    model = gdt(img_size=256, stages=stages, patch_size=16, embed_dim=16, depth=1, max_seq_len=seq_lens)
+    with torch.no_grad():
+        assert model.embed(images(1, 256)).shape == (1, 1 + total, 16)
+    assert model.token_plan.endswith(f"T = {total}")
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_leaves_tile_the_image_exactly_and_hold_its_pixels(batch, seed):
+    model = gdt(seed=seed).train()  # with Gumbel noise: the leaves pass through the straight-through multiply
+    x = images(batch, seed=seed)
+    tree = model.grow(x)
+    boxes = tree.boxes.long()  # (B, T, 3)
+    ys, xs = torch.meshgrid(torch.arange(32), torch.arange(32), indexing="ij")
+    x0, y0, s = (boxes[..., i, None, None] for i in range(3))
+    coverage = ((xs >= x0) & (xs < x0 + s) & (ys >= y0) & (ys < y0 + s)).sum(1)  # (B, H, W)
+    assert coverage.min() == 1 and coverage.max() == 1
+    assert leaf_crops_match(x, tree)
+
+
+def test_zero_splits_equal_uniform_patching_and_the_plain_vit():
+    model = gdt(stages=[(8, 4, 0.0)], patch_size=8)
+    x = images()
+    with torch.no_grad():
+        tokens = model.embed(x)[:, 1:] - model.pos_embed[:, 1:]
+        proj = model.patch_embed.proj
+        conv = F.conv2d(x, proj.weight, proj.bias, stride=8).flatten(2).transpose(1, 2)  # raster order
+        torch.testing.assert_close(tokens, conv, atol=1e-5, rtol=1e-5)
+        torch.manual_seed(0)
+        plain = vitlab.create_model("vit_micro_patch2_8", img_size=32, patch_size=8, embed_dim=32, depth=2,
+                                    num_heads=2, num_classes=5).eval()
+        missing, unexpected = plain.load_state_dict(model.state_dict(), strict=False)
+        assert not missing and all(k.startswith("stages.") for k in unexpected)
+        torch.testing.assert_close(model(x), plain(x), atol=1e-5, rtol=1e-5)
+
+
+def test_full_split_equals_the_finest_uniform_grid_up_to_a_permutation():
+    model = gdt(stages=[(16, 8, 1.0), (8, 4, 1.0)], patch_size=4)
+    x = images()
+    with torch.no_grad():
+        tree = model.grow(x)
+        tokens = model.embed_tree(tree)[:, 1:] - model.pos_embed[:, 1:]
+        proj = model.patch_embed.proj
+        grid = F.conv2d(x, proj.weight, proj.bias, stride=4).flatten(2).transpose(1, 2)  # (B, 64, D) raster
+    boxes = tree.boxes
+    assert (boxes[..., 2] == 4).all()
+    raster = (boxes[..., 1] // 4 * 8 + boxes[..., 0] // 4).long()  # each token's place in the raster grid
+    assert all(sorted(r.tolist()) == list(range(64)) for r in raster)
+    torch.testing.assert_close(tokens, grid.gather(1, raster[..., None].expand_as(grid)), atol=1e-5, rtol=1e-5)
+
+
+def test_children_geometry_and_order_match_unfold():
+    pixels, coords = patchify(images(2, 16), 8)  # (2, 4, 3*64)
+    children, child_coords = split_children(pixels, coords, 8, 4, 3)
+    assert torch.equal(child_coords[0, :4], torch.tensor([[0., 0.], [4., 0.], [0., 4.], [4., 4.]]))
+    patch = pixels[:, :1].reshape(2, 3, 8, 8)
+    unfold = F.unfold(patch, 4, stride=4).transpose(1, 2)  # (2, 4, 3*16)
+    assert torch.equal(children[:, :4], unfold)
+
+
+def test_straight_through_gate_is_one_forward_and_leaves_do_not_depend_on_logits():
+    model = gdt().train()
+    x = images()
+    torch.manual_seed(3)
+    tree = model.grow(x)
+    for gate, selected in zip(tree.gates, tree.selections):
+        torch.testing.assert_close(gate.gather(1, selected), torch.ones_like(selected, dtype=gate.dtype),
+                                   atol=1e-6, rtol=0)
+    model.eval()
+    before = model.grow(x)
+    with torch.no_grad():  # logits x 3: the same top-k, other softmax weights behind the gates
+        for stage in model.stages:
+            stage.selector.weight.mul_(3.0)
+            stage.selector.bias.mul_(3.0)
+    after = model.grow(x)
+    assert all(torch.equal(a, b) for a, b in zip(before.selections, after.selections))
+    for a, b in zip(before.groups, after.groups):
+        torch.testing.assert_close(a.pixels, b.pixels, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("scorer", ["slot", "token"])
+def test_selector_gradient_is_alive_and_absent_without_splits(scorer):
+    model = gdt(scorer=scorer).train()
+    F.cross_entropy(model(images()), torch.arange(3)).backward()
+    assert all(s.selector.weight.grad is not None and s.selector.weight.grad.abs().sum() > 0 for s in model.stages)
+    still = gdt(stages=[(8, 4, 0.0)], patch_size=8).train()
+    F.cross_entropy(still(images()), torch.arange(3)).backward()
+    assert still.stages[0].selector.weight.grad is None
+
+
+def test_eval_is_deterministic_sorted_and_noise_free():
+    model = gdt()
+    x = images()
+    with torch.no_grad():
+        a, tree = model.forward_with_tree(x)
+        assert torch.equal(a, model(x))
+        pixels, coords = patchify(x, 16)
+        logits = model.stages[0].logits(pixels, coords)
+    expected = logits.topk(model.stages[0].k, dim=1).indices.sort(dim=1).values
+    assert torch.equal(tree.selections[0], expected)
+    for selected in tree.selections:
+        assert (selected[:, 1:] > selected[:, :-1]).all()
+    model.eval_gumbel = True  # the original's noisy inference, on request
+    with torch.no_grad():
+        assert not torch.equal(model(x), model(x))
+
+
+def test_batch_independence():
+    model = gdt(leaf_pos="coords")
+    x = images(4)
+    with torch.no_grad():
+        alone = torch.cat([model(x[i:i + 1]) for i in range(4)])
+        torch.testing.assert_close(model(x), alone, atol=1e-5, rtol=1e-5)
+
+
+def test_bad_plans_fail_at_construction_with_one_line():
+    with pytest.raises(VitlabError, match="max_seq_len"):
+        gdt(max_seq_len=[64, 16])  # stage 0 receives 4 patches of 16 px at 32 px
+    with pytest.raises(VitlabError, match="previous patch_out"):
+        gdt(stages=[(16, 8, 0.5), (4, 2, 0.5)])
+    with pytest.raises(VitlabError, match="multiple of the first stage"):
+        gdt(img_size=40)
+    with pytest.raises(VitlabError, match="multiple of 4"):
+        gdt(embed_dim=30, num_heads=3)
+
+
+def test_no_large_buffers_in_the_default_model():
+    with torch.device("meta"):
+        model = vitlab.create_model("gdt_vit_base_256")
+    assert sum(b.numel() for b in model.buffers()) < 1e6
+    assert not any("relative_index" in k for k in model.state_dict())
+    assert sum(p.numel() for p in model.parameters()) == pytest.approx(161.0e6, rel=0.01)  # A.2.10 less 4.7M bias
+
+
+def test_bilinear_resize_is_the_identity_at_the_same_size():
+    x = images(2, 8)
+    assert torch.equal(F.interpolate(x, size=(8, 8), mode="bilinear", align_corners=False), x)
+    pixels, coords = patchify(x, 4)
+    assert torch.equal(resize_leaves(LeafGroup(pixels, 4, coords), 4, 3), pixels)
+
+
+def test_painting_inverts_leaf_extraction_for_leaf_constant_masks():
+    model = gdt()
+    tree = model.grow(images())
+    groups = [(g.size, g.pixels.shape[1]) for g in tree.groups]
+    labels = torch.randint(1, 10, (3, sum(n for _, n in groups))).float()  # one value per leaf
+    mask = paint(labels[:, :, None, None, None].expand(-1, -1, 1, 4, 4), tree.boxes[..., :2], groups, 32)[:, 0]
+    assert (mask > 0).all()  # every pixel painted
+    for b in range(3):
+        for (x, y, s), value in zip(tree.boxes[b].long().tolist(), labels[b]):
+            assert (mask[b, y:y + s, x:x + s] == value).all()
