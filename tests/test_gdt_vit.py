@@ -5,7 +5,7 @@ import torch.nn.functional as F
 
 import vitlab
 from vitlab.errors import VitlabError
-from vitlab.layers.quadtree import LeafGroup, paint, patchify, resize_leaves, split_children
+from vitlab.layers.quadtree import LeafGroup, QuadtreeTokenizer, paint, patchify, resize_leaves, split_children
 from vitlab.models.gdt_vit import plan_tokens
 
 TINY = dict(embed_dim=32, depth=2, num_heads=2, stage_depth=1, num_classes=5)
@@ -195,3 +195,60 @@ def test_painting_inverts_leaf_extraction_for_leaf_constant_masks():
     for b in range(3):
         for (x, y, s), value in zip(tree.boxes[b].long().tolist(), labels[b]):
             assert (mask[b, y:y + s, x:x + s] == value).all()
+
+
+# -- the content quadtree tokenizer (model.tokenizer=quadtree) ------------------------------------------------
+def test_content_quadtree_of_a_flat_image_at_the_grid_budget_is_the_uniform_grid():
+    torch.manual_seed(0)
+    model = vitlab.create_model("vit_micro_patch4_32", tokenizer="quadtree", tokens=64, quadtree_sizes=(16, 4),
+                                in_chans=3, num_classes=5).eval()
+    x = torch.full((2, 3, 32, 32), 0.3)
+    leaves, boxes = model.tokenizer(x)
+    assert (boxes[..., 2] == 4).all()
+    assert torch.equal(boxes[0, :, :2], patchify(x, 4)[1][0])  # raster order
+    pixels, _ = patchify(x, 4)
+    assert torch.equal(leaves, pixels)
+
+
+@pytest.mark.parametrize("score", ["edge", "variance"])
+def test_content_quadtree_spends_its_budget_on_the_content(score):
+    x = torch.zeros(3, 1, 64, 64)
+    for b, (r, c) in enumerate([(4, 8), (30, 30), (40, 2)]):
+        x[b, :, r:r + 20, c:c + 20] = torch.rand(20, 20, generator=torch.Generator().manual_seed(b))
+    tokenizer = QuadtreeTokenizer(64, 4, 52, 16, 4, score)
+    leaves, boxes = tokenizer(x)
+    assert leaves.shape == (3, 52, 16) and boxes.shape == (3, 52, 3)
+    ys, xs = torch.meshgrid(torch.arange(64), torch.arange(64), indexing="ij")
+    b = boxes.long()
+    x0, y0, s = (b[..., i, None, None] for i in range(3))
+    inside = (xs >= x0) & (xs < x0 + s) & (ys >= y0) & (ys < y0 + s)  # (B, L, H, W)
+    assert (inside.sum(1) == 1).all()  # the leaves tile every image
+    # every split cell held content (or its 1-px border, where differences are non-zero): the parent of each
+    # finest leaf touches the square
+    near = F.max_pool2d((x > 0).float(), 3, stride=1, padding=1)[:, 0] > 0
+    px, py = (b[..., 0] // 8 * 8)[..., None, None], (b[..., 1] // 8 * 8)[..., None, None]
+    parent = (xs >= px) & (xs < px + 8) & (ys >= py) & (ys < py + 8)
+    small = boxes[..., 2] == 4
+    assert small.any(1).all() and (small <= (parent & near[:, None]).flatten(2).any(-1)).all()
+    resized = F.interpolate(x[:1, :, :16, :16], size=(4, 4), mode="bilinear", align_corners=False)
+    first = (boxes[0, :, :3] == torch.tensor([0.0, 0.0, 16.0])).all(-1)
+    if first.any():  # an unsplit root leaf is its pixels resized to the patch
+        torch.testing.assert_close(leaves[0, first.nonzero()[0, 0]], resized.reshape(-1))
+
+
+def test_quadtree_tokenizer_works_for_the_families_and_rejects_bad_budgets():
+    for name in ("vit_micro_patch4_32", "resvit_micro_patch4_32", "diff_vit_micro_patch4_32"):
+        torch.manual_seed(0)
+        model = vitlab.create_model(name, tokenizer="quadtree", tokens=25, quadtree_sizes=(16, 4),
+                                    num_classes=5).train()
+        out = model(images())
+        logits = out if isinstance(out, torch.Tensor) else out.logits
+        assert logits.shape == (3, 5)
+        logits.sum().backward()
+        assert model.size_embed.weight.grad.abs().sum() > 0
+    with pytest.raises(VitlabError, match="3 leaves"):
+        vitlab.create_model("vit_micro_patch4_32", tokenizer="quadtree", tokens=24, quadtree_sizes=(16, 4))
+    with pytest.raises(VitlabError, match="transition=linear"):
+        vitlab.create_model("staged_vit_patch4_32", tokenizer="quadtree", transition="pool")
+    with pytest.raises(VitlabError, match="patch_embed"):
+        vitlab.create_model("vit_micro_patch4_32", tokenizer="quadtree", patch_embed="conv")

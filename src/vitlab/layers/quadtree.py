@@ -7,10 +7,13 @@ viewed as (D, C*p*p) and of `nn.Unfold`; boxes are (x, y, size) with (x, y) the 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Literal, Sequence
 
 import torch
 import torch.nn.functional as F
+from torch import nn
+
+from ..errors import VitlabError
 
 
 @dataclass
@@ -79,3 +82,92 @@ def paint(values: torch.Tensor, coords: torch.Tensor, groups: Sequence[tuple[int
             out.scatter_(2, pixel.reshape(B, 1, -1).expand(B, K, -1), v)
         start += count
     return out.reshape(B, K, H, H)
+
+
+class QuadtreeTokenizer(nn.Module):
+    """A content quadtree with a fixed budget of leaves (the seed's "image pre-processing" form, made
+    deterministic and batched in torch): from a grid of `root` px cells, repeatedly split the leaf of highest
+    score into its four children (ties within 1e-5: the larger cell first, so a flat image splits evenly),
+    down to cells of `min_size` px, until there are `tokens` leaves. Every leaf is resized (bilinear) to
+    `patch` px. Scores, on the grey image: `edge`, the sum of |horizontal| + |vertical| differences inside the
+    cell; `variance`, the sum of squared deviations from the cell's mean. Each split adds three leaves, so
+    `tokens` = roots + 3 k exactly: no padding, and the budget is always spent."""
+
+    def __init__(self, img_size: int, patch: int, tokens: int | None, root: int, min_size: int,
+                 score: Literal["edge", "variance"] = "edge"):
+        super().__init__()
+        levels = []
+        size = root
+        while size >= min_size and size >= 1:
+            levels.append(size)
+            size //= 2
+        if img_size % root or not levels or levels[-1] != min_size or any(s % 2 for s in levels[:-1]):
+            raise VitlabError(f"quadtree cells must halve from {root} px to {min_size} px and {root} must divide "
+                              f"the image ({img_size} px); set model.quadtree_sizes=[root, min] accordingly")
+        grids = [img_size // s for s in levels]
+        roots, finest = grids[0] ** 2, grids[-1] ** 2
+        tokens = finest if tokens is None else tokens
+        if not roots <= tokens <= finest or (tokens - roots) % 3:
+            raise VitlabError(f"model.tokens={tokens} cannot be a quadtree of {roots} roots of {root} px (each split "
+                              f"adds 3 leaves, at most {finest}); choose {roots} + 3k, e.g. "
+                              f"{roots + 3 * max(0, (tokens - roots) // 3)}")
+        self.patch, self.tokens, self.score_kind, self.sizes = patch, tokens, score, levels
+        self.splits = (tokens - roots) // 3
+        # every cell of every level, level by level, raster order inside a level: (x, y, size), and its children
+        boxes, children, offset = [], [], 0
+        for level, (s, g) in enumerate(zip(levels, grids)):
+            r, c = torch.meshgrid(torch.arange(g), torch.arange(g), indexing="ij")
+            boxes.append(torch.stack([c * s, r * s, torch.full_like(r, s)], -1).reshape(-1, 3))
+            if level + 1 < len(levels):
+                nxt = offset + g * g  # first index of the next level, whose grid is 2g wide
+                i, j = torch.meshgrid(torch.arange(2), torch.arange(2), indexing="ij")
+                kid = (2 * r[..., None, None] + i) * 2 * g + 2 * c[..., None, None] + j  # (g, g, 2, 2)
+                children.append(nxt + kid.reshape(-1, 4))
+            else:
+                children.append(torch.zeros(g * g, 4, dtype=torch.long))  # never split: the finest cells
+            offset += g * g
+        self.register_buffer("boxes", torch.cat(boxes).float(), persistent=False)  # (cells, 3)
+        self.register_buffer("child_cells", torch.cat(children), persistent=False)  # (cells, 4)
+        self.roots = roots
+
+    def cell_scores(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, C, H, W) -> every cell's score (B, cells), in the cell table's order."""
+        grey = x.float().mean(1, keepdim=True)  # (B, 1, H, W)
+        if self.score_kind == "edge":
+            dx = F.pad((grey[..., :, 1:] - grey[..., :, :-1]).abs(), (0, 1))
+            dy = F.pad((grey[..., 1:, :] - grey[..., :-1, :]).abs(), (0, 0, 0, 1))
+            per_pixel = [dx + dy]
+        else:
+            per_pixel = [grey, grey.square()]
+        scores = []
+        for s in self.sizes:
+            pooled = [F.avg_pool2d(p, s).flatten(1) for p in per_pixel]  # cell means (B, g*g)
+            cell = pooled[0] if self.score_kind == "edge" else (pooled[1] - pooled[0].square()).clamp(min=0)
+            scores.append(cell * s * s)  # sums over the cell
+        return torch.cat(scores, dim=1)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, C, H, W) -> leaves resized to patch px (B, tokens, C*p*p) and their boxes (B, tokens, 3) as
+        (x, y, size), in the cell table's order (coarse to fine, raster inside a size)."""
+        B, cells = len(x), len(self.boxes)
+        size = self.boxes[:, 2]
+        key = self.cell_scores(x) + 1e-5 * size / self.sizes[0]  # (B, cells): ties go to the larger cell
+        key = key.masked_fill(size <= self.sizes[-1], -torch.inf)  # the finest cells do not split
+        leaf = torch.zeros(B, cells, dtype=torch.bool, device=x.device)
+        leaf[:, :self.roots] = True
+        for _ in range(self.splits):  # one split per step for the whole batch: a loop over tree steps
+            best = torch.where(leaf, key, -torch.inf).argmax(dim=1, keepdim=True)  # (B, 1)
+            leaf.scatter_(1, best, False)
+            leaf.scatter_(1, self.child_cells[best[:, 0]], True)
+        index = torch.argsort((~leaf).to(torch.uint8), dim=1, stable=True)[:, :self.tokens]  # (B, L) the leaves
+        boxes = self.boxes[index]  # (B, L, 3)
+        resized = []  # every cell of every size, resized to the patch (cells are few: 4/3 of the finest grid)
+        for s in self.sizes:
+            pixels, coords = patchify(x, s)
+            resized.append(resize_leaves(LeafGroup(pixels, s, coords), self.patch, x.shape[1]))
+        leaves = torch.cat(resized, dim=1).gather(1, index[..., None].expand(-1, -1, resized[0].shape[-1]))
+        return leaves, boxes
+
+    def level(self, boxes: torch.Tensor) -> torch.Tensor:
+        """Each leaf's size class (B, L): 0 for root cells, 1 for their children, ..."""
+        return torch.log2(self.sizes[0] / boxes[..., 2]).round().long()

@@ -141,7 +141,9 @@ class GDTViT(VisionTransformer):
             raise VitlabError(f"model.max_seq_len {list(max_seq_len)} does not match the patches each stage "
                               f"receives, {counts[:len(stages)]}; the slot scorer needs them equal (or use "
                               f"model.scorer=token)")
-        # read by _num_positions while the parent builds its position table
+        if kwargs.get("tokenizer", "patch") != "patch":
+            raise VitlabError("GDT-ViT makes its own quadtree; model.tokenizer applies to the other families")
+        # read by _num_positions and _leaf_sizes while the parent builds its position tables
         self.groups, self.leaf_pos = groups, leaf_pos
         super().__init__(img_size=img_size, patch_size=patch_size, in_chans=in_chans, embed_dim=embed_dim, **kwargs)
         self.in_chans, self.eval_gumbel, self.tau, self.antialias = in_chans, eval_gumbel, tau, antialias
@@ -150,22 +152,22 @@ class GDTViT(VisionTransformer):
             QuadtreeStage(p_in, p_out, r, n, in_chans, embed_dim,
                           [self._build_block(i, embed_dim, self.num_heads, 0.0) for i in range(stage_depth)], scorer)
             for (p_in, p_out, r), n in zip(stages, counts))
-        self.size_embed = nn.Embedding(len(groups), embed_dim) if leaf_pos == "coords" else None
         self._init_new_modules()
         plan = ", ".join(f"{n} of {p} px" for n, p in zip(groups, self.sizes))
         self.token_plan = f"quadtree tokens: {plan}; T = {sum(groups)}"
 
     @torch.no_grad()
     def _init_new_modules(self) -> None:
-        for m in [*self.stages.modules()] + ([self.size_embed] if self.size_embed is not None else []):
+        for m in self.stages.modules():
             if isinstance(m, nn.Linear):
                 nn.init.trunc_normal_(m.weight, std=0.02)
                 nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.Embedding):
-                nn.init.trunc_normal_(m.weight, std=0.02)
 
     def _num_positions(self) -> int:
         return sum(self.groups) if self.leaf_pos == "seq" else 0
+
+    def _leaf_sizes(self) -> int:
+        return len(self.groups) if self.leaf_pos == "coords" else 0
 
     def no_weight_decay(self) -> set[str]:
         return super().no_weight_decay() | {f"stages.{i}.{n}" for i in range(len(self.stages))
@@ -198,17 +200,14 @@ class GDTViT(VisionTransformer):
         """Leaves -> [cls; tokens] + positions (B, prefix + T, D)."""
         t = self.patch_embed.patch_size
         leaves = torch.cat([resize_leaves(g, t, self.in_chans, self.antialias) for g in tree.groups], dim=1)
+        if self.leaf_pos == "coords":
+            group = torch.repeat_interleave(torch.arange(len(self.groups), device=leaves.device),
+                                            torch.tensor(self.groups, device=leaves.device))  # (T,) leaf sizes
+            return self.embed_leaves(leaves, torch.cat([g.coords for g in tree.groups], dim=1), group)
         proj = self.patch_embed.proj  # Conv2d(C, D, t, t) viewed as the Linear(C*t*t, D) it equals on a leaf
         tokens = F.linear(leaves, proj.weight.reshape(proj.out_channels, -1), proj.bias)  # (B, T, D)
         prefix = [self.cls_token.expand(len(tokens), -1, -1)] if self.cls_token is not None else []
-        if self.leaf_pos == "seq":
-            return self.pos_drop(torch.cat([*prefix, tokens], dim=1) + self.pos_embed)
-        group = torch.repeat_interleave(torch.arange(len(self.groups), device=tokens.device),
-                                        torch.tensor(self.groups, device=tokens.device))  # (T,) each leaf's group
-        coords = torch.cat([g.coords for g in tree.groups], dim=1)  # (B, T, 2)
-        tokens = tokens + sincos_2d(coords, tokens.shape[-1]).to(tokens.dtype) + self.size_embed(group)
-        prefix = [p + self.pos_embed for p in prefix]
-        return self.pos_drop(torch.cat([*prefix, tokens], dim=1))
+        return self.pos_drop(torch.cat([*prefix, tokens], dim=1) + self.pos_embed)
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         return self.embed_tree(self.grow(x))

@@ -71,6 +71,9 @@ class StagedViT(VisionTransformer):
             raise VitlabError(f"widths {widths} and depths {depths} must name the same number (>= 1) of stages")
         if transition not in TRANSITIONS:
             raise VitlabError(f"transition must be one of {', '.join(TRANSITIONS)}, got {transition!r}")
+        if transition == "pool" and kwargs.get("tokenizer", "patch") != "patch":
+            raise VitlabError("pooling transitions pool a patch grid; a quadtree's leaves have none: use "
+                              "model.transition=linear with model.tokenizer=quadtree")
         if any(w % head_dim for w in widths):
             raise VitlabError(f"every stage width {widths} must be a multiple of head_dim {head_dim}")
         # plain attributes, read by the construction hooks that the reference constructor calls

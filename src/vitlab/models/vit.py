@@ -8,7 +8,7 @@ State-dict keys are timm's, so timm and original-JAX weights load unchanged (see
 is the model interface: `forward_features` (normalised tokens), `forward_head(x, pre_logits)`,
 `forward_intermediates(x, indices)`.
 
-Variants are swaps (`patch_embed`, `attn_layer`, `mlp_layer`) or subclasses that override the construction
+Variants are swaps (`patch_embed`, `attn_layer`, `mlp_layer`, `tokenizer`) or subclasses that override the construction
 hooks (`_build_blocks`, `_num_features`) and the block pass (`iter_blocks` / `forward_blocks`); the
 constructor builds and initialises once, in one order, so at the same seed every family starts from the
 reference weights wherever the shapes match.
@@ -19,10 +19,13 @@ from functools import partial
 from typing import Callable, Iterator, Literal, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..errors import VitlabError, did_you_mean
 from ..layers import ATTN_LAYERS, PATCH_EMBEDS, Block, LayerNorm, Mlp
+from ..layers.pos_embed import sincos_2d
+from ..layers.quadtree import QuadtreeTokenizer
 
 
 def _choose(kind: str, name: str, table: dict) -> object:
@@ -57,7 +60,10 @@ class VisionTransformer(nn.Module):
                  global_pool: Literal["token", "avg"] = "token", drop_rate: float = 0.0,
                  attn_drop_rate: float = 0.0, drop_path_rate: float = 0.0, init_values: float | None = None,
                  patch_embed: Literal["patch", "conv", "spt"] = "patch",
-                 attn_layer: str | Callable[..., nn.Module] = "mhsa", mlp_layer: Callable[..., nn.Module] = Mlp):
+                 attn_layer: str | Callable[..., nn.Module] = "mhsa", mlp_layer: Callable[..., nn.Module] = Mlp,
+                 tokenizer: Literal["patch", "quadtree"] = "patch", tokens: int | None = None,
+                 quadtree_sizes: tuple[int, int] | None = None,
+                 quadtree_score: Literal["edge", "variance"] = "edge"):
         # One draw from the global stream seeds the initialisation, so what a subclass builds on top (a wider
         # head, transitions) cannot shift the reference weights it shares (see `init_weights`).
         init_seed = int(torch.randint(2 ** 62, (1,), device="cpu"))
@@ -80,8 +86,19 @@ class VisionTransformer(nn.Module):
             self.patch_embed = embed_layer(img_size, patch_size, in_chans, embed_dim)
         except ValueError as exc:
             raise VitlabError(str(exc)) from None
+        self.tokenizer = None  # the patch grid; or a content quadtree of `tokens` leaves resized to the patch
+        if tokenizer == "quadtree":
+            if patch_embed != "patch":
+                raise VitlabError(f"model.tokenizer=quadtree embeds leaves with the linear patch projection; "
+                                  f"it cannot follow patch_embed={patch_embed}; set model.patch_embed=patch")
+            if embed_dim % 4:
+                raise VitlabError(f"model.tokenizer=quadtree places leaves by a 2-D sinusoidal code, which needs "
+                                  f"embed_dim divisible by 4, got {embed_dim}")
+            root, smallest = quadtree_sizes or (4 * patch_size, patch_size)
+            self.tokenizer = QuadtreeTokenizer(img_size, patch_size, tokens, root, smallest, quadtree_score)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim)) if class_token else None
         self.pos_embed = nn.Parameter(torch.zeros(1, self._num_positions() + self.num_prefix_tokens, embed_dim))
+        self.size_embed = nn.Embedding(self._leaf_sizes(), embed_dim) if self._leaf_sizes() else None
         self.pos_drop = nn.Dropout(drop_rate) if drop_rate > 0 else nn.Identity()
         self.blocks = self._build_blocks(depth)
         self.num_features = self._num_features()
@@ -104,8 +121,13 @@ class VisionTransformer(nn.Module):
         return nn.Sequential(*[self._build_block(i, self.embed_dim, self.num_heads, rates[i]) for i in range(depth)])
 
     def _num_positions(self) -> int:
-        """Rows of the learned position table besides the prefix tokens' (one per patch of the grid)."""
-        return self.patch_embed.num_patches
+        """Rows of the learned position table besides the prefix tokens' (one per patch of the grid; none for
+        leaves, which are placed by their coordinates and sizes)."""
+        return self.patch_embed.num_patches if self.tokenizer is None else 0
+
+    def _leaf_sizes(self) -> int:
+        """Leaf sizes the size embedding tells apart (0: no leaves, no size embedding)."""
+        return len(self.tokenizer.sizes) if self.tokenizer is not None else 0
 
     def _num_features(self) -> int:
         """Width of the tokens `forward_features` returns (two streams: twice the embedding width)."""
@@ -134,6 +156,8 @@ class VisionTransformer(nn.Module):
                 nn.init.trunc_normal_(m.weight, std=0.02)
                 if m.bias is not None:
                     nn.init.zeros_(m.bias)
+        if self.size_embed is not None:
+            nn.init.trunc_normal_(self.size_embed.weight, std=0.02)
 
     def set_progress(self, step: int, total_steps: int) -> None:
         """Called by the trainer before every training batch; families with schedules that follow training
@@ -145,10 +169,24 @@ class VisionTransformer(nn.Module):
 
     # -- forward -----------------------------------------------------------------------------------------
     def embed(self, x: torch.Tensor) -> torch.Tensor:
+        if self.tokenizer is not None:
+            leaves, boxes = self.tokenizer(x)  # (B, L, C*P*P), (B, L, 3)
+            return self.embed_leaves(leaves, boxes[..., :2], self.tokenizer.level(boxes))
         x = self.patch_embed(x)  # (B, N, D)
         if self.cls_token is not None:
             x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)  # (B, 1+N, D)
         return self.pos_drop(x + self.pos_embed)
+
+    def embed_leaves(self, leaves: torch.Tensor, coords: torch.Tensor, size_class: torch.Tensor) -> torch.Tensor:
+        """Leaves of P px (B, T, C*P*P) at corners (B, T, 2) with size classes ((T,) or (B, T)) -> [cls; tokens]
+        (B, prefix + T, D): the patch projection (as the Linear it is on one patch), plus the sinusoidal code of
+        the corner and an embedding of the size."""
+        proj = self.patch_embed.proj
+        tokens = F.linear(leaves, proj.weight.reshape(proj.out_channels, -1), proj.bias)  # (B, T, D)
+        tokens = tokens + sincos_2d(coords, tokens.shape[-1]).to(tokens.dtype) + self.size_embed(size_class)
+        if self.cls_token is not None:
+            tokens = torch.cat([(self.cls_token + self.pos_embed).expand(len(tokens), -1, -1), tokens], dim=1)
+        return self.pos_drop(tokens)
 
     def iter_blocks(self, x: torch.Tensor) -> Iterator[torch.Tensor]:
         """Each block's output tokens in turn (what `forward_intermediates` probes)."""
