@@ -105,3 +105,24 @@ def test_train_via_cli_flags(tmp_path, capsys):
     assert "test top-1" in out and "run saved in" in out
     assert "img/s" in out and "eta" in out
     assert (tmp_path / "vitlab" / "x" / "results.json").is_file()
+
+
+def test_seed000_launcher_trains_gdt_vit_on_an_imagenet_layout(tmp_path):
+    """`python main.py --config configs/gdt_vit.yaml --data_dir DIR --output O --savefile S` writes
+    O/<task_name>/S (the recipe, shrunk by overrides to run here)."""
+    for split, per_class in (("train", 4), ("val", 2)):
+        for c in ("n01", "n02"):
+            (tmp_path / "in" / split / c).mkdir(parents=True)
+            for i in range(per_class):
+                Image.new("RGB", (40, 40), (60 * i, 100 if c == "n01" else 0, 30)).save(
+                    tmp_path / "in" / split / c / f"{i}.JPEG")
+    small = ["data.img_size=32", "model.stages=[[16,8,0.25],[8,4,0.5]]", "model.patch_size=4", "model.embed_dim=16",
+             "model.depth=1", "model.num_heads=2", "model.stage_depth=1", "train.epochs=1", "train.batch_size=4",
+             "data.num_workers=0", "output.progress=none"]
+    r = run_subprocess(["main.py", "--config", ROOT / "configs" / "gdt_vit.yaml", "--data_dir", tmp_path / "in",
+                        "--output", tmp_path / "out", "--savefile", "s", "--local", *small])
+    assert r.returncode == 0, r.stderr[-2000:]
+    run = tmp_path / "out" / "gdt_vit_imagenet_v1" / "s"
+    results = json.loads((run / "results.json").read_text())
+    assert results["model"] == "gdt_vit_base_256" and results["test_samples"] == 4
+    assert "T = 13" in (run / "train.log").read_text()  # 3 of 16 px, 2 of 8 px, 8 of 4 px
