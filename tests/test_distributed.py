@@ -208,17 +208,39 @@ with process_group(env, torch.device("cpu"), 60):
         torch.manual_seed(0)
         model = create_model("vit_micro_patch2_8", in_chans=d.in_chans, num_classes=d.info.num_classes, depth=2)
         out[dataset] = evaluate(model, d.loader("test", 16, rank=env.rank, world=env.world_size), torch.device("cpu"))
+    d = build_data(DataConfig(dataset="segfolder", data_dir=sys.argv[1], img_size=16, augment="none"), img_size=16)
+    torch.manual_seed(0)
+    model = create_model("vit_micro_patch2_8", img_size=16, patch_size=4, num_classes=d.info.num_classes, depth=2,
+                         task="segment")
+    out["segfolder"] = evaluate(model, d.loader("test", 2, rank=env.rank, world=env.world_size), torch.device("cpu"))
     print(json.dumps(out))
 """
+
+
+def write_segfolder(root: Path, n: int = 15, size: int = 16) -> None:
+    """images/i.png with masks/i.png: a bright square of class 1 or 2 on a dark background."""
+    from PIL import Image
+    (root / "images").mkdir(parents=True)
+    (root / "masks").mkdir()
+    g = torch.Generator().manual_seed(0)
+    for i in range(n):
+        mask = torch.zeros(size, size, dtype=torch.uint8)
+        r, c, k = (int(v) for v in torch.randint(0, size - 6, (3,), generator=g))
+        mask[r:r + 6, c:c + 6] = 1 + k % 2
+        image = (mask.float() * 100 + torch.rand(size, size, generator=g) * 40).to(torch.uint8)
+        Image.fromarray(image.numpy()).convert("RGB").save(root / "images" / f"{i}.png")
+        Image.fromarray(mask.numpy()).save(root / "masks" / f"{i}.png")
 
 
 def test_two_process_evaluation_equals_one_process(tmp_path):
     """digits' test split (359) and synthetic's (27) are not multiples of 2 x 16: padding must count nowhere."""
     script = tmp_path / "eval.py"
     script.write_text(EVAL_SCRIPT)
-    one = subprocess.run([sys.executable, str(script)], env=clean_env(), capture_output=True, text=True, timeout=120)
+    write_segfolder(tmp_path / "seg")
+    one = subprocess.run([sys.executable, str(script), str(tmp_path / "seg")], env=clean_env(), capture_output=True,
+                         text=True, timeout=120)
     assert one.returncode == 0, one.stderr
-    two = launch_slurm(2, [str(script)], slurm_job_id(), timeout=120)
+    two = launch_slurm(2, [str(script), str(tmp_path / "seg")], slurm_job_id(), timeout=120)
     assert all(r.returncode == 0 for r in two), two[0].stderr + two[1].stderr
     ref = json.loads(one.stdout)
     for r in two:
@@ -227,7 +249,10 @@ def test_two_process_evaluation_equals_one_process(tmp_path):
             assert (got[dataset]["n"], got[dataset]["top1"], got[dataset]["top5"]) == \
                    (ref[dataset]["n"], ref[dataset]["top1"], ref[dataset]["top5"])
             assert got[dataset]["loss"] == pytest.approx(ref[dataset]["loss"], rel=1e-6)
+        assert (got["segfolder"]["miou"], got["segfolder"]["dice"]) == (ref["segfolder"]["miou"],
+                                                                      ref["segfolder"]["dice"])
     assert ref["digits"]["n"] == 359 and ref["synthetic"]["n"] == 27
+    assert ref["segfolder"]["n"] == 3 * 16 * 16  # pixels of the 3 test images (15 x 0.2)
 
 
 def _children(pid: int) -> list[int]:

@@ -188,9 +188,8 @@ def test_bilinear_resize_is_the_identity_at_the_same_size():
 def test_painting_inverts_leaf_extraction_for_leaf_constant_masks():
     model = gdt()
     tree = model.grow(images())
-    groups = [(g.size, g.pixels.shape[1]) for g in tree.groups]
-    labels = torch.randint(1, 10, (3, sum(n for _, n in groups))).float()  # one value per leaf
-    mask = paint(labels[:, :, None, None, None].expand(-1, -1, 1, 4, 4), tree.boxes[..., :2], groups, 32)[:, 0]
+    labels = torch.randint(1, 10, tree.boxes.shape[:2]).float()  # one value per leaf
+    mask = paint(labels[:, :, None, None, None].expand(-1, -1, 1, 4, 4), tree.boxes, model.sizes, 32)[:, 0]
     assert (mask > 0).all()  # every pixel painted
     for b in range(3):
         for (x, y, s), value in zip(tree.boxes[b].long().tolist(), labels[b]):

@@ -7,12 +7,16 @@ validation is always carved from train unless the dataset has its own (a `val/` 
 """
 from __future__ import annotations
 
+import dataclasses
 import urllib.error
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
 import torch
+import torch.nn.functional as F
+from PIL import Image
 from torch.utils.data import Dataset, Subset
 
 from ..errors import VitlabError
@@ -32,6 +36,7 @@ class DatasetInfo:
     hflip: bool = True  # mirrored digits are not digits
     crop: str = "pad"  # "pad": padded random crop (small images); "rrc": RandomResizedCrop (photos)
     class_names: list[str] = field(default_factory=list)
+    task: str = "classify"  # "segment": labels are (H, W) masks of class indices (0: background)
 
 
 @dataclass
@@ -233,6 +238,78 @@ class CanvasDigits:
         return out[0] if single else out
 
 
+class CanvasMasks:
+    """The per-pixel labels of a CanvasDigits: each digit's class + 1 where its pixel is brighter than half
+    (int64 (B, canvas, canvas)), background 0; rendered from the same layout, redrawn by `set_epoch` alike."""
+
+    def __init__(self, canvas: CanvasDigits, labels: torch.Tensor):
+        self.canvas, self.labels = canvas, labels
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.canvas.set_epoch(epoch)
+
+    def subset(self, index: torch.Tensor) -> "CanvasMasks":
+        return CanvasMasks(self.canvas.subset(index), self.labels[index])
+
+    def __getitem__(self, index) -> torch.Tensor:
+        single = isinstance(index, int)
+        index = torch.as_tensor([index] if single else index)
+        pixels = self.canvas[index][:, 0]  # (B, c, c) uint8
+        out = torch.where(pixels > 127, self.labels[index].view(-1, 1, 1) + 1, 0)
+        return out[0] if single else out
+
+
+def _mnist_canvas_seg(data_dir: str, download: bool, canvas_size: int, canvas_digit_size: int, split_seed: int,
+                      **_) -> RawSplits:
+    """MNIST-on-canvas for segmentation: the digit's pixels labelled with its class + 1, background 0."""
+    raw = _mnist_canvas(data_dir, download, canvas_size, canvas_digit_size, split_seed)
+    splits = [TensorImages(part.images, CanvasMasks(part.images, part.labels)) for part in (raw.train, raw.test)]
+    info = dataclasses.replace(raw.info, name="mnist_canvas_seg", num_classes=11, task="segment",
+                               class_names=["background", *raw.info.class_names])
+    return RawSplits(info, *splits)
+
+
+class MaskFolder(Dataset):
+    """images/<name>.<ext> with masks/<name>.png (class index per pixel), paired by file stem."""
+
+    def __init__(self, root: Path):
+        masks = {p.stem: p for p in sorted((root / "masks").glob("*.png"))}
+        self.pairs = [(p, masks[p.stem]) for p in sorted((root / "images").iterdir()) if p.stem in masks]
+        if not self.pairs:
+            raise VitlabError(f"'{root}' has no image/mask pairs; use {root}/images/<name>.<ext> with "
+                              f"{root}/masks/<name>.png holding class indices")
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def __getitem__(self, i: int) -> tuple[object, torch.Tensor]:
+        image, mask = self.pairs[i]
+        return _pil_rgb(str(image)), torch.as_tensor(np.array(Image.open(mask)), dtype=torch.long)
+
+
+def _segfolder(data_dir: str, test_fraction: float, split_seed: int, img_size: int | None = None, **_) -> RawSplits:
+    """A segmentation folder: images/ + masks/ (paired by file name), or train/ and test/ folders of that
+    layout; loaded into memory as tensors at `data.img_size` (masks resized by nearest neighbour)."""
+    root = _require_dir(data_dir, "segfolder")
+    parts = [MaskFolder(root / s) for s in ("train", "test") if (root / s).is_dir()] or [MaskFolder(root)]
+    tensors = []
+    for part in parts:
+        images, masks = zip(*(part[i] for i in range(len(part))))
+        size = img_size or images[0].size[0]
+        x = torch.stack([torch.as_tensor(np.array(im.resize((size, size)))).permute(2, 0, 1) for im in images])
+        y = torch.stack([F.interpolate(m[None, None].float(), size=(size, size), mode="nearest")[0, 0].long()
+                         for m in masks])
+        tensors.append(TensorImages(x.contiguous(), y))
+    train, test = tensors if len(tensors) == 2 else seeded_split(tensors[0], test_fraction, split_seed)
+    classes = int(max(int(t.labels.max()) for t in tensors)) + 1
+    info = DatasetInfo("segfolder", classes, 3, int(tensors[0].images.shape[-1]), IMAGENET_MEAN, IMAGENET_STD,
+                       hflip=False, class_names=[str(c) for c in range(classes)], task="segment")
+    return RawSplits(info, train, test)
+
+
 def _mnist_canvas(data_dir: str, download: bool, canvas_size: int, canvas_digit_size: int, split_seed: int,
                   **_) -> RawSplits:
     mnist = DATASETS["mnist"](data_dir=data_dir, download=download)
@@ -256,6 +333,8 @@ DATASETS: dict[str, Callable[..., RawSplits]] = {
     "bach": lambda **kw: _folder_splits("bach", expect_classes=4, **kw),
     "synthetic": _synthetic,
     "mnist_canvas": _mnist_canvas,
+    "mnist_canvas_seg": _mnist_canvas_seg,
+    "segfolder": _segfolder,
 }
 
 

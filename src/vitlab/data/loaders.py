@@ -93,8 +93,8 @@ def _tensors(ds: Dataset) -> tuple[torch.Tensor, torch.Tensor] | None:
         return None
     if index is None:
         return ds.images, ds.labels
-    subset = getattr(ds.images, "subset", None)  # generated images (CanvasDigits) stay generated
-    return (subset(index) if subset else ds.images[index]), ds.labels[index]
+    # generated images and masks (MNIST-on-canvas) stay generated
+    return tuple(t.subset(index) if hasattr(t, "subset") else t[index] for t in (ds.images, ds.labels))
 
 
 def build_data(cfg: DataConfig, img_size: int | None = None, in_chans: int | None = None) -> DataBundle:

@@ -28,7 +28,7 @@ class TensorBatchLoader:
     def __init__(self, images: torch.Tensor, labels: torch.Tensor, info: DatasetInfo, img_size: int,
                  in_chans: int, batch_size: int, train: bool, augment: str, seed: int = 0, mix=None,
                  rank: int = 0, world: int = 1):
-        self.images, self.labels = images, labels  # (N, C, H, W) uint8, (N,) int64
+        self.images, self.labels = images, labels  # (N, C, H, W) uint8, (N,) int64 or (N, H, W) masks
         self.info, self.img_size, self.in_chans = info, img_size, in_chans
         self.batch_size, self.train, self.seed, self.mix = batch_size, train, seed, mix
         self.rank, self.world = rank, world
@@ -41,8 +41,9 @@ class TensorBatchLoader:
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
-        if hasattr(self.images, "set_epoch"):  # generated images (MNIST-on-canvas) redraw their layout
-            self.images.set_epoch(epoch)
+        for t in (self.images, self.labels):  # generated images and masks (MNIST-on-canvas) redraw their layout
+            if hasattr(t, "set_epoch"):
+                t.set_epoch(epoch)
 
     def __len__(self) -> int:
         n = len(self.labels)
@@ -72,7 +73,8 @@ class TensorBatchLoader:
         n = len(self.labels)
         idx = torch.arange(self.rank, n, self.world)
         short = -(-n // self.world) - len(idx)
-        labels = torch.cat([self.labels[idx], torch.full((short,), -100, dtype=self.labels.dtype)])
+        labels = self.labels[idx]  # (n,) classes, or (n, H, W) masks
+        labels = torch.cat([labels, torch.full((short, *labels.shape[1:]), -100, dtype=labels.dtype)])
         idx = torch.cat([idx, torch.zeros(short, dtype=idx.dtype)])  # padding: any image, label ignored
         for start in range(0, len(idx), self.batch_size):
             part = slice(start, start + self.batch_size)

@@ -60,28 +60,26 @@ def resize_leaves(group: LeafGroup, target: int, channels: int, antialias: bool 
     return x.reshape(B, n, channels * target * target)
 
 
-def paint(values: torch.Tensor, coords: torch.Tensor, groups: Sequence[tuple[int, int]], image_size: int,
+def paint(values: torch.Tensor, boxes: torch.Tensor, sizes: Sequence[int], image_size: int,
           mode: str = "nearest") -> torch.Tensor:
-    """Per-leaf predictions back into their boxes (the inverse of leaf extraction): values (B, T, K, c, c), a
-    c x c grid per leaf; coords (B, T, 2) as [x, y]; groups: (size, count) of consecutive leaves in sequence
-    order (size 0: padding, painted nowhere) -> (B, K, H, W). One scatter per leaf size, none per leaf."""
+    """Per-leaf predictions back into their boxes (the inverse of leaf extraction, the seed's "deserialize"):
+    values (B, T, K, c, c), a c x c grid per leaf; boxes (B, T, 3) as (x, y, size), each size one of `sizes`
+    (size 0: padding, painted nowhere) -> (B, K, H, W). One scatter per leaf size, none per leaf: every leaf
+    is resized to that size and the ones of another size write to a spare pixel."""
     B, T, K, c = values.shape[:4]
     H = image_size
-    out = values.new_zeros(B, K, H * H)
-    start = 0
-    for size, count in groups:
-        if size and count:
-            v = values[:, start:start + count].reshape(B * count, K, c, c)
-            if size != c:
-                v = F.interpolate(v, size=(size, size), mode=mode)
-            v = v.reshape(B, count, K, size * size).permute(0, 2, 1, 3).reshape(B, K, count * size * size)
-            r, q = torch.meshgrid(torch.arange(size, device=values.device), torch.arange(size, device=values.device),
-                                  indexing="ij")
-            xy = coords[:, start:start + count].long()  # (B, count, 2)
-            pixel = (xy[..., 1:] + r.reshape(1, 1, -1)) * H + xy[..., :1] + q.reshape(1, 1, -1)  # (B, count, s*s)
-            out.scatter_(2, pixel.reshape(B, 1, -1).expand(B, K, -1), v)
-        start += count
-    return out.reshape(B, K, H, H)
+    out = values.new_zeros(B, K, H * H + 1)  # the last pixel takes the writes of leaves of other sizes
+    xy, size = boxes[..., :2].long(), boxes[..., 2]
+    for s in sizes:
+        v = values.reshape(B * T, K, c, c)
+        v = v if s == c else F.interpolate(v, size=(s, s), mode=mode)
+        v = v.reshape(B, T, K, s * s).permute(0, 2, 1, 3).reshape(B, K, T * s * s)
+        r, q = torch.meshgrid(torch.arange(s, device=values.device), torch.arange(s, device=values.device),
+                              indexing="ij")
+        pixel = (xy[..., 1:] + r.reshape(1, 1, -1)) * H + xy[..., :1] + q.reshape(1, 1, -1)  # (B, T, s*s)
+        pixel = torch.where((size == s)[..., None], pixel, H * H)
+        out.scatter_(2, pixel.reshape(B, 1, -1).expand(B, K, -1), v)
+    return out[..., :H * H].reshape(B, K, H, H)
 
 
 class QuadtreeTokenizer(nn.Module):

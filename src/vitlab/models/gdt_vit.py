@@ -212,6 +212,13 @@ class GDTViT(VisionTransformer):
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         return self.embed_tree(self.grow(x))
 
+    def embed_with_boxes(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        tree = self.grow(x)
+        return self.embed_tree(tree), tree.boxes
+
+    def leaf_sizes(self) -> list[int]:
+        return self.sizes
+
     def forward_with_tree(self, x: torch.Tensor) -> tuple[torch.Tensor, Tree]:
         """(logits, the quadtree the tokens came from)."""
         tree = self.grow(x)

@@ -123,6 +123,8 @@ class ResViT(VisionTransformer):
                               f"multiple of model.block_size={b}; change one of them")
         if not 0.0 < active_target <= 1.0:
             raise VitlabError(f"model.active_target must be in (0, 1], got {active_target}")
+        if self.task != "classify":
+            raise VitlabError("Res-ViT classifies (its routing losses follow the class token); use model.task=classify")
         if execution != "mask" and self.attn_layer_name != "mhsa":
             raise VitlabError(f"model.execution={execution} needs standard attention (attn_layer=mhsa); "
                               f"use model.execution=mask with attn_layer={self.attn_layer_name}")

@@ -25,7 +25,7 @@ from torch import nn
 from ..errors import VitlabError, did_you_mean
 from ..layers import ATTN_LAYERS, PATCH_EMBEDS, Block, LayerNorm, Mlp
 from ..layers.pos_embed import sincos_2d
-from ..layers.quadtree import QuadtreeTokenizer
+from ..layers.quadtree import QuadtreeTokenizer, paint
 
 
 def _choose(kind: str, name: str, table: dict) -> object:
@@ -63,7 +63,8 @@ class VisionTransformer(nn.Module):
                  attn_layer: str | Callable[..., nn.Module] = "mhsa", mlp_layer: Callable[..., nn.Module] = Mlp,
                  tokenizer: Literal["patch", "quadtree"] = "patch", tokens: int | None = None,
                  quadtree_sizes: tuple[int, int] | None = None,
-                 quadtree_score: Literal["edge", "variance"] = "edge"):
+                 quadtree_score: Literal["edge", "variance"] = "edge",
+                 task: Literal["classify", "segment"] = "classify"):
         # One draw from the global stream seeds the initialisation, so what a subclass builds on top (a wider
         # head, transitions) cannot shift the reference weights it shares (see `init_weights`).
         init_seed = int(torch.randint(2 ** 62, (1,), device="cpu"))
@@ -73,7 +74,7 @@ class VisionTransformer(nn.Module):
         if global_pool == "token" and not class_token:
             raise VitlabError("global_pool='token' pools the class token, which class_token=False removes; "
                               "set model.global_pool=avg or model.class_token=true")
-        self.num_classes, self.global_pool, self.embed_dim = num_classes, global_pool, embed_dim
+        self.num_classes, self.global_pool, self.embed_dim, self.task = num_classes, global_pool, embed_dim, task
         self.num_heads, self.drop_path_rate = num_heads, drop_path_rate
         self.num_prefix_tokens = 1 if class_token else 0
         self.attn_layer_name = attn_layer if isinstance(attn_layer, str) else attn_layer.__name__
@@ -106,7 +107,9 @@ class VisionTransformer(nn.Module):
         self.norm = LayerNorm(self.num_features) if global_pool == "token" else nn.Identity()
         self.fc_norm = LayerNorm(self.num_features) if global_pool == "avg" else nn.Identity()
         self.head_drop = nn.Dropout(drop_rate) if drop_rate > 0 else nn.Identity()
-        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+        # segmentation: every token predicts its patch's (or leaf's) classes on a P x P grid, painted back
+        outputs = num_classes * patch_size ** 2 if task == "segment" else num_classes
+        self.head = nn.Linear(self.num_features, outputs) if num_classes > 0 else nn.Identity()
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(init_seed)
             self.init_weights()
@@ -208,7 +211,32 @@ class VisionTransformer(nn.Module):
         return x if pre_logits else self.head(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.task == "segment":
+            return self.forward_segment(x)
         return self.forward_head(self.forward_features(x))
+
+    def embed_with_boxes(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(embedded tokens (B, prefix + T, D), each token's box (B, T, 3) as (x, y, size))."""
+        if self.tokenizer is not None:
+            leaves, boxes = self.tokenizer(x)
+            return self.embed_leaves(leaves, boxes[..., :2], self.tokenizer.level(boxes)), boxes
+        P, G = self.patch_embed.patch_size, self.patch_embed.grid_size
+        r, c = torch.meshgrid(torch.arange(G, device=x.device), torch.arange(G, device=x.device), indexing="ij")
+        boxes = torch.stack([c * P, r * P, torch.full_like(r, P)], -1).reshape(1, G * G, 3).float()
+        return self.embed(x), boxes.expand(len(x), -1, -1)
+
+    def leaf_sizes(self) -> list[int]:
+        """Every size a token's box can have."""
+        return self.tokenizer.sizes if self.tokenizer is not None else [self.patch_embed.patch_size]
+
+    def forward_segment(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, C, H, W) -> per-pixel class logits (B, classes, H, W): each token's P x P prediction painted
+        back into its box (a patch of the grid, or a leaf of a quadtree, resized)."""
+        tokens, boxes = self.embed_with_boxes(x)
+        feats = self.norm(self.forward_blocks(tokens))[:, self.num_prefix_tokens:]  # (B, T, D)
+        P = self.patch_embed.patch_size
+        values = self.head(self.head_drop(feats)).unflatten(-1, (self.num_classes, P, P))  # (B, T, K, P, P)
+        return paint(values, boxes, self.leaf_sizes(), x.shape[-1], mode="bilinear")
 
     def forward_intermediates(self, x: torch.Tensor, indices: int | Sequence[int] | None = None,
                               intermediates_only: bool = False):

@@ -18,6 +18,7 @@ from ..registry import create_model
 from ..resolve import build
 from .checkpoint import EMA_FILE, load_weights, read_metadata, resolve_checkpoint
 from .distributed import all_reduce_sum
+from .segmentation import confusion, iou_dice
 
 
 def autocast(device: torch.device, amp: str):
@@ -31,27 +32,36 @@ def autocast(device: torch.device, amp: str):
 
 @torch.no_grad()
 def evaluate(model: nn.Module, loader: Iterable, device: torch.device, amp: str = "auto") -> dict[str, float]:
-    """Mean cross-entropy, top-1 and top-5 accuracy (fractions) over every sample of `loader`.
+    """Mean cross-entropy, top-1 and top-5 accuracy (fractions) over every sample of `loader`; for
+    segmentation (logits (B, K, H, W) against masks (B, H, W)) the same per pixel, plus mean IoU and Dice.
 
-    Under data parallelism each rank passes its shard; the sums are reduced over ranks in one collective,
-    and padding labelled -100 counts nowhere, so the result equals a one-process evaluation."""
+    Under data parallelism each rank passes its shard; the sums (and the confusion matrix) are reduced over
+    ranks in one collective each, and padding labelled -100 counts nowhere, so the result equals a
+    one-process evaluation."""
     was_training = model.training
     model.eval()
     totals = torch.zeros(4, device=device, dtype=torch.float64)  # loss sum, top-1 hits, top-5 hits, samples
+    matrix = None  # segmentation's confusion matrix
     for x, y in loader:
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         with autocast(device, amp):
             logits = as_output(model(x)).logits
         logits = logits.float()
         k = min(5, logits.shape[1])
-        hits = logits.topk(k, dim=1).indices.eq(y.unsqueeze(1))  # (B, k); a -100 label never hits
+        hits = logits.topk(k, dim=1).indices.eq(y.unsqueeze(1))  # (B, k[, H, W]); a -100 label never hits
         totals += torch.stack([F.cross_entropy(logits, y, reduction="sum").double(), hits[:, 0].sum(),
                                hits.any(dim=1).sum(), (y >= 0).sum()]).double()
+        if logits.ndim == 4:
+            part = confusion(logits.argmax(1), y, logits.shape[1])
+            matrix = part if matrix is None else matrix + part
     model.train(was_training)
     loss_sum, top1, top5, n = all_reduce_sum(totals).tolist()
     if n == 0:
         raise VitlabError("the evaluation split is empty; lower data.val_fraction/test_fraction or add data")
-    return {"loss": loss_sum / n, "top1": top1 / n, "top5": top5 / n, "n": int(n)}
+    out = {"loss": loss_sum / n, "top1": top1 / n, "top5": top5 / n, "n": int(n)}
+    if matrix is not None:
+        out.update(iou_dice(all_reduce_sum(matrix)))
+    return out
 
 
 def add_lora(model: nn.Module, lc: LoraConfig) -> None:

@@ -81,6 +81,16 @@ def build_model(cfg: Config, data: DataBundle) -> nn.Module:
         raise VitlabError(f"model.num_classes={cfg.model.args['num_classes']} but {info.name} has "
                           f"{info.num_classes} classes; drop model.num_classes to take it from the dataset")
     args = {**cfg.model.args, "img_size": data.img_size, "in_chans": data.in_chans, "num_classes": info.num_classes}
+    if info.task == "segment":  # masks: a per-pixel head; joint augmentation of image and mask is not built
+        if cfg.model.args.get("task") not in (None, "segment"):
+            raise VitlabError(f"{info.name} holds masks; drop model.task or set model.task=segment")
+        if data.augment != "none" or cfg.data.mixup or cfg.data.cutmix:
+            raise VitlabError(f"{info.name} is a segmentation dataset and its masks are not augmented; set "
+                              f"data.augment=none (and no mixup/cutmix)")
+        if data.img_size != info.img_size:
+            raise VitlabError(f"{info.name}'s masks are {info.img_size} px but the model reads {data.img_size} px; "
+                              f"set data.img_size={info.img_size} (or the dataset's size to the model's)")
+        args["task"] = "segment"
     model = create_model(cfg.model.name, **args)
     model.pretrained_notes = []
     if cfg.model.pretrained:
@@ -314,8 +324,9 @@ class Trainer:
         if step_now:
             self._optimizer_step()
         hard = y.argmax(dim=-1) if y.ndim == 2 else y  # soft (mixed) targets: the dominant class
+        hits = out.logits.detach().argmax(dim=1) == hard  # (B,) or, segmenting, (B, H, W) pixels
         extras = {**({"ce": ce} if out.losses else {}), **out.losses, **out.metrics}
-        buffer.add(y.shape[0], loss, (out.logits.detach().argmax(dim=-1) == hard).sum(),
+        buffer.add(y.shape[0], loss, hits.flatten(1).float().mean(1).sum() if hits.ndim > 1 else hits.sum(),
                    self.optimizer.param_groups[0]["lr"], extras)
 
     def _optimizer_step(self) -> None:
@@ -369,6 +380,8 @@ class Trainer:
                        family=model_entry(self.model.vitlab_name).family, model_args=self.model.vitlab_args)
         if self.cfg.lora.rank:
             results["trainable_params"] = self.trainable
+        if "miou" in test:
+            results.update(test_miou=test["miou"], test_dice=test["dice"])
         if self.env.is_main:
             if self.cfg.lora.rank:  # the adapter alone (small), and merged weights that load into the plain model
                 meta = self._metadata()
@@ -377,8 +390,9 @@ class Trainer:
                                   {**meta, "config": self._merged_config()})
             _atomic_write(self.run_dir / "results.json", json.dumps(results, indent=2) + "\n")
         self.log.record("test", step=self.step, loss=test["loss"], top1=test["top1"], top5=test["top5"])
-        self.log.info(f"test top-1 {test['top1']:.4f} top-5 {test['top5']:.4f} loss {test['loss']:.4f} "
-                      f"({test['n']} images) | {wall:.1f}s | run saved in {self.run_dir}")
+        seg = f" mIoU {test['miou']:.4f} Dice {test['dice']:.4f}" if "miou" in test else ""
+        self.log.info(f"test top-1 {test['top1']:.4f} top-5 {test['top5']:.4f} loss {test['loss']:.4f}{seg} "
+                      f"({test['n']} {'pixels' if seg else 'images'}) | {wall:.1f}s | run saved in {self.run_dir}")
         self.log.close()
         return results
 
