@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import ROOT
+from conftest import ROOT, run_cli
 from test_distributed import write_segfolder
 from vitlab.config import DataConfig
 from vitlab.data import build_data
@@ -46,7 +46,7 @@ def test_canvas_masks_label_the_digit_pixels_with_their_class():
     assert all(len(m[m > 0].unique()) == 1 for m in y) and y.max() <= 10  # one digit, one class per image
 
 
-def test_segmentation_run_reports_miou_and_dice(tmp_path):
+def test_segmentation_run_reports_miou_and_dice(tmp_path, capsys):
     from vitlab import load_config
     from vitlab.train import train
     write_segfolder(tmp_path / "seg", n=20)
@@ -57,4 +57,10 @@ def test_segmentation_run_reports_miou_and_dice(tmp_path):
                              "output.progress=none", "output.tensorboard=false"])
     results = train(cfg)
     assert 0.0 <= results["test_miou"] <= 1.0 and 0.0 <= results["test_dice"] <= 1.0
-    assert json.loads((Path(results["run_dir"]) / "results.json").read_text())["test_miou"] == results["test_miou"]
+    run = Path(results["run_dir"])
+    assert json.loads((run / "results.json").read_text())["test_miou"] == results["test_miou"]
+    code, out, _ = run_cli(["evaluate", "--checkpoint", str(run)], capsys)  # prints them too
+    assert code == 0 and json.loads(out)["miou"] == pytest.approx(results["test_miou"])
+    code, out, _ = run_cli(["plot", "--checkpoint", str(run), "--out", str(tmp_path / "plots")], capsys)
+    assert code == 0 and "segmentation_" in out  # image + leaf boxes, true mask, predicted mask
+    assert list((tmp_path / "plots").glob("segmentation_*.png"))

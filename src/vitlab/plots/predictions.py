@@ -3,6 +3,7 @@ confusion matrix over the whole test split (seed 004's sample predictions)."""
 from __future__ import annotations
 
 import dataclasses
+import json
 from pathlib import Path
 
 import numpy as np
@@ -80,8 +81,30 @@ def confusion_figure(labels: torch.Tensor, preds: torch.Tensor, names: list[str]
     return fig
 
 
+@torch.inference_mode()
+def segmentation_figure(checkpoint: str | Path, data_dir: str | None = None, n: int = 6) -> Figure:
+    """The first `n` test images with their tokens' boxes (patches or leaves), true and predicted masks."""
+    from ..data import build_data
+    from ..train import load_checkpoint
+    from .quadtree import leaves_figure
+
+    model, cfg, _ = load_checkpoint(checkpoint)
+    data_cfg = dataclasses.replace(cfg.data, data_dir=data_dir) if data_dir else cfg.data
+    a = model.vitlab_args
+    data = build_data(data_cfg, img_size=a["img_size"], in_chans=a["in_chans"])
+    model.eval()
+    x, y = next(iter(data.loader("test", n, 0)))
+    boxes = model.embed_with_boxes(x)[1]
+    return leaves_figure(x, boxes, f"{model.vitlab_name}: tokens, true and predicted masks", y,
+                         model(x).argmax(dim=1), data.info.num_classes)
+
+
 def prediction_figures(checkpoint: str | Path, data_dir: str | None = None) -> dict[str, Figure]:
-    images, labels, preds, names, model = test_predictions(checkpoint, data_dir)
     stem = Path(checkpoint).resolve().name
+    from ..train.checkpoint import read_metadata, resolve_checkpoint
+    args = json.loads(read_metadata(resolve_checkpoint(checkpoint)).get("model_args", "{}"))
+    if args.get("task") == "segment":
+        return {f"segmentation_{stem}": segmentation_figure(checkpoint, data_dir)}
+    images, labels, preds, names, model = test_predictions(checkpoint, data_dir)
     return {f"predictions_{stem}": sample_grid_figure(images, labels, preds, names, model),
             f"confusion_{stem}": confusion_figure(labels, preds, names, model)}
