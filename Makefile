@@ -3,7 +3,7 @@ PY      := .venv/bin/python
 STAMP   := .venv/.installed
 PYTEST  ?= $(PY) -m pytest
 
-.PHONY: demo test test-slow bench clean seed002 seed003 seed004 resvit
+.PHONY: demo test test-slow bench clean seed002 seed003 seed004 resvit gdt
 
 $(STAMP): pyproject.toml constraints.txt
 	python3 -m venv .venv
@@ -49,6 +49,12 @@ resvit: $(STAMP)
 	$(PY) -m vitlab sweep configs/resvit/depth_cut_canvas.yaml --output output/resvit_canvas/depth_cut
 	$(PY) -m vitlab sweep configs/resvit/seeds_canvas.yaml --output output/resvit_canvas/seeds
 	$(PY) bench/resvit.py output/resvit_canvas
+
+gdt: $(STAMP)
+	$(PY) -m vitlab sweep configs/gdt/uniform_canvas.yaml --output output/gdt_canvas/uniform
+	$(PY) -m vitlab sweep configs/gdt/gdt_canvas.yaml --output output/gdt_canvas/gdt
+	$(PY) -m vitlab sweep configs/gdt/content_canvas.yaml --output output/gdt_canvas/content
+	$(PY) bench/gdt.py output/gdt_canvas
 
 clean:
 	rm -rf output .pytest_cache

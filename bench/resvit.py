@@ -213,28 +213,34 @@ def main() -> None:
         r["speedup_skip"] = base_ms / r.get("ms_skip", r["ms_mask"])
     figures["accuracy_vs_flops"] = accuracy_flops_figure(
         [{"group": r["group"], "gflops": r["gflops"], "top1": r["top1"]} for r in rows])
-    out = a.root
-    with open(out / "resvit.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
-        w.writeheader()
-        w.writerows(rows)
-    header, body = COLUMNS, [[fmt(r.get(c, "")) for c in COLUMNS] for r in rows]
-    md = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + ["| " + " | ".join(b) + " |" for b in body]
+    notes = []
     if a.wide:
         wide = reference_width(a.wide, 64, a.wide_reps)
         keys = list(wide[0])
-        md += ["", f"At a reference width (batch 64, median of {a.wide_reps}, untrained weights, ratio 0.5):", "",
-               "| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
-        md += ["| " + " | ".join(fmt(r[k]) for k in keys) + " |" for r in wide]
-        print("\n".join(md[-len(wide) - 2:]), flush=True)
-    (out / "resvit.md").write_text("\n".join(md) + "\n")
-    report_figures = {**figures, **all_run_figures(runs)}
-    page = build_report(runs, report_figures, "Res-ViT on MNIST-on-canvas (seed 001)")
-    page = page.replace("<h2>Runs</h2>", "<h2>Measured (bench/resvit.py)</h2>" + html_table(header, body)
+        notes = ["", f"At a reference width (batch 64, median of {a.wide_reps}, untrained weights, ratio 0.5):", "",
+                 "| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
+        notes += ["| " + " | ".join(fmt(r[k]) for k in keys) + " |" for r in wide]
+        print("\n".join(notes), flush=True)
+    write_outputs(a.root, "resvit", runs, rows, COLUMNS, figures, "Res-ViT on MNIST-on-canvas (seed 001)", notes)
+
+
+def write_outputs(out: Path, stem: str, runs, rows: list[dict], columns: list[str], figures: dict, title: str,
+                  notes: list[str] = ()) -> None:
+    """<stem>.csv; <stem>.md (the table, then `notes`); report.html (the table, the figures and every run's
+    curves); the figures as PNG and SVG under plots/."""
+    with open(out / f"{stem}.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
+        w.writeheader()
+        w.writerows(rows)
+    body = [[fmt(r.get(c, "")) for c in columns] for r in rows]
+    md = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)] + ["| " + " | ".join(b) + " |" for b in body]
+    (out / f"{stem}.md").write_text("\n".join([*md, *notes]) + "\n")
+    page = build_report(runs, {**figures, **all_run_figures(runs)}, title)
+    page = page.replace("<h2>Runs</h2>", f"<h2>Measured (bench/{stem}.py)</h2>" + html_table(columns, body)
                         + "<h2>Runs</h2>", 1)
     (out / "report.html").write_text(page)
     save(figures, out / "plots")
-    print(f"wrote {out / 'resvit.md'}, {out / 'resvit.csv'}, {out / 'plots'}, {out / 'report.html'}")
+    print(f"wrote {out / f'{stem}.md'}, {out / f'{stem}.csv'}, {out / 'plots'}, {out / 'report.html'}")
     print(json.dumps({"runs": len(rows)}))
 
 

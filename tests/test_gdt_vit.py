@@ -251,3 +251,26 @@ def test_quadtree_tokenizer_works_for_the_families_and_rejects_bad_budgets():
         vitlab.create_model("staged_vit_patch4_32", tokenizer="quadtree", transition="pool")
     with pytest.raises(VitlabError, match="patch_embed"):
         vitlab.create_model("vit_micro_patch4_32", tokenizer="quadtree", patch_embed="conv")
+
+
+def test_random_tree_has_the_same_shape_and_no_scorer():
+    model = gdt(scorer="random")
+    assert not any(n.startswith("stages.") for n, _ in model.named_parameters())
+    x = images()
+    with torch.no_grad():
+        a, b = model.grow(x), model.grow(x)  # uniform draws, also at inference (a baseline, not a model)
+    assert [g.pixels.shape for g in a.groups] == [g.pixels.shape for g in gdt().grow(x).groups]
+    assert not all(torch.equal(p, q) for p, q in zip(a.selections, b.selections))
+    assert leaf_crops_match(x, a)
+
+
+@pytest.mark.parametrize("kw", [dict(name="gdt_vit_tiny_64", leaf_pos="coords"),
+                                dict(name="gdt_vit_tiny_64", task="segment"),
+                                dict(name="vit_micro_patch4_32", img_size=64, tokenizer="quadtree", tokens=52,
+                                     quadtree_sizes=(16, 4), task="segment")])
+def test_run_logs_can_count_flops_of_quadtree_models(kw):
+    """The trainer counts a forward pass on the meta device: every quadtree path must run there."""
+    from vitlab.stats import forward_gflops
+    kw = dict(kw)
+    model = vitlab.create_model(kw.pop("name"), in_chans=1, **kw)
+    assert forward_gflops(model) > 0

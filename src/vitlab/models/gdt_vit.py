@@ -5,6 +5,7 @@ Stage s sees N_s square patches P of p_in(s) px with their corners X (ROUTED_AND
     z = LN(blocks([cls; Linear(P) + PE(X)] + E_pos))     a small ViT over the stage's patches
     l = W z_cls                                          slot scorer: a logit per sequence position (the original)
       | w . z_i                                          token scorer: a logit from each patch's own output
+      | 0                                                random: the same tree shape, uniform draws (a baseline)
     K = sort(top-k(l + g)),  k = int(N_s r_s)            g ~ Gumbel(0, 1) in training only
     m = onehot(K) - sg(s) + s,  s = softmax((l + g) / tau)      straight-through: m = onehot(K) in the forward
 
@@ -92,9 +93,11 @@ class QuadtreeStage(nn.Module):
     """One level of the tree: a small ViT over the current patches scores them, Gumbel top-k picks k."""
 
     def __init__(self, patch_in: int, patch_out: int, ratio: float, seq_len: int, in_chans: int, dim: int,
-                 blocks: list[nn.Module], scorer: Literal["slot", "token"]):
+                 blocks: list[nn.Module], scorer: Literal["slot", "token", "random"]):
         super().__init__()
         self.patch_in, self.patch_out, self.k, self.scorer = patch_in, patch_out, int(seq_len * ratio), scorer
+        if scorer == "random":  # the baseline tree of the same shape: no encoder, uniform draws
+            return
         self.patch_embed = nn.Linear(in_chans * patch_in ** 2, dim)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
         self.pos_embed = nn.Parameter(torch.zeros(1, seq_len + 1, dim))  # learned, by sequence position
@@ -104,6 +107,8 @@ class QuadtreeStage(nn.Module):
 
     def logits(self, pixels: torch.Tensor, coords: torch.Tensor) -> torch.Tensor:
         """(B, N, C*p*p), (B, N, 2) -> one score per patch (B, N)."""
+        if self.scorer == "random":
+            return pixels.new_zeros(pixels.shape[:2])
         tokens = self.patch_embed(pixels) + sincos_2d(coords, self.cls_token.shape[-1]).to(pixels.dtype)
         z = torch.cat([self.cls_token.expand(len(pixels), -1, -1), tokens], dim=1) + self.pos_embed  # (B, 1+N, D)
         z = self.norm(self.blocks(z))
@@ -128,7 +133,7 @@ class GDTViT(VisionTransformer):
                  stages: Sequence[tuple[int, int, float]] = ((32, 16, 0.25), (16, 8, 0.25), (8, 4, 0.25),
                                                              (4, 2, 0.25)),
                  stage_depth: int = 4, max_seq_len: Sequence[int] | None = None,
-                 scorer: Literal["slot", "token"] = "slot", leaf_pos: Literal["seq", "coords"] = "seq",
+                 scorer: Literal["slot", "token", "random"] = "slot", leaf_pos: Literal["seq", "coords"] = "seq",
                  eval_gumbel: bool = False, tau: float = 1.0, antialias: bool = False, **kwargs: Any):
         """patch_size: the size t every leaf is resized to (the original's target_leaf_size);
         stages: (patch_in, patch_out, ratio) per level; max_seq_len: the original's per-stage M, checked
@@ -149,7 +154,7 @@ class GDTViT(VisionTransformer):
         self.in_chans, self.eval_gumbel, self.tau, self.antialias = in_chans, eval_gumbel, tau, antialias
         self.sizes = [p_in for p_in, _, _ in stages] + [stages[-1][1]]  # leaf size of each group
         self.stages = nn.ModuleList(
-            QuadtreeStage(p_in, p_out, r, n, in_chans, embed_dim,
+            QuadtreeStage(p_in, p_out, r, n, in_chans, embed_dim, [] if scorer == "random" else
                           [self._build_block(i, embed_dim, self.num_heads, 0.0) for i in range(stage_depth)], scorer)
             for (p_in, p_out, r), n in zip(stages, counts))
         self._init_new_modules()
@@ -177,7 +182,7 @@ class GDTViT(VisionTransformer):
     def grow(self, x: torch.Tensor) -> Tree:
         """Each image's quadtree: leaves, selections and gates (for tokens, plots and tests)."""
         pixels, coords = patchify(x, self.stages[0].patch_in)
-        noise = self.training or self.eval_gumbel
+        noise = self.training or self.eval_gumbel or self.stages[0].scorer == "random"
         groups, selections, gates = [], [], []
         for stage in self.stages:
             if stage.k == 0:  # nothing to split: every patch is a leaf
@@ -202,7 +207,8 @@ class GDTViT(VisionTransformer):
         leaves = torch.cat([resize_leaves(g, t, self.in_chans, self.antialias) for g in tree.groups], dim=1)
         if self.leaf_pos == "coords":
             group = torch.repeat_interleave(torch.arange(len(self.groups), device=leaves.device),
-                                            torch.tensor(self.groups, device=leaves.device))  # (T,) leaf sizes
+                                            torch.tensor(self.groups, device=leaves.device),
+                                            output_size=sum(self.groups))  # (T,) each leaf's size class
             return self.embed_leaves(leaves, torch.cat([g.coords for g in tree.groups], dim=1), group)
         proj = self.patch_embed.proj  # Conv2d(C, D, t, t) viewed as the Linear(C*t*t, D) it equals on a leaf
         tokens = F.linear(leaves, proj.weight.reshape(proj.out_channels, -1), proj.bias)  # (B, T, D)

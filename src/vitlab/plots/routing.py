@@ -24,11 +24,14 @@ def routing_figure(images: torch.Tensor, keep: torch.Tensor, grid: int, title: s
     return fig
 
 
-def accuracy_flops_figure(points: list[dict], title: str = "accuracy against measured FLOPs") -> Figure:
-    """points: {"label", "group", "gflops", "top1"}; one marker series per group."""
-    fig, ax = new_figure(title, "GFLOPs per image (measured, multiply-adds)", "test top-1")
+def accuracy_flops_figure(points: list[dict], title: str = "accuracy against measured FLOPs", x: str = "gflops",
+                          y: str = "top1", xlabel: str = "GFLOPs per image (measured, multiply-adds)",
+                          ylabel: str = "test top-1") -> Figure:
+    """points: {"group", x, y}; one marker series per group (cost against quality: FLOPs or tokens, top-1 or
+    mIoU)."""
+    fig, ax = new_figure(title, xlabel, ylabel)
     for group in sorted({p["group"] for p in points}):
-        mine = sorted((p for p in points if p["group"] == group), key=lambda p: p["gflops"])
-        ax.plot([p["gflops"] for p in mine], [p["top1"] for p in mine], "o-", label=group, alpha=0.8)
+        mine = sorted((p for p in points if p["group"] == group), key=lambda p: p[x])
+        ax.plot([p[x] for p in mine], [p[y] for p in mine], "o-", label=group, alpha=0.8)
     ax.legend(fontsize=8)
     return fig
