@@ -3,13 +3,15 @@
     python bench/resvit.py output/resvit_canvas [--images 1024] [--reps 20]
 
 For every finished run under the folder (the teacher, the routing sweep, the depth cuts, the seeds):
-test top-1 on all 10,000 test images (Res-ViT: in `skip` with its default top-k decisions at the target ratio,
-and under `mod`; `top1_threshold` is results.json's, with the original's p > 1/2 decisions); on the first
-`--images` test images: the measured active ratio of the dynamic layers (patch tokens) and the fraction of kept
-tokens that touch the digit against the fraction of all tokens that do; FLOPs per image measured with
-`torch.utils.flop_counter` in `skip` (one image at a time, so no padding is counted; multiply-adds, the GFLOPs
-convention); eval wall-clock per image at batch 64 (median of `--reps`) in `mask`, `skip` and `mod`, and the
-speed-up of `skip` over the teacher measured in the same process. Writes resvit.md / resvit.csv, figures
+LoRA merged into the weights (how it is deployed): test top-1 on all 10,000 test images (Res-ViT: in `skip` with
+the run's inference decisions, top-k at the target by default; `top1_threshold` with the original's p > 1/2;
+`top1_mod` under `mod`); on the first `--images` test images: the measured active ratio of the dynamic layers
+(patch tokens) and the fraction of kept tokens that touch the digit against the fraction of all tokens that do;
+FLOPs per image measured with `torch.utils.flop_counter` in `skip` (one image at a time, so no padding is
+counted; multiply-adds, the GFLOPs convention) and `dyn_flops`, the dynamic layers' (routers and approximators
+included) against as many of the teacher's layers; eval wall-clock per image at batch 64 (median of `--reps`) in
+`mask`, `skip` and `mod`, and the speed-up of `skip` over the teacher measured in the same process; then Res-ViT
+against the plain ViT at a reference width (`--wide`, interleaved). Writes resvit.md / resvit.csv, figures
 (accuracy vs FLOPs, kept tokens over sample images) and report.html into the folder.
 """
 from __future__ import annotations
@@ -32,6 +34,7 @@ import vitlab.stats  # noqa: E402,F401  (FLOP formulas for CPU attention)
 from vitlab import create_model  # noqa: E402
 from vitlab.data import build_data  # noqa: E402
 from vitlab.experiments.report import build_report, html_table  # noqa: E402
+from vitlab.layers.lora import merge_lora  # noqa: E402
 from vitlab.experiments.runs import find_runs  # noqa: E402
 from vitlab.plots import all_run_figures  # noqa: E402
 from vitlab.plots.common import save  # noqa: E402
@@ -133,6 +136,7 @@ def block_flops(model, image: torch.Tensor) -> tuple[float, float]:
 def measure(run, test: tuple[torch.Tensor, torch.Tensor], n: int, reps: int,
             unit: tuple[float, float]) -> tuple[dict, object]:
     model, _, _ = load_checkpoint(run.path / "checkpoints" / "last")  # the weights results.json tested
+    merge_lora(model)  # deployed as merged weights: the base model's cost
     torch.manual_seed(0)  # random routing draws
     args = model.vitlab_args
     arm, group = describe(run, args)
