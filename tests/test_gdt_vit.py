@@ -214,6 +214,7 @@ def test_content_quadtree_spends_its_budget_on_the_content(score):
     x = torch.zeros(3, 1, 64, 64)
     for b, (r, c) in enumerate([(4, 8), (30, 30), (40, 2)]):
         x[b, :, r:r + 20, c:c + 20] = torch.rand(20, 20, generator=torch.Generator().manual_seed(b))
+    x[0, :, 48:, 48:] = 0.7  # a flat root cell: no edges or variance inside, so it stays one leaf
     tokenizer = QuadtreeTokenizer(64, 4, 52, 16, 4, score)
     leaves, boxes = tokenizer(x)
     assert leaves.shape == (3, 52, 16) and boxes.shape == (3, 52, 3)
@@ -229,10 +230,12 @@ def test_content_quadtree_spends_its_budget_on_the_content(score):
     parent = (xs >= px) & (xs < px + 8) & (ys >= py) & (ys < py + 8)
     small = boxes[..., 2] == 4
     assert small.any(1).all() and (small <= (parent & near[:, None]).flatten(2).any(-1)).all()
-    resized = F.interpolate(x[:1, :, :16, :16], size=(4, 4), mode="bilinear", align_corners=False)
-    first = (boxes[0, :, :3] == torch.tensor([0.0, 0.0, 16.0])).all(-1)
-    if first.any():  # an unsplit root leaf is its pixels resized to the patch
-        torch.testing.assert_close(leaves[0, first.nonzero()[0, 0]], resized.reshape(-1))
+    # image 0's flat bottom-right root stays a leaf: its pixels resized to the patch
+    corner = (boxes[0] == torch.tensor([48.0, 48.0, 16.0])).all(-1)
+    assert corner.sum() == 1
+    resized = F.interpolate(x[:1, :, 48:, 48:], size=(4, 4), mode="bilinear", align_corners=False)
+    torch.testing.assert_close(leaves[0, corner.nonzero()[0, 0]], resized.reshape(-1))
+    assert torch.allclose(resized, torch.tensor(0.7))
 
 
 def test_quadtree_tokenizer_works_for_the_families_and_rejects_bad_budgets():
