@@ -29,7 +29,6 @@ from dataclasses import dataclass
 from typing import Any, Literal, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..errors import VitlabError
@@ -210,8 +209,7 @@ class GDTViT(VisionTransformer):
                                             torch.tensor(self.groups, device=leaves.device),
                                             output_size=sum(self.groups))  # (T,) each leaf's size class
             return self.embed_leaves(leaves, torch.cat([g.coords for g in tree.groups], dim=1), group)
-        proj = self.patch_embed.proj  # Conv2d(C, D, t, t) viewed as the Linear(C*t*t, D) it equals on a leaf
-        tokens = F.linear(leaves, proj.weight.reshape(proj.out_channels, -1), proj.bias)  # (B, T, D)
+        tokens = self.project_leaves(leaves)  # (B, T, D)
         prefix = [self.cls_token.expand(len(tokens), -1, -1)] if self.cls_token is not None else []
         return self.pos_drop(torch.cat([*prefix, tokens], dim=1) + self.pos_embed)
 

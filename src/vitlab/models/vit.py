@@ -173,19 +173,23 @@ class VisionTransformer(nn.Module):
     # -- forward -----------------------------------------------------------------------------------------
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         if self.tokenizer is not None:
-            leaves, boxes = self.tokenizer(x)  # (B, L, C*P*P), (B, L, 3)
-            return self.embed_leaves(leaves, boxes[..., :2], self.tokenizer.level(boxes))
+            return self.embed_with_boxes(x)[0]
         x = self.patch_embed(x)  # (B, N, D)
         if self.cls_token is not None:
             x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)  # (B, 1+N, D)
         return self.pos_drop(x + self.pos_embed)
 
+    def project_leaves(self, leaves: torch.Tensor) -> torch.Tensor:
+        """(B, T, C*P*P) -> (B, T, D): the patch projection, a Conv2d(C, D, P, P), as the Linear it is on one
+        patch (flattened in (C, row, column) order)."""
+        proj = self.patch_embed.proj
+        return F.linear(leaves, proj.weight.reshape(proj.out_channels, -1), proj.bias)
+
     def embed_leaves(self, leaves: torch.Tensor, coords: torch.Tensor, size_class: torch.Tensor) -> torch.Tensor:
         """Leaves of P px (B, T, C*P*P) at corners (B, T, 2) with size classes ((T,) or (B, T)) -> [cls; tokens]
         (B, prefix + T, D): the patch projection (as the Linear it is on one patch), plus the sinusoidal code of
         the corner and an embedding of the size."""
-        proj = self.patch_embed.proj
-        tokens = F.linear(leaves, proj.weight.reshape(proj.out_channels, -1), proj.bias)  # (B, T, D)
+        tokens = self.project_leaves(leaves)
         tokens = tokens + sincos_2d(coords, tokens.shape[-1]).to(tokens.dtype) + self.size_embed(size_class)
         if self.cls_token is not None:
             tokens = torch.cat([(self.cls_token + self.pos_embed).expand(len(tokens), -1, -1), tokens], dim=1)
@@ -218,7 +222,7 @@ class VisionTransformer(nn.Module):
     def embed_with_boxes(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(embedded tokens (B, prefix + T, D), each token's box (B, T, 3) as (x, y, size))."""
         if self.tokenizer is not None:
-            leaves, boxes = self.tokenizer(x)
+            leaves, boxes = self.tokenizer(x)  # (B, L, C*P*P), (B, L, 3)
             return self.embed_leaves(leaves, boxes[..., :2], self.tokenizer.level(boxes)), boxes
         P, G = self.patch_embed.patch_size, self.patch_embed.grid_size
         r, c = torch.meshgrid(torch.arange(G, device=x.device), torch.arange(G, device=x.device), indexing="ij")
