@@ -237,7 +237,8 @@ class VisionTransformer(nn.Module):
         """(B, C, H, W) -> per-pixel class logits (B, classes, H, W): each token's P x P prediction painted
         back into its box (a patch of the grid, or a leaf of a quadtree, resized)."""
         tokens, boxes = self.embed_with_boxes(x)
-        feats = self.norm(self.forward_blocks(tokens))[:, self.num_prefix_tokens:]  # (B, T, D)
+        # the final norm on every token: `norm` (cls pooling) or `fc_norm` (mean pooling; one is the identity)
+        feats = self.fc_norm(self.norm(self.forward_blocks(tokens))[:, self.num_prefix_tokens:])  # (B, T, D)
         P = self.patch_embed.patch_size
         values = self.head(self.head_drop(feats)).unflatten(-1, (self.num_classes, P, P))  # (B, T, K, P, P)
         return paint(values, boxes, self.leaf_sizes(), x.shape[-1], mode="bilinear")
