@@ -30,12 +30,12 @@ COLUMNS = ["run", "arm", "task", "tokens", "top1", "miou", "dice", "gflops", "gf
 
 
 def arm(model) -> str:
-    """uniform p=P | GDT (seq|coords) | random tree (seq|coords) | content quadtree."""
+    """uniform p=P, or GDT | random tree | content quadtree with its leaf positions (seq|coords)."""
     if hasattr(model, "groups"):
         kind = "random tree" if model.stages[0].scorer == "random" else "GDT"
         return f"{kind} ({model.leaf_pos})"
     if model.tokenizer is not None:
-        return "content quadtree"
+        return f"content quadtree ({model.leaf_pos})"
     return f"uniform p={model.patch_embed.patch_size}"
 
 

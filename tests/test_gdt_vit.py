@@ -209,6 +209,22 @@ def test_content_quadtree_of_a_flat_image_at_the_grid_budget_is_the_uniform_grid
     assert torch.equal(leaves, pixels)
 
 
+def test_content_quadtree_with_seq_positions_at_the_grid_budget_is_the_plain_vit():
+    """leaf_pos=seq places leaves by a learned row per slot: at the full budget the leaves are the finest grid
+    in raster order, so the plain ViT's weights give its logits exactly."""
+    torch.manual_seed(0)
+    plain = vitlab.create_model("vit_micro_patch4_32", in_chans=3, num_classes=5).eval()
+    tree = vitlab.create_model("vit_micro_patch4_32", tokenizer="quadtree", tokens=64, quadtree_sizes=(16, 4),
+                               leaf_pos="seq", in_chans=3, num_classes=5).eval()
+    assert tree.size_embed is None and tree.pos_embed.shape == plain.pos_embed.shape
+    tree.load_state_dict(plain.state_dict())
+    x = images(size=32)
+    with torch.no_grad():
+        torch.testing.assert_close(tree(x), plain(x))
+    with pytest.raises(VitlabError, match="leaf_pos"):
+        vitlab.create_model("vit_micro_patch4_32", tokenizer="quadtree", leaf_pos="corner")
+
+
 @pytest.mark.parametrize("score", ["edge", "variance"])
 def test_content_quadtree_spends_its_budget_on_the_content(score):
     x = torch.zeros(3, 1, 64, 64)

@@ -24,6 +24,20 @@ def test_miou_and_dice_equal_hand_computed_values():
     assert got["pixel_acc"] == pytest.approx(5 / 7)
 
 
+def test_mean_pooled_segmentation_normalises_every_token_before_the_head():
+    import vitlab
+    torch.manual_seed(0)
+    model = vitlab.create_model("vit_micro_patch4_32", global_pool="avg", task="segment", in_chans=1,
+                                num_classes=3).eval()
+    with torch.no_grad():
+        model.fc_norm.weight.zero_()  # the final norm's output is its bias, 0, so the head outputs its own bias
+        model.head.bias.copy_(torch.randn(3 * 4 * 4))
+        out = model(torch.randn(2, 1, 32, 32))
+    tile = model.head.bias.reshape(3, 4, 4).repeat(1, 8, 8)  # each 4 x 4 patch painted with the same bias
+    assert out.shape == (2, 3, 32, 32)
+    torch.testing.assert_close(out, tile.expand_as(out))
+
+
 def test_segfolder_pairs_images_with_masks(tmp_path):
     write_segfolder(tmp_path)
     d = build_data(DataConfig(dataset="segfolder", data_dir=str(tmp_path), img_size=16, augment="none"), img_size=16)

@@ -147,9 +147,9 @@ class GDTViT(VisionTransformer):
                               f"model.scorer=token)")
         if kwargs.get("tokenizer", "patch") != "patch":
             raise VitlabError("GDT-ViT makes its own quadtree; model.tokenizer applies to the other families")
-        # read by _num_positions and _leaf_sizes while the parent builds its position tables
-        self.groups, self.leaf_pos = groups, leaf_pos
-        super().__init__(img_size=img_size, patch_size=patch_size, in_chans=in_chans, embed_dim=embed_dim, **kwargs)
+        self.groups = groups  # read by _num_positions and _leaf_sizes while the parent builds its tables
+        super().__init__(img_size=img_size, patch_size=patch_size, in_chans=in_chans, embed_dim=embed_dim,
+                         leaf_pos=leaf_pos, **kwargs)
         self.in_chans, self.eval_gumbel, self.tau, self.antialias = in_chans, eval_gumbel, tau, antialias
         self.sizes = [p_in for p_in, _, _ in stages] + [stages[-1][1]]  # leaf size of each group
         self.stages = nn.ModuleList(
@@ -204,14 +204,10 @@ class GDTViT(VisionTransformer):
         """Leaves -> [cls; tokens] + positions (B, prefix + T, D)."""
         t = self.patch_embed.patch_size
         leaves = torch.cat([resize_leaves(g, t, self.in_chans, self.antialias) for g in tree.groups], dim=1)
-        if self.leaf_pos == "coords":
-            group = torch.repeat_interleave(torch.arange(len(self.groups), device=leaves.device),
-                                            torch.tensor(self.groups, device=leaves.device),
-                                            output_size=sum(self.groups))  # (T,) each leaf's size class
-            return self.embed_leaves(leaves, torch.cat([g.coords for g in tree.groups], dim=1), group)
-        tokens = self.project_leaves(leaves)  # (B, T, D)
-        prefix = [self.cls_token.expand(len(tokens), -1, -1)] if self.cls_token is not None else []
-        return self.pos_drop(torch.cat([*prefix, tokens], dim=1) + self.pos_embed)
+        group = torch.repeat_interleave(torch.arange(len(self.groups), device=leaves.device),
+                                        torch.tensor(self.groups, device=leaves.device),
+                                        output_size=sum(self.groups))  # (T,) each leaf's size class
+        return self.embed_leaves(leaves, torch.cat([g.coords for g in tree.groups], dim=1), group)
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         return self.embed_tree(self.grow(x))

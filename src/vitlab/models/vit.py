@@ -64,6 +64,7 @@ class VisionTransformer(nn.Module):
                  tokenizer: Literal["patch", "quadtree"] = "patch", tokens: int | None = None,
                  quadtree_sizes: tuple[int, int] | None = None,
                  quadtree_score: Literal["edge", "variance"] = "edge",
+                 leaf_pos: Literal["seq", "coords"] = "coords",
                  task: Literal["classify", "segment"] = "classify"):
         # One draw from the global stream seeds the initialisation, so what a subclass builds on top (a wider
         # head, transitions) cannot shift the reference weights it shares (see `init_weights`).
@@ -74,7 +75,11 @@ class VisionTransformer(nn.Module):
         if global_pool == "token" and not class_token:
             raise VitlabError("global_pool='token' pools the class token, which class_token=False removes; "
                               "set model.global_pool=avg or model.class_token=true")
+        if leaf_pos not in ("seq", "coords"):
+            raise VitlabError(f"model.leaf_pos must be 'seq' (a learned row per token position) or 'coords' (the "
+                              f"leaf's corner and size), got {leaf_pos!r}")
         self.num_classes, self.global_pool, self.embed_dim, self.task = num_classes, global_pool, embed_dim, task
+        self.leaf_pos = leaf_pos  # how quadtree leaves are placed (read by _num_positions and _leaf_sizes)
         self.num_heads, self.drop_path_rate = num_heads, drop_path_rate
         self.num_prefix_tokens = 1 if class_token else 0
         self.attn_layer_name = attn_layer if isinstance(attn_layer, str) else attn_layer.__name__
@@ -124,13 +129,15 @@ class VisionTransformer(nn.Module):
         return nn.Sequential(*[self._build_block(i, self.embed_dim, self.num_heads, rates[i]) for i in range(depth)])
 
     def _num_positions(self) -> int:
-        """Rows of the learned position table besides the prefix tokens' (one per patch of the grid; none for
-        leaves, which are placed by their coordinates and sizes)."""
-        return self.patch_embed.num_patches if self.tokenizer is None else 0
+        """Rows of the learned position table besides the prefix tokens': one per patch of the grid, or per
+        leaf slot under `leaf_pos=seq`; none for leaves placed by their coordinates and sizes."""
+        if self.tokenizer is None:
+            return self.patch_embed.num_patches
+        return self.tokenizer.tokens if self.leaf_pos == "seq" else 0
 
     def _leaf_sizes(self) -> int:
-        """Leaf sizes the size embedding tells apart (0: no leaves, no size embedding)."""
-        return len(self.tokenizer.sizes) if self.tokenizer is not None else 0
+        """Leaf sizes the size embedding tells apart (0: no size embedding)."""
+        return len(self.tokenizer.sizes) if self.tokenizer is not None and self.leaf_pos == "coords" else 0
 
     def _num_features(self) -> int:
         """Width of the tokens `forward_features` returns (two streams: twice the embedding width)."""
@@ -187,12 +194,17 @@ class VisionTransformer(nn.Module):
 
     def embed_leaves(self, leaves: torch.Tensor, coords: torch.Tensor, size_class: torch.Tensor) -> torch.Tensor:
         """Leaves of P px (B, T, C*P*P) at corners (B, T, 2) with size classes ((T,) or (B, T)) -> [cls; tokens]
-        (B, prefix + T, D): the patch projection (as the Linear it is on one patch), plus the sinusoidal code of
-        the corner and an embedding of the size."""
+        (B, prefix + T, D): the patch projection (as the Linear it is on one patch), plus, by `leaf_pos`, the
+        sinusoidal code of the corner and an embedding of the size (coords), or the learned row of each slot
+        in the sequence (seq: where the leaf is only by its order)."""
         tokens = self.project_leaves(leaves)
-        tokens = tokens + sincos_2d(coords, tokens.shape[-1]).to(tokens.dtype) + self.size_embed(size_class)
+        prefix_pos, slot_pos = self.pos_embed[:, :self.num_prefix_tokens], self.pos_embed[:, self.num_prefix_tokens:]
+        if self.leaf_pos == "coords":
+            tokens = tokens + sincos_2d(coords, tokens.shape[-1]).to(tokens.dtype) + self.size_embed(size_class)
+        else:
+            tokens = tokens + slot_pos
         if self.cls_token is not None:
-            tokens = torch.cat([(self.cls_token + self.pos_embed).expand(len(tokens), -1, -1), tokens], dim=1)
+            tokens = torch.cat([(self.cls_token + prefix_pos).expand(len(tokens), -1, -1), tokens], dim=1)
         return self.pos_drop(tokens)
 
     def iter_blocks(self, x: torch.Tensor) -> Iterator[torch.Tensor]:
