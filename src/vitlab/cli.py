@@ -11,7 +11,7 @@ import json
 import sys
 from pathlib import Path
 
-from .errors import VitlabError
+from .errors import TrainingStopped, VitlabError
 
 TRAIN_FLAGS = {  # flag dest -> config key (seed 000's and seed 001/002's flags)
     "data_dir": "data.data_dir", "output": "output.dir", "savefile": "output.savefile",
@@ -47,6 +47,17 @@ def flag_bool(text: str) -> bool:
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str):  # argparse prints usage + error; we print one line
         raise VitlabError(f"{message} (see `{self.prog} --help`)")
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1 (a batch size, a top-k)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return value
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -92,13 +103,13 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--dataset", help="dataset name (default: the one it was trained on)")
     e.add_argument("--data_dir", "--data-dir", help="dataset folder")
     e.add_argument("--split", choices=("train", "val", "test"), default="test")
-    e.add_argument("--batch-size", "--batch_size", dest="batch_size", type=int, default=256)
+    e.add_argument("--batch-size", "--batch_size", dest="batch_size", type=positive_int, default=256)
     e.add_argument("--device", default="auto")
 
     pr = sub.add_parser("predict", help="top-k labels for image files")
     pr.add_argument("--checkpoint", required=True, help="run dir, checkpoint dir or model.safetensors")
     pr.add_argument("images", nargs="+", metavar="IMAGE")
-    pr.add_argument("--topk", type=int, default=5)
+    pr.add_argument("--topk", type=positive_int, default=5)
 
     m = sub.add_parser("models", help="list model names with parameters and GFLOPs")
     m.add_argument("pattern", nargs="?", default="*", help="shell pattern, e.g. 'vit_small*'")
@@ -125,7 +136,7 @@ def _parser() -> argparse.ArgumentParser:
 
     cp = sub.add_parser("compare", help="train (or collect) several configs on one dataset; seed 003's table")
     cp.add_argument("configs", nargs="+", metavar="CONFIG")
-    cp.add_argument("--epochs", type=int, help="the same epoch budget for every model")
+    cp.add_argument("--epochs", type=positive_int, help="the same epoch budget for every model")
     cp.add_argument("--output", default="output/compare", help="folder of the runs and compare.{md,csv}")
 
     r = sub.add_parser("report", help="one self-contained HTML page: the collect table and every plot")
@@ -216,16 +227,24 @@ def cmd_predict(args) -> int:
     info = DatasetInfo(**extra["dataset_info"])
     a = model.vitlab_args
     tf = build_transform(info, a["img_size"], a["in_chans"], "none", train=False)
+    # any photo size: photo datasets' transform already resizes and crops; the others resize to the model's
+    # input like evaluation resizes the dataset's images (bilinear, antialiased)
+    size = None if info.crop == "rrc" else (a["img_size"], a["img_size"])
     batch = []
     for path in args.images:
+        if Path(path).is_dir():
+            raise VitlabError(f"'{path}' is a folder; pass image files (e.g. {path}/*.png)")
         try:
             with Image.open(path) as im:
-                batch.append(tf(im.convert("RGB" if info.in_chans == 3 else "L")))
+                im = im.convert("RGB" if info.in_chans == 3 else "L")
+                batch.append(tf(im.resize(size, Image.BILINEAR) if size and im.size != size else im))
         except FileNotFoundError:
             raise VitlabError(f"image '{path}' not found") from None
         except UnidentifiedImageError:
             raise VitlabError(f"'{path}' is not an image file PIL can read") from None
-    probs, idx = predict(model, torch.stack(batch), args.topk)
+        except OSError as exc:  # e.g. a truncated file: PIL reads the header, then fails on the pixels
+            raise VitlabError(f"image '{path}' cannot be decoded ({exc}); is the file complete?") from None
+    probs, idx = predict(model, torch.stack(batch), min(args.topk, a["num_classes"]))
     names = info.class_names or [str(i) for i in range(a["num_classes"])]
     for path, p_row, i_row in zip(args.images, probs.tolist(), idx.tolist()):
         print(f"{path}: " + ", ".join(f"{names[i]} {p:.3f}" for p, i in zip(p_row, i_row)))
@@ -357,6 +376,20 @@ def _rank_prefix() -> str:
     return f"[rank {rank}] " if rank is not None and world not in (None, "1") else ""
 
 
+def describe_os_error(exc: OSError) -> str:
+    """One line for a filesystem error: what failed, on which path, and what to do."""
+    import errno
+    where = f" '{exc.filename}'" if exc.filename else ""
+    if exc.errno == errno.ENOSPC:
+        return f"no space left on the device writing{where}; free some space (checkpoints are intact: --reload)"
+    fix = {errno.EACCES: "choose a location you can write to (--output / --out)",
+           errno.EROFS: "choose a location you can write to (--output / --out)",
+           errno.ENOTDIR: "a file is in the way of a folder; choose another --output / --out",
+           errno.EEXIST: "a file is in the way of a folder; choose another --output / --out",
+           errno.EISDIR: "that is a folder; pass a file path"}.get(exc.errno, "check the path")
+    return f"{exc.strerror or exc}{where}; {fix}"
+
+
 COMMANDS = {"train": cmd_train, "evaluate": cmd_evaluate, "predict": cmd_predict, "models": cmd_models,
             "sweep": cmd_sweep, "collect": cmd_collect, "plot": cmd_plot, "compare": cmd_compare,
             "report": cmd_report, "upload": cmd_upload, "download": cmd_download}
@@ -369,7 +402,13 @@ def main(argv: list[str] | None = None) -> int:
         return COMMANDS[args.command](args)
     except VitlabError as exc:
         print(f"vitlab: error: {_rank_prefix()}{exc}", file=sys.stderr)
+        return exc.exit_code
+    except OSError as exc:  # the filesystem: a path that is a file, read-only, missing, or a full disk
+        print(f"vitlab: error: {_rank_prefix()}{describe_os_error(exc)}", file=sys.stderr)
         return 2
+    except TrainingStopped as exc:  # a signal: the checkpoint is written; not an error
+        print(f"vitlab: {_rank_prefix()}{exc}", file=sys.stderr)
+        return exc.exit_code
     except BrokenPipeError:  # `vitlab collect ... | head`: the reader left; stop quietly like other tools
         import os
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import collections.abc
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -95,6 +96,10 @@ class TrainConfig:
     ema_decay: float = 0.999
     val_every_n_batches: int = 0  # also log one validation batch's loss every N train batches; 0 = off
     log_every: int = 20  # flush per-batch metrics (and the progress line) every N batches
+    # a non-finite loss stops the run (exit 3) when the metrics are next flushed; N > 0 instead skips up to N
+    # optimizer steps whose loss or gradient norm is not finite (at the cost of one host sync per step)
+    skip_nonfinite_steps: int = 0
+    checkpoint_every_n_steps: int = 0  # also write `last` every N optimizer steps (mid-epoch); 0: epoch ends only
 
 
 @dataclass
@@ -218,6 +223,8 @@ def coerce(value: Any, tp: Any, key: str) -> Any:
             return None
     elif tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
+            if not math.isfinite(value):  # nan compares false with every bound; inf passes every lower one
+                raise VitlabError(f"config key '{key}' must be a finite number, got {value}")
             return float(value)
     elif tp is int:
         if isinstance(value, int) and not isinstance(value, bool):
@@ -306,7 +313,12 @@ def build_config(tree: dict[str, Any] | None = None, overrides: Iterable[tuple[s
     """Defaults, then a nested dict (from YAML), then (key, value) overrides; schema-checked. Names and
     model arguments are checked by `vitlab.resolve.resolve_config`."""
     cfg = Config()
-    for key, value in _flatten(tree or {}):
+    sections = {f.name for f in dataclasses.fields(Config) if dataclasses.is_dataclass(getattr(cfg, f.name))}
+    for name in sections & set(tree or {}):
+        if tree[name] is not None and not isinstance(tree[name], dict):
+            raise VitlabError(f"config section '{name}' must be a mapping of keys (in YAML, '{name}:' then indented "
+                              f"'key: value' lines), got {tree[name]!r}")
+    for key, value in _flatten({k: v for k, v in (tree or {}).items() if v is not None or k not in sections}):
         _apply(cfg, key, as_number(value))
     for key, value in overrides:
         _apply(cfg, key, value)
@@ -338,3 +350,29 @@ def validate(cfg: Config) -> None:
             raise VitlabError(f"config key '{key}' must be in [0, 1), got {value}")
     if cfg.data.num_workers < 0:
         raise VitlabError(f"config key 'data.num_workers' must be >= 0, got {cfg.data.num_workers}")
+    at_least_zero = {"optim.weight_decay": cfg.optim.weight_decay, "optim.momentum": cfg.optim.momentum,
+                     "optim.min_lr": cfg.optim.min_lr, "optim.clip_grad": cfg.optim.clip_grad,
+                     "optim.warmup_steps": cfg.optim.warmup_steps, "optim.warmup_epochs": cfg.optim.warmup_epochs,
+                     "data.mixup": cfg.data.mixup, "data.cutmix": cfg.data.cutmix,
+                     "train.skip_nonfinite_steps": cfg.train.skip_nonfinite_steps,
+                     "train.checkpoint_every_n_steps": cfg.train.checkpoint_every_n_steps,
+                     "train.val_every_n_batches": cfg.train.val_every_n_batches, "lora.dropout": cfg.lora.dropout}
+    for key, value in at_least_zero.items():
+        if value < 0:
+            raise VitlabError(f"config key '{key}' must be >= 0, got {value}")
+    below_one = {"optim.label_smoothing": cfg.optim.label_smoothing, "optim.betas[0]": cfg.optim.betas[0],
+                 "optim.betas[1]": cfg.optim.betas[1], "train.ema_decay": cfg.train.ema_decay,
+                 "lora.dropout": cfg.lora.dropout}
+    for key, value in below_one.items():
+        if not 0 <= value < 1:
+            raise VitlabError(f"config key '{key}' must be in [0, 1), got {value}")
+    for key, value in (("data.img_size", cfg.data.img_size), ("train.eval_batch_size", cfg.train.eval_batch_size),
+                       ("train.dist_timeout", cfg.train.dist_timeout),
+                       ("optim.base_batch_size", cfg.optim.base_batch_size)):
+        if value is not None and value <= 0:
+            raise VitlabError(f"config key '{key}' must be positive, got {value}")
+    name = cfg.output.savefile
+    if not name.strip() or name in (".", "..") or "/" in name or "\\" in name:
+        raise VitlabError(f"output.savefile (--savefile) must name one folder, got {name!r}; e.g. --savefile run_02")
+    if not cfg.task_name.strip() or cfg.task_name in (".", ".."):
+        raise VitlabError(f"task_name must name one folder, got {cfg.task_name!r}")

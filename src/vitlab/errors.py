@@ -2,7 +2,8 @@
 
 Anything the user can fix (a bad config key, an unknown model, a missing data directory...) raises
 :class:`VitlabError` with one line saying what is wrong and how to fix it. The CLI prints that line and
-exits with status 2; everything else is a bug and keeps its traceback.
+exits with status 2 (3 for a run that diverged: `TrainingDiverged`); everything else is a bug and keeps its
+traceback.
 """
 from __future__ import annotations
 
@@ -12,6 +13,23 @@ from typing import Iterable
 
 class VitlabError(ValueError):
     """An error caused by user input; its message is one line naming the problem and the fix."""
+
+    exit_code = 2
+
+
+class TrainingStopped(Exception):
+    """Training stopped on request (a signal) after writing its checkpoint: not an error. `exit_code` is 0 for
+    SIGTERM/SIGINT and 75 for SIGUSR1 (preemption)."""
+
+    def __init__(self, message: str, exit_code: int):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+class TrainingDiverged(VitlabError):
+    """The loss or the weights stopped being finite; the last good checkpoint is kept. Exit status 3."""
+
+    exit_code = 3
 
 
 def did_you_mean(word: str, choices: Iterable[str]) -> str:

@@ -32,18 +32,27 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     if not path.is_file():
         raise VitlabError(f"pretrained file '{path}' not found; pass a local .safetensors, .pth or .npz file")
     suffix = path.suffix.lower()
-    if suffix == ".safetensors":
-        from safetensors.torch import load_file
-        sd = load_file(str(path))
-    elif suffix in (".pth", ".pt", ".bin"):
-        sd = torch.load(path, map_location="cpu", weights_only=True)
-        for key in ("model", "state_dict", "model_state"):
-            if isinstance(sd, dict) and isinstance(sd.get(key), dict):
-                sd = sd[key]
-    elif suffix == ".npz":
-        sd = convert_jax_npz(dict(np.load(path)))
-    else:
+    if suffix not in (".safetensors", ".pth", ".pt", ".bin", ".npz"):
         raise VitlabError(f"unsupported checkpoint format '{suffix}' ({path}); use .safetensors, .pth or .npz")
+    try:
+        if suffix == ".safetensors":
+            from safetensors.torch import load_file
+            sd = load_file(str(path))
+        elif suffix == ".npz":
+            sd = convert_jax_npz(dict(np.load(path)))
+        else:
+            sd = torch.load(path, map_location="cpu", weights_only=True)  # tensors only: a pickle runs no code
+            for key in ("model", "state_dict", "model_state"):
+                if isinstance(sd, dict) and isinstance(sd.get(key), dict):
+                    sd = sd[key]
+    except VitlabError:
+        raise
+    except Exception as exc:  # truncated, empty, or (weights_only) a pickle holding more than tensors
+        first = (str(exc).strip().splitlines() or [""])[0][:160]
+        raise VitlabError(f"pretrained file '{path}' cannot be read as {suffix} ({type(exc).__name__}: {first}); "
+                          f"is it complete, and a weights file?") from None
+    if not isinstance(sd, dict):
+        raise VitlabError(f"pretrained file '{path}' holds a {type(sd).__name__}, not a dict of weights")
     sd = {_strip(k): v for k, v in sd.items() if isinstance(v, torch.Tensor)}
     if not any(k.startswith("transformer.encoder_layers.") for k in sd):
         return sd

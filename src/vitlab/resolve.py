@@ -34,6 +34,8 @@ def resolve_model_args(name: str, args: dict[str, Any]) -> dict[str, Any]:
                               f"{did_you_mean(key, params)}; `vitlab models` lists models, their docstrings the "
                               f"arguments")
         typed[key] = coerce(value, hints.get(key, Any), f"model.{key}")
+        if key.endswith(("drop_rate", "drop_path_rate")) and isinstance(typed[key], float) and not 0 <= typed[key] < 1:
+            raise VitlabError(f"config key 'model.{key}' is a probability and must be in [0, 1), got {typed[key]}")
     return typed
 
 

@@ -62,6 +62,9 @@ class TensorImages(Dataset):
 
 def _require_dir(data_dir: str, name: str) -> Path:
     root = Path(data_dir).expanduser()
+    if root.exists() and not root.is_dir():
+        raise VitlabError(f"data directory '{root}' is a file, not a folder; pass --data_dir pointing at the folder "
+                          f"of the {name} data")
     if not root.is_dir():
         raise VitlabError(f"data directory '{root}' does not exist; pass --data_dir pointing at the {name} data "
                           f"(or data.download=true for torchvision datasets)")

@@ -10,6 +10,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from torch.utils.data.distributed import DistributedSampler
 
 from ..config import DataConfig
+from ..errors import VitlabError
 from .datasets import IMAGENET_MEAN, IMAGENET_STD, DatasetInfo, TensorImages, load_raw, seeded_split
 from .tensor_loader import TensorBatchLoader
 from .transforms import MixCollate, build_transform
@@ -104,8 +105,14 @@ def build_data(cfg: DataConfig, img_size: int | None = None, in_chans: int | Non
                    synthetic_size=cfg.synthetic_size, synthetic_classes=cfg.synthetic_classes,
                    canvas_size=cfg.canvas_size, canvas_digit_size=cfg.canvas_digit_size)
     train, val = raw.train, raw.val
-    if val is None:
+    carved = val is None
+    if carved:
         train, val = seeded_split(train, cfg.val_fraction, cfg.split_seed + 1)
+    for split, ds, key in (("train", train, None), ("val", val, "data.val_fraction" if carved else None),
+                           ("test", raw.test, "data.test_fraction")):
+        if len(ds) == 0:  # an empty split would fail much later, inside a loader or a metric
+            fix = f"raise {key} (now {getattr(cfg, key.split('.')[1])})" if key else "add images to it"
+            raise VitlabError(f"the {split} split of {cfg.dataset} is empty; {fix}, or use a larger dataset")
     if 0 < cfg.max_train_samples < len(train):
         train, _ = seeded_split(train, 1 - cfg.max_train_samples / len(train), cfg.split_seed + 2)
     info = raw.info

@@ -54,7 +54,12 @@ class TensorBatchLoader:
     def __iter__(self):
         return self._train_batches() if self.train else self._eval_batches()
 
-    def _train_batches(self):
+    def batches_from(self, start: int):
+        """The epoch's training batches from batch `start` (a resumed run): the skipped ones draw their
+        augmentation parameters, so the rest are exactly those of an uninterrupted epoch, but are not built."""
+        return self._train_batches(start)
+
+    def _train_batches(self, skip: int = 0):
         g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
         n, step = len(self.labels), self.batch_size * self.world
         order = torch.randperm(n, generator=g)
@@ -63,6 +68,9 @@ class TensorBatchLoader:
             if len(idx) % self.world:  # pad the last global batch by wrapping, so every rank gets as many
                 idx = torch.cat([idx, order[:self.world - len(idx) % self.world]])
             params = self._draw(len(idx), g)  # for the global batch: identical on every rank
+            if skip:  # resumed mid-epoch: draw, do not build
+                skip -= 1
+                continue
             per = len(idx) // self.world
             part = slice(self.rank * per, (self.rank + 1) * per)
             x = self.transform(self.images[idx[part]], *(p[part] for p in params))

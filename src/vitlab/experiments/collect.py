@@ -36,7 +36,8 @@ def varying_keys(runs: list[Run]) -> list[str]:
 
 
 def _common_root(runs: list[Run]) -> Path:
-    return Path(os.path.commonpath([str(r.path.resolve()) for r in runs])) if len(runs) > 1 else runs[0].path.parent
+    return Path(os.path.commonpath([str(r.path.resolve()) for r in runs])) if len(runs) > 1 else \
+        runs[0].path.resolve().parent
 
 
 def table(runs: list[Run]) -> tuple[list[str], list[list[str]]]:

@@ -85,9 +85,20 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
 
 
 def load_run(path: Path) -> Run:
-    config = yaml.safe_load((path / "config.yaml").read_text()) or {}
+    """The run at `path`; a damaged config.yaml or results.json is one line naming the file."""
+    try:
+        config = yaml.safe_load((path / "config.yaml").read_text()) or {}
+    except (yaml.YAMLError, UnicodeDecodeError):
+        raise VitlabError(f"'{path / 'config.yaml'}' is not valid YAML (damaged?); repair or remove that run "
+                          f"directory") from None
     results_file = path / "results.json"
-    results = json.loads(results_file.read_text()) if results_file.is_file() else None
+    try:
+        results = json.loads(results_file.read_text()) if results_file.is_file() else None
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise VitlabError(f"'{results_file}' is not valid JSON (damaged?); delete it to treat the run as unfinished, "
+                          f"or remove the run directory") from None
+    if not isinstance(config, dict) or not isinstance(results, (dict, type(None))):
+        raise VitlabError(f"'{path}' holds a config.yaml or results.json of the wrong shape; it is not a vitlab run")
     return Run(path, config, results)
 
 

@@ -116,7 +116,12 @@ def resolve_device(spec: str, env: DistEnv) -> torch.device:
     """`auto`/`cuda` mean this rank's GPU (cuda:LOCAL_RANK), falling back to the CPU only for `auto`."""
     if spec == "auto":
         spec = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(spec)
+    try:
+        device = torch.device(spec)
+    except RuntimeError:
+        raise VitlabError(f"train.device '{spec}' is not a device; use auto, cpu, cuda or cuda:N") from None
+    if device.type not in ("cpu", "cuda", "mps"):
+        raise VitlabError(f"train.device '{spec}' is not supported; use auto, cpu, cuda or cuda:N")
     if device.type == "cuda":
         if not torch.cuda.is_available():
             raise VitlabError(f"train.device is '{spec}' but no CUDA device is available; use train.device=cpu or auto")
@@ -161,6 +166,12 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     if active():
         dist.all_reduce(t)
     return t
+
+
+def barrier() -> None:
+    """Wait for every rank (no-op without a group)."""
+    if active():
+        dist.barrier()
 
 
 def all_gather_object(obj: Any) -> list[Any]:

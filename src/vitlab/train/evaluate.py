@@ -16,7 +16,7 @@ from ..layers.lora import TRAIN_WITH_LORA, apply_lora, freeze_for_lora
 from ..objective import as_output
 from ..registry import create_model
 from ..resolve import build
-from .checkpoint import EMA_FILE, load_weights, read_metadata, resolve_checkpoint
+from .checkpoint import EMA_FILE, load_weights, read_metadata, resolve_checkpoint, verified
 from .distributed import all_reduce_sum
 from .segmentation import confusion, iou_dice
 
@@ -73,8 +73,12 @@ def add_lora(model: nn.Module, lc: LoraConfig) -> None:
 
 def load_checkpoint(path: str | Path, use_ema: bool = True) -> tuple[nn.Module, Config, dict]:
     """Rebuild the model saved at `path` (file, checkpoint dir or run dir); EMA weights when present."""
-    file = resolve_checkpoint(path)
-    meta = read_metadata(file)
+    file = verified(resolve_checkpoint(path))
+    try:
+        meta = read_metadata(file)
+    except Exception as exc:  # safetensors' own error types: a truncated or foreign file
+        raise VitlabError(f"'{file}' is not a readable safetensors file ({type(exc).__name__}: it may be truncated "
+                          f"or empty); pass another checkpoint") from None
     if "model_name" not in meta:
         raise VitlabError(f"'{file}' has no vitlab metadata; use vitlab.load_pretrained() for foreign weights")
     import yaml
@@ -93,7 +97,11 @@ def load_checkpoint(path: str | Path, use_ema: bool = True) -> tuple[nn.Module, 
         if unexpected:
             raise VitlabError(f"'{file}' does not fit its run's model: unexpected {unexpected[:4]}")
     else:
-        model.load_state_dict(weights)
+        try:
+            model.load_state_dict(weights)
+        except RuntimeError as exc:
+            raise VitlabError(f"'{file}' does not fit the model its metadata names ({meta['model_name']}): "
+                              f"{str(exc).splitlines()[0]}") from None
     extra = {k: json.loads(v) for k, v in meta.items() if k not in ("model_name", "model_args", "config")}
     return model.eval(), cfg, extra
 

@@ -82,6 +82,10 @@ class RunLogger:
         if self.progress != "none":
             (self.bar.write if self.bar is not None else self._print)(text)
 
+    def write(self, text: str) -> None:
+        """A line for train.log only."""
+        self.log_file.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {text}\n")
+
     def _print(self, text: str) -> None:
         print(text, file=self.stream, flush=True)
 
@@ -145,6 +149,7 @@ class NullLogger:
     """The logger of ranks other than 0: data-parallel jobs write one run directory and print once."""
 
     def info(self, text: str) -> None: ...
+    def write(self, text: str) -> None: ...
     def record(self, kind: str, **values: Any) -> None: ...
     def batches(self, *args: Any) -> None: ...
     def val_batches(self, *args: Any) -> None: ...

@@ -6,12 +6,17 @@ optimizer, schedule, EMA and RNG states, so a killed run continues exactly where
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import gc
 import json
 import math
 import os
 import random
+import shutil
+import signal
+import subprocess
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -23,7 +28,7 @@ from torch import nn
 
 from ..config import Config, LoraConfig
 from ..data import DataBundle, MixCollate, build_data, set_epoch
-from ..errors import VitlabError
+from ..errors import TrainingDiverged, TrainingStopped, VitlabError
 from ..hub import hub_target
 from ..layers.lora import adapter_state_dict, merged_state_dict
 from ..objective import as_output
@@ -31,12 +36,35 @@ from ..registry import create_model, model_args, model_entry
 from ..resolve import resolve_config
 from ..stats import MemoryMeter, forward_gflops
 from . import checkpoint as ckpt
-from .distributed import (DistEnv, all_gather_object, all_reduce_sum, detect, full_state, load_full_state, no_sync,
-                          parallelize, process_group, resolve_device)
+from .distributed import (DistEnv, all_gather_object, all_reduce_sum, barrier, detect, full_state, load_full_state,
+                          no_sync, parallelize, process_group, resolve_device)
 from .evaluate import add_lora, autocast, evaluate
 from .export import publish
 from .metrics import BatchBuffer, NullLogger, RunLogger
 from .optim import build_optimizer, build_scheduler, scaled_lr
+from .runlock import RunLock
+
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
+PREEMPTED_EXIT = 75  # EX_TEMPFAIL: stopped by SIGUSR1 (preemption / time limit), checkpoint saved, resume later
+
+
+def requeue_slurm_job() -> str:
+    """`scontrol requeue` this SLURM job (the sbatch script allows it with --requeue); what happened, as a
+    phrase for the stop line ('' outside SLURM)."""
+    job = os.environ.get("SLURM_ARRAY_JOB_ID", os.environ.get("SLURM_JOB_ID"))
+    if not job:
+        return ""
+    if "SLURM_ARRAY_TASK_ID" in os.environ:
+        job = f"{job}_{os.environ['SLURM_ARRAY_TASK_ID']}"
+    try:
+        done = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return f"; scontrol requeue {job} failed ({type(exc).__name__})"
+    if done.returncode == 0:
+        return f"; requeued SLURM job {job}"
+    why = done.stderr.strip().splitlines()[-1] if done.stderr.strip() else f"exit {done.returncode}"
+    return f"; scontrol requeue {job} failed: {why}"
 
 
 def seed_all(seed: int) -> None:
@@ -122,13 +150,38 @@ class Trainer:
     rank 0 writes the run directory, and every value it logs is reduced over ranks."""
 
     def __init__(self, cfg: Config, reload: bool = False, stream=None, env: DistEnv | None = None):
-        self.cfg, tc = resolve_config(cfg), cfg.train
-        self.env = env = env or DistEnv()
+        self.env = env or DistEnv()
         self.run_dir = cfg.run_dir
-        last = ckpt.existing(self.run_dir / "checkpoints" / "last")
-        if last is not None and not reload:
+        created = next((p for p in [self.run_dir, *self.run_dir.parents][::-1] if not p.exists()), None)
+        self.lock = RunLock(self.run_dir) if self.env.is_main else None  # one writer per run directory
+        try:
+            self._setup(cfg, reload, stream)
+        except BaseException:  # a refused start leaves the run directory as it found it
+            self.release()
+            if self.lock is not None and created is not None and {p.name for p in self.run_dir.iterdir()} <= {".lock"}:
+                (self.run_dir / ".lock").unlink(missing_ok=True)
+                for p in [self.run_dir, *self.run_dir.parents]:
+                    p.rmdir()
+                    if p == created:
+                        break
+            raise
+
+    def release(self) -> None:
+        """Give up the run directory's lock (the process's exit does too)."""
+        if self.lock is not None:
+            self.lock.release()
+
+    def _setup(self, cfg: Config, reload: bool, stream) -> None:
+        self.cfg, tc, env = resolve_config(cfg), cfg.train, self.env
+        checkpoints = self.run_dir / "checkpoints"
+        if ckpt.candidates(checkpoints) and not reload:
             raise VitlabError(f"'{self.run_dir}' already holds a run; pass --reload to resume it, "
                               f"or --savefile NAME for a new run")
+        # --reload: the newest checkpoint whose digests verify (last, last.old, a complete temporary, best)
+        last, skipped = ckpt.newest_intact(checkpoints) if reload else (None, [])
+        if reload and last is None and skipped:
+            raise VitlabError(f"no intact checkpoint to resume in '{checkpoints}': {'; '.join(skipped)}; "
+                              f"start a new run with --savefile NAME")
         if tc.strategy == "fsdp" and tc.ema:
             raise VitlabError("train.ema is not supported with train.strategy=fsdp yet; use train.strategy=ddp "
                               "or train.ema=false")
@@ -150,10 +203,20 @@ class Trainer:
         self.loaders = build_loaders(self.cfg, self.data, env, pin=self.device.type == "cuda")
         self._build_optimization()
         self.epoch, self.step, self.best_val_loss = 0, 0, float("inf")
+        self.skipped_steps, self._skipped_batches = 0, set()  # non-finite steps skipped (train.skip_nonfinite_steps)
+        # mid-epoch position: batches of epoch `self.epoch + 1` already trained, and the RNG states its data
+        # stream started from (a resume replays the stream to that batch, then restores the later states)
+        self.batch_in_epoch, self._epoch_rng, self._stop_signal = 0, None, None
         resumed = reload and last is not None
         if resumed:
             self._resume(last)
+        if env.is_main:  # holding the lock: no other process is writing these
+            if resumed:
+                self._set_aside_damaged(last)
+            ckpt.remove_stale_temporaries(checkpoints, keep=last)
         self.log = self._open_log(resumed, stream)
+        if skipped:
+            self.log.info(f"warning: skipped damaged checkpoints: {'; '.join(skipped)}; resuming from {last.name}")
         if reload:
             self.log.info(f"resumed from {last} at epoch {self.epoch}, step {self.step}" if resumed
                           else "nothing to resume: starting a new run")
@@ -181,7 +244,7 @@ class Trainer:
             return NullLogger()
         self.run_dir.mkdir(parents=True, exist_ok=True)
         if resumed:
-            _truncate_metrics(self.run_dir / "metrics.jsonl", self.epoch)
+            _truncate_metrics(self.run_dir / "metrics.jsonl", self.epoch, self.step)
         _atomic_write(self.run_dir / "config.yaml", cfg.dump())
         log = RunLogger(self.run_dir, cfg.output.tensorboard, cfg.output.progress, append=resumed, stream=stream)
         backend = torch.distributed.get_backend() if env.launcher != "none" else "none"
@@ -212,12 +275,15 @@ class Trainer:
         """Called on every rank (gathering is collective); rank 0 writes. RNG states are kept per rank."""
         weights, optim_state = full_state(self.model, self.optimizer)
         rngs = all_gather_object(rng_state())
+        epoch_rngs = all_gather_object(self._epoch_rng) if self.batch_in_epoch else None
         if not self.env.is_main:
             return
         state = {"epoch": self.epoch, "step": self.step, "best_val_loss": self.best_val_loss,
+                 "batch_in_epoch": self.batch_in_epoch, "epoch_rng": epoch_rngs,
                  "optimizer": optim_state, "scheduler": self.scheduler.state_dict(),
                  "scaler": self.scaler.state_dict(), "rng": rngs,
                  "ema_n_averaged": self.ema.n_averaged if self.ema is not None else None,
+                 "skipped_steps": self.skipped_steps,
                  "config": self.cfg.to_dict()}
         ckpt.save_checkpoint(self.run_dir / "checkpoints" / name, weights, self._metadata(), state,
                              self.ema.module if self.ema is not None else None)
@@ -228,6 +294,7 @@ class Trainer:
         if saved_model != self.cfg.to_dict()["model"]:
             raise VitlabError(f"the model config differs from the run being resumed ({path}); resume with the "
                               f"same model settings or start a new --savefile")
+        self._check_same_optimization(state["config"], path)
         load_full_state(self.model, self.optimizer, ckpt.load_weights(path / ckpt.MODEL_FILE), state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
@@ -235,11 +302,42 @@ class Trainer:
             self.ema.module.load_state_dict(ckpt.load_weights(path / ckpt.EMA_FILE))
             self.ema.n_averaged.fill_(state["ema_n_averaged"])
         self.epoch, self.step, self.best_val_loss = state["epoch"], state["step"], state["best_val_loss"]
+        self.skipped_steps = state.get("skipped_steps", 0)
+        self.batch_in_epoch = state.get("batch_in_epoch", 0)
         rngs = state["rng"]
+        if self.batch_in_epoch:
+            if len(rngs) != self.env.world_size:
+                raise VitlabError(f"{path} was saved mid-epoch by {len(rngs)} process(es); resume it with as many "
+                                  f"(the data position is per rank), or from an epoch-end checkpoint")
+            self._epoch_rng = state["epoch_rng"][self.env.rank]
         if len(rngs) == self.env.world_size:  # same world size: continue each rank's own streams exactly
             set_rng_state(rngs[self.env.rank])
         else:  # another world size: fresh per-rank streams, still a function of (seed, rank, epoch)
             seed_all(self.cfg.train.seed + self.env.rank + 1_000_003 * self.epoch)
+
+    def _check_same_optimization(self, saved: dict[str, Any], path: Path) -> None:
+        """A resume continues the saved optimizer and schedule states, which hold the old learning rate, weight
+        decay, betas and batch geometry: a changed value would be recorded but not in effect, so it is refused.
+        train.epochs / train.max_steps may change: the schedule is rebuilt for the new length."""
+        now = self.cfg.to_dict()
+        changed = [f"optim.{k}: {v!r} -> {now['optim'][k]!r}" for k, v in saved["optim"].items()
+                   if now["optim"].get(k) != v]
+        changed += [f"train.{k}: {saved['train'][k]!r} -> {now['train'][k]!r}"
+                    for k in ("batch_size", "accum_steps") if saved["train"].get(k) != now["train"][k]]
+        if changed:
+            raise VitlabError(f"resuming {path} with changed optimization ({'; '.join(changed)}): the saved optimizer "
+                              f"and schedule would keep the old values; resume with the saved settings or start a "
+                              f"new --savefile (to fine-tune from it: model.pretrained={path / ckpt.MODEL_FILE})")
+
+    def _set_aside_damaged(self, source: Path) -> None:
+        """A damaged `last` that a resume did not start from becomes `last.damaged`: the next save must not
+        turn it into `last.old` in place of the checkpoint the run continues from."""
+        last = self.run_dir / "checkpoints" / "last"
+        if last.is_dir() and last != source and ckpt.damage(last) is not None:
+            damaged = last.with_name("last.damaged")
+            if damaged.exists():
+                shutil.rmtree(damaged)
+            os.replace(last, damaged)
 
     def _merged_config(self) -> str:
         """The run's config without LoRA: what rebuilds the plain model `merged.safetensors` loads into."""
@@ -250,65 +348,159 @@ class Trainer:
         return self.ema.module if self.ema is not None else self.model
 
     def fit(self) -> dict[str, Any]:
-        tc = self.cfg.train
         start = time.perf_counter()
         self.memory = MemoryMeter(self.device).start()
         train_time, train_images = 0.0, 0
-        while self.epoch < self.epochs:
-            epoch = self.epoch + 1
-            seconds, images = self._train_epoch(epoch)
-            train_time, train_images = train_time + seconds, train_images + images
-            val = evaluate(self.eval_model(), self.loaders["val"], self.device, tc.amp)
-            self.epoch = epoch
-            improved = val["loss"] < self.best_val_loss
-            self.best_val_loss = min(self.best_val_loss, val["loss"])
-            self.log.record("epoch", epoch=epoch, step=self.step, val_loss=val["loss"], val_top1=val["top1"],
-                            val_top5=val["top5"], epoch_seconds=seconds, images_per_second=images / seconds)
-            self.log.info(f"epoch {epoch}/{self.epochs} val loss {val['loss']:.4f} top-1 {val['top1']:.4f} "
-                          f"top-5 {val['top5']:.4f} | {images / seconds:,.0f} img/s, {seconds:.1f}s"
-                          + (" | best" if improved else ""))
-            if improved:
-                self.save("best")
-            self.save("last")
+        with self._stop_signals():
+            while self.epoch < self.epochs:
+                seconds, images = self._train_epoch(self.epoch + 1)
+                train_time, train_images = train_time + seconds, train_images + images
+                self._end_epoch(seconds, images)
+                if self.epoch < self.epochs and self._stop_now(flushed=True):
+                    self._stop(self.epoch)
         return self._finish(time.perf_counter() - start, train_time, train_images)
 
+    def _end_epoch(self, seconds: float, images: int) -> None:
+        """Validate, log, and write `best` (when the validation loss improved) and `last`."""
+        val = evaluate(self.eval_model(), self.loaders["val"], self.device, self.cfg.train.amp)
+        self.epoch, self.batch_in_epoch = self.epoch + 1, 0
+        self._check_weights_finite()  # `last` and `best` are only ever finite weights
+        improved = math.isfinite(val["loss"]) and val["loss"] < self.best_val_loss
+        if improved:
+            self.best_val_loss = val["loss"]
+        self.log.record("epoch", epoch=self.epoch, step=self.step, val_loss=val["loss"], val_top1=val["top1"],
+                        val_top5=val["top5"], epoch_seconds=seconds, images_per_second=images / seconds)
+        self.log.info(f"epoch {self.epoch}/{self.epochs} val loss {val['loss']:.4f} top-1 {val['top1']:.4f} "
+                      f"top-5 {val['top5']:.4f} | {images / seconds:,.0f} img/s, {seconds:.1f}s"
+                      + (" | best" if improved else ""))
+        if improved:
+            self.save("best")
+        self.save("last")
+
+    @contextlib.contextmanager
+    def _stop_signals(self):
+        """SIGTERM, SIGINT and SIGUSR1 (SLURM's warning before the time limit) ask the loop to stop after the
+        current optimizer step; a second signal of the same kind acts as if no handler were installed."""
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        previous = {sig: signal.getsignal(sig) for sig in STOP_SIGNALS}
+
+        def handler(signum, frame):
+            self._stop_signal = self._stop_signal or signum
+            signal.signal(signum, previous[signum])  # the next one is not caught
+
+        for sig in STOP_SIGNALS:
+            signal.signal(sig, handler)
+        try:
+            yield
+        finally:
+            for sig, old in previous.items():
+                signal.signal(sig, old)
+
+    def _stop_now(self, flushed: bool) -> bool:
+        """Whether a stop signal has arrived. One process: checked after every step (a Python flag, no sync).
+        Data parallel: agreed over ranks at metric flushes only, where the loop synchronises anyway."""
+        if self.env.world_size == 1:
+            return self._stop_signal is not None
+        if not flushed:
+            return False
+        flag = torch.tensor([float(self._stop_signal is not None)], device=self.device)
+        return all_reduce_sum(flag).item() > 0
+
+    def _stop(self, epoch: int) -> None:
+        """Write `last` at the current step (mid-epoch) and end the run with one line (TrainingStopped)."""
+        self._check_weights_finite()
+        self.save("last")
+        barrier()  # no rank exits (and gets the job step killed) before rank 0 has written the checkpoint
+        signum = self._stop_signal or signal.SIGTERM
+        name = signal.Signals(signum).name
+        where = (f"epoch {epoch}, batch {self.batch_in_epoch}" if self.batch_in_epoch else
+                 f"the end of epoch {epoch}") + f", step {self.step}"
+        if signum == signal.SIGUSR1:  # preemption: requeue under SLURM, exit with the documented code
+            requeued = requeue_slurm_job() if self.env.is_main else ""
+            message = f"{name} (preemption) at {where}: saved checkpoints/last{requeued}; resume with --reload"
+            exit_code = PREEMPTED_EXIT
+        else:
+            message, exit_code = f"stopped by {name} at {where}: saved checkpoints/last; resume with --reload", 0
+        self.log.write(message)  # the CLI prints it
+        self.log.close()
+        raise TrainingStopped(message, exit_code)
+
     def _train_epoch(self, epoch: int) -> tuple[float, int]:
-        """One pass over this rank's shard; returns (seconds, images seen by all ranks together)."""
+        """One pass over this rank's shard, from batch `batch_in_epoch` when resumed mid-epoch; returns
+        (seconds, images seen by all ranks together)."""
         tc, loader = self.cfg.train, self.loaders["train"]
         self.train_model.train()
         set_epoch(loader, epoch)
+        start = self.batch_in_epoch
+        batches = self._data_stream(loader, start)
         # train.max_steps may end training inside this epoch
-        n_batches = min(len(loader), (self.total_steps - self.step) * tc.accum_steps)
+        n_batches = min(len(loader), start + (self.total_steps - self.step) * tc.accum_steps)
         buffer, pending_val, val_iter = BatchBuffer(self.device), [], None
-        first_batch, first_step, images = 1, self.step + 1, 0
+        self._skipped_batches, self._group_finite = set(), None
+        first_batch, first_step, images = start + 1, self.step + 1, 0
         t0 = t_flush = time.perf_counter()
         self.log.start_epoch(epoch, self.epochs, n_batches)
-        for i, (x, y) in enumerate(loader):
+        for i, (x, y) in enumerate(batches, start=start):
             if i == n_batches:
                 break
             x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
-            self._train_batch(i, n_batches, x, y, buffer)
+            stepped = self._train_batch(i, n_batches, x, y, buffer)
             images += y.shape[0]
             if tc.val_every_n_batches and (i + 1) % tc.val_every_n_batches == 0:
                 val_iter, loss_val = self._val_batch(val_iter)
                 pending_val.append((epoch, i + 1, self.step, loss_val))
-            if len(buffer) == tc.log_every or i + 1 == n_batches:
+            every = tc.checkpoint_every_n_steps
+            save_now = stepped and (every and self.step % every == 0 and i + 1 < n_batches)
+            flushed = len(buffer) == tc.log_every or i + 1 == n_batches or save_now or \
+                (stepped and self.env.world_size == 1 and self._stop_signal is not None)
+            if flushed:
                 self._flush_val(pending_val)
                 count, samples, sizes = len(buffer), buffer.samples, list(buffer.sizes)
                 records = buffer.flush(all_reduce_sum)
+                self._check_losses_finite(epoch, first_batch, records)
                 self.log.batches(epoch, first_batch, first_step, records)
                 now = time.perf_counter()
-                left = (self.total_steps - self.step) * tc.accum_steps * (now - t0) / (i + 1)
+                left = (self.total_steps - self.step) * tc.accum_steps * (now - t0) / (i + 1 - start)
                 mean = lambda key: sum(r[key] * n for r, n in zip(records, sizes)) / samples  # noqa: E731
                 self.log.update(count, epoch, self.epochs, i + 1, n_batches, mean("loss"), mean("acc"),
                                 samples * self.env.world_size / (now - t_flush), left)
                 first_batch, first_step, t_flush = i + 2, first_step + count, now
+            if stepped and i + 1 < n_batches:
+                stop = self._stop_now(flushed)
+                if stop or save_now:
+                    self.batch_in_epoch = i + 1  # a mid-epoch checkpoint: the position in the data stream
+                    if stop:
+                        self.log.end_epoch()
+                        self._stop(epoch)
+                    self._check_weights_finite()
+                    self.save("last")
         self.log.end_epoch()
         # Every rank's shard has the same size (the loaders pad), so the global count is exact.
         return time.perf_counter() - t0, images * self.env.world_size
 
-    def _train_batch(self, i: int, n_batches: int, x: torch.Tensor, y: torch.Tensor, buffer: BatchBuffer) -> None:
-        """Forward, objective and backward of micro-batch i; an optimizer step on a group's last one."""
+    def _data_stream(self, loader, start: int):
+        """The epoch's batches from batch `start`. Resumed mid-epoch, the stream is rebuilt from the RNG
+        states the epoch started with (DataLoader workers draw their seeds there), advanced past the batches
+        already trained, and the RNG states of the moment of the checkpoint are put back."""
+        if not start:
+            self._epoch_rng = rng_state()
+            return iter(loader)
+        now = rng_state()
+        set_rng_state(self._epoch_rng)
+        if hasattr(loader, "batches_from"):  # in-memory data: skip without transforming
+            batches = loader.batches_from(start)
+        else:
+            batches = iter(loader)
+            for _ in range(start):
+                next(batches)
+        set_rng_state(now)
+        return batches
+
+    def _train_batch(self, i: int, n_batches: int, x: torch.Tensor, y: torch.Tensor, buffer: BatchBuffer) -> bool:
+        """Forward, objective and backward of micro-batch i; an optimizer step on a group's last one (returns
+        whether it took one)."""
         accum = self.cfg.train.accum_steps
         group_start = i - i % accum
         group_size = min(accum, n_batches - group_start)  # the last group of an epoch may be short
@@ -321,25 +513,70 @@ class Trainer:
             ce = self.criterion(out.logits.float(), y)
             loss = ce + sum(term.float() for term in out.losses.values())
             self.scaler.scale(loss / group_size).backward()
+        if self.cfg.train.skip_nonfinite_steps:  # a device flag over the group's micro-batches, read at its step
+            finite = torch.isfinite(loss.detach())
+            self._group_finite = finite if i == group_start else self._group_finite & finite
         if step_now:
-            self._optimizer_step()
+            self._optimizer_step(range(group_start + 1, i + 2))
         hard = y.argmax(dim=-1) if y.ndim == 2 else y  # soft (mixed) targets: the dominant class
         hits = out.logits.detach().argmax(dim=1) == hard  # (B,) or, segmenting, (B, H, W) pixels
         extras = {**({"ce": ce} if out.losses else {}), **out.losses, **out.metrics}
         buffer.add(y.shape[0], loss, hits.flatten(1).float().mean(1).sum() if hits.ndim > 1 else hits.sum(),
                    self.optimizer.param_groups[0]["lr"], extras)
+        return step_now
 
-    def _optimizer_step(self) -> None:
-        if self.cfg.optim.clip_grad > 0:
+    def _optimizer_step(self, batches: range) -> None:
+        """Clip, step, schedule; under train.skip_nonfinite_steps a group whose loss or gradient norm is not
+        finite on any rank is dropped instead (the schedule still advances: it follows steps taken in time)."""
+        clip, skip = self.cfg.optim.clip_grad, self.cfg.train.skip_nonfinite_steps
+        norm = None
+        if clip > 0 or skip:
             self.scaler.unscale_(self.optimizer)
-            nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.optim.clip_grad)
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
+            norm = nn.utils.clip_grad_norm_(self.model.parameters(), clip if clip > 0 else float("inf"))
+        if skip and self._skip_step(norm, batches):
+            self.scaler.update()
+        else:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
         if self.ema is not None:
             self.ema.update_parameters(self.model)
+
+    def _skip_step(self, norm: torch.Tensor, batches: range) -> bool:
+        """Whether this step is dropped as non-finite (one host sync, agreed over ranks); too many stop the run."""
+        bad = (~self._group_finite | ~torch.isfinite(norm)).float()
+        if all_reduce_sum(bad).item() == 0:
+            return False
+        self.skipped_steps += 1
+        self._skipped_batches.update(batches)
+        limit = self.cfg.train.skip_nonfinite_steps
+        self.log.info(f"skipped step {self.step + 1}: non-finite loss or gradient norm "
+                      f"({self.skipped_steps} of at most {limit} skipped)")
+        if self.skipped_steps > limit:
+            raise TrainingDiverged(f"{self.skipped_steps} non-finite steps, more than train.skip_nonfinite_steps="
+                                   f"{limit}; the last checkpoint is intact: lower optim.lr or set optim.clip_grad")
+        return True
+
+    def _check_losses_finite(self, epoch: int, first_batch: int, records: list[dict[str, float]]) -> None:
+        """Stop at the first non-finite training loss, at a flush (values already on the host: no extra sync),
+        before anything is saved; batches of skipped steps are allowed."""
+        for batch, rec in enumerate(records, start=first_batch):
+            if not math.isfinite(rec["loss"]) and batch not in self._skipped_batches:
+                raise TrainingDiverged(
+                    f"the training loss is {rec['loss']} at epoch {epoch}, batch {batch}; stopped, the last "
+                    f"checkpoint is intact. Lower optim.lr, set optim.clip_grad=1.0, prefer train.amp=bf16 to "
+                    f"fp16, or let train.skip_nonfinite_steps=N skip rare bad batches")
+
+    def _check_weights_finite(self) -> None:
+        """One host sync per epoch: no checkpoint is written from non-finite weights (a last step can make
+        them so after its own finite loss)."""
+        params = [p.detach() for p in self.model.parameters()]
+        bad = torch.stack([(~torch.isfinite(p)).any() for p in params]).sum().float()
+        if all_reduce_sum(bad).item() > 0:  # FSDP: every rank checks its shard
+            raise TrainingDiverged(f"the weights are no longer finite after epoch {self.epoch} (step {self.step}); "
+                                   f"stopped, the last checkpoint is intact. Lower optim.lr or set optim.clip_grad=1.0")
 
     def _flush_val(self, pending: list) -> None:
         """Write buffered validation-batch losses (mean over ranks) with one device-to-host copy."""
@@ -403,11 +640,20 @@ def _atomic_write(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def _truncate_metrics(path: Path, epoch: int) -> None:
-    """Drop records of the epoch a kill interrupted; its batches are about to be replayed."""
+def _truncate_metrics(path: Path, epoch: int, step: int) -> None:
+    """Drop records after the checkpoint (epoch `epoch` complete, `step` optimizer steps): their batches are
+    about to be replayed."""
     if not path.is_file():
         return
-    kept = [line for line in path.read_text().splitlines() if json.loads(line).get("epoch", 0) <= epoch]
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:  # a line torn by a kill mid-write
+            continue
+        batch_record = record.get("kind") in ("train_batch", "val_batch")
+        if record.get("epoch", 0) <= epoch or (batch_record and record.get("step", step + 1) <= step):
+            kept.append(line)
     _atomic_write(path, "".join(line + "\n" for line in kept))
 
 
@@ -428,6 +674,7 @@ def train(cfg: Config, reload: bool = False, stream=None, local: bool = False) -
         try:
             results = trainer.fit()
         finally:  # free DDP/FSDP state, which holds the group, before the group is destroyed
+            trainer.release()
             del trainer
             gc.collect()
     if env.is_main:  # outside the group: a long upload cannot time out the other ranks' exit barrier
