@@ -368,3 +368,31 @@ def test_memory_efficient_backward_feeds_ddp_block_by_block(family, tmp_path):
     r = subprocess.run([sys.executable, "-c", DDP_GRADS_SCRIPT, family, str(tmp_path / "store")], env=clean_env(),
                        cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-2000:]
+
+
+def test_sigterm_to_the_torchrun_agent_saves_mid_run_then_reload_completes(tmp_path):
+    """torchrun forwards SIGTERM to its workers; they agree on the stop at the next metrics flush, write
+    `last` (mid-epoch) and exit cleanly, and --reload finishes the run."""
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}"]
+    args = ["-m", "vitlab", "train", "--output", str(tmp_path), *QUICK, "train.epochs=20", "train.batch_size=16",
+            "train.log_every=2"]
+    run = tmp_path / "vitlab" / "run_01"
+    job = subprocess.Popen([*torchrun, *args], env=clean_env(), cwd=ROOT, stdout=subprocess.PIPE,
+                           stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 180
+        while not (run / "metrics.jsonl").is_file() or (run / "metrics.jsonl").stat().st_size < 3000:
+            assert job.poll() is None and time.monotonic() < deadline, job.stdout.read() if job.poll() else "slow"
+            time.sleep(0.1)
+        job.send_signal(signal.SIGTERM)
+        out = job.communicate(timeout=90)[0]
+    finally:
+        if job.poll() is None:
+            job.kill()
+    assert "stopped by SIGTERM" in out, out[-3000:]
+    state = torch.load(run / "checkpoints" / "last" / "trainer_state.pt", weights_only=True)
+    assert state["step"] > 0 and len(state["rng"]) == 2 and not (run / "results.json").exists()
+    resumed = subprocess.run([*torchrun, *args, "--reload"], env=clean_env(), cwd=ROOT, capture_output=True,
+                             text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert json.loads((run / "results.json").read_text())["epochs"] == 20
