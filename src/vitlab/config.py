@@ -70,6 +70,9 @@ class OptimConfig:
     warmup_epochs: float = 0.0  # used when warmup_steps is 0
     min_lr: float = 0.0
     label_smoothing: float = 0.0
+    # segmentation: add dice_weight x the soft Dice loss (1 - mean Dice over classes, every class weighing the
+    # same) to the per-pixel cross-entropy, so that a dominant background cannot win alone
+    dice_weight: float = 0.0
     clip_grad: float = 0.0  # max global grad norm; 0 = off
     # The learning rate used is lr x (global batch / base_batch_size)^k, k = 1 (linear), 1/2 (sqrt) or 0 (none);
     # global batch = train.batch_size x world size x train.accum_steps. The run log prints the result.
@@ -352,6 +355,7 @@ def validate(cfg: Config) -> None:
         raise VitlabError(f"config key 'data.num_workers' must be >= 0, got {cfg.data.num_workers}")
     at_least_zero = {"optim.weight_decay": cfg.optim.weight_decay, "optim.momentum": cfg.optim.momentum,
                      "optim.min_lr": cfg.optim.min_lr, "optim.clip_grad": cfg.optim.clip_grad,
+                     "optim.dice_weight": cfg.optim.dice_weight,
                      "optim.warmup_steps": cfg.optim.warmup_steps, "optim.warmup_epochs": cfg.optim.warmup_epochs,
                      "data.mixup": cfg.data.mixup, "data.cutmix": cfg.data.cutmix,
                      "train.skip_nonfinite_steps": cfg.train.skip_nonfinite_steps,

@@ -1,8 +1,10 @@
 """Segmentation metrics from a confusion matrix: exact, and exact over ranks (the matrix is a sum, so one
-all-reduce of it equals a one-process evaluation; averaging per-rank scores would not be)."""
+all-reduce of it equals a one-process evaluation; averaging per-rank scores would not be); and the soft Dice
+loss that `optim.dice_weight` adds to the cross-entropy."""
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 
 def confusion(pred: torch.Tensor, target: torch.Tensor, classes: int) -> torch.Tensor:
@@ -22,3 +24,15 @@ def iou_dice(matrix: torch.Tensor) -> dict[str, float]:
     dice = 2 * tp[seen] / (2 * tp + fp + fn)[seen]
     return {"miou": iou.mean().item(), "dice": dice.mean().item(),
             "pixel_acc": (tp.sum() / matrix.sum().clamp(min=1)).item()}
+
+
+def soft_dice_loss(logits: torch.Tensor, target: torch.Tensor, eps: float = 1.0) -> torch.Tensor:
+    """1 - mean over classes of the soft Dice 2 sum(p y) / (sum(p) + sum(y)), summed over the batch's pixels
+    (logits (B, K, H, W), target (B, H, W); targets < 0 ignored). Every class weighs the same, however few its
+    pixels, which counters a dominant background; `eps` smooths classes absent from the batch."""
+    probs = logits.float().softmax(dim=1)  # (B, K, H, W)
+    keep = (target >= 0).unsqueeze(1)  # (B, 1, H, W)
+    onehot = F.one_hot(target.clamp(min=0), probs.shape[1]).permute(0, 3, 1, 2) * keep  # (B, K, H, W)
+    probs = probs * keep
+    inter, total = (probs * onehot).sum((0, 2, 3)), probs.sum((0, 2, 3)) + onehot.sum((0, 2, 3))
+    return 1 - ((2 * inter + eps) / (total + eps)).mean()

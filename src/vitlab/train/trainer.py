@@ -43,6 +43,7 @@ from .export import publish
 from .metrics import BatchBuffer, NullLogger, RunLogger
 from .optim import build_optimizer, build_scheduler, scaled_lr
 from .runlock import RunLock
+from .segmentation import soft_dice_loss
 
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
@@ -511,7 +512,10 @@ class Trainer:
                 out = as_output(self.train_model(x))
             # the objective: cross-entropy plus every auxiliary term the model returned, in fp32
             ce = self.criterion(out.logits.float(), y)
-            loss = ce + sum(term.float() for term in out.losses.values())
+            terms = dict(out.losses)
+            if self.cfg.optim.dice_weight and y.ndim == 3:  # segmentation masks (B, H, W)
+                terms["dice"] = self.cfg.optim.dice_weight * soft_dice_loss(out.logits, y)
+            loss = ce + sum(term.float() for term in terms.values())
             self.scaler.scale(loss / group_size).backward()
         if self.cfg.train.skip_nonfinite_steps:  # a device flag over the group's micro-batches, read at its step
             finite = torch.isfinite(loss.detach())
@@ -520,7 +524,7 @@ class Trainer:
             self._optimizer_step(range(group_start + 1, i + 2))
         hard = y.argmax(dim=-1) if y.ndim == 2 else y  # soft (mixed) targets: the dominant class
         hits = out.logits.detach().argmax(dim=1) == hard  # (B,) or, segmenting, (B, H, W) pixels
-        extras = {**({"ce": ce} if out.losses else {}), **out.losses, **out.metrics}
+        extras = {**({"ce": ce} if terms else {}), **terms, **out.metrics}
         buffer.add(y.shape[0], loss, hits.flatten(1).float().mean(1).sum() if hits.ndim > 1 else hits.sum(),
                    self.optimizer.param_groups[0]["lr"], extras)
         return step_now
