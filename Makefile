@@ -54,6 +54,7 @@ gdt: $(STAMP)
 	$(PY) -m vitlab sweep configs/gdt/uniform_canvas.yaml --output output/gdt_canvas/uniform
 	$(PY) -m vitlab sweep configs/gdt/gdt_canvas.yaml --output output/gdt_canvas/gdt
 	$(PY) -m vitlab sweep configs/gdt/content_canvas.yaml --output output/gdt_canvas/content
+	$(PY) -m vitlab sweep configs/gdt/segment_canvas.yaml --output output/gdt_canvas/segment
 	$(PY) bench/gdt.py output/gdt_canvas
 
 clean:

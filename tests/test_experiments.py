@@ -84,6 +84,16 @@ def test_sweep_expands_grid_times_zip_with_stable_readable_names(tmp_path):
     assert f"output.dir={tmp_path}" in args and "task_name=out" in args
 
 
+def test_zip_rows_can_be_named(tmp_path):
+    spec = write_spec(tmp_path, "grid: {model.depth: [2, 4]}\n"
+                                "zip: {name: [small, drop], model.drop_rate: [0.0, 0.1], optim.lr: [0.001, 0.003]}\n")
+    sweep = sw.load_spec(spec)
+    assert [p.name for p in sweep.points] == ["small_depth-2", "small_depth-4", "drop_depth-2", "drop_depth-4"]
+    assert sweep.points[2].overrides == {"model.drop_rate": 0.1, "optim.lr": 0.003, "model.depth": 2}
+    only = sw.load_spec(write_spec(tmp_path, "zip: {name: [a, b], optim.lr: [0.001, 0.003]}\n"))
+    assert [p.name for p in only.points] == ["a", "b"]
+
+
 @pytest.mark.parametrize("body,message", [
     ("grid: {optim.lrr: [1]}\n", "unknown config key 'optim.lrr'"),
     ("grid: {optim.lr: 3}\n", "must list one or more values"),

@@ -8,6 +8,7 @@
     zip:                               # optional: lists of one length, varied together (one more grid axis)
       model.name: [vit_micro_patch7_28, diff_vit_micro_patch7_28]
       model.embed_dim: [64, 64]
+      name: [classic, differential]    # optional: the zip rows' names (else built from their values)
 
 Runs go to <output>/<point name> (default output: output/sweeps/<spec name>), with readable, stable names
 built from the varying values: `depth-3_lr-0.001`. Every launch passes --reload, so calling the sweep again
@@ -94,11 +95,15 @@ def load_spec(path: str | Path) -> Sweep:
     if len(lengths) > 1:
         raise VitlabError(f"sweep spec '{path}': the `zip` lists must have one length, got "
                           + ", ".join(f"{k}: {len(v)}" for k, v in zipped.items()))
+    labels = [str(x) for x in zipped.pop("name", [])]  # names given to the zip rows
     zip_rows = [dict(zip(zipped, row)) for row in zip(*zipped.values())] or [{}]
     grid_rows = [dict(zip(grid, row)) for row in itertools.product(*grid.values())]
-    points = [{**z, **g} for z in zip_rows for g in grid_rows]
     short = _short_names([*zipped, *grid])
-    named = [Point(point_name(p, short), p) for p in points]
+
+    def name_of(i: int, z: dict[str, Any], g: dict[str, Any]) -> str:
+        head = labels[i] if labels else point_name(z, short, "")
+        return "_".join(filter(None, [head, point_name(g, short, "")])) or "base"
+    named = [Point(name_of(i, z, g), {**z, **g}) for i, z in enumerate(zip_rows) for g in grid_rows]
     names = [p.name for p in named]
     if len(set(names)) != len(names):
         dup = next(n for n in names if names.count(n) > 1)
@@ -116,9 +121,9 @@ def _short_names(keys: list[str]) -> dict[str, str]:
     return {k: (s if last.count(s) == 1 else k.replace(".", "_")) for k, s in zip(keys, last)}
 
 
-def point_name(values: dict[str, Any], short: dict[str, str]) -> str:
+def point_name(values: dict[str, Any], short: dict[str, str], empty: str = "base") -> str:
     parts = [f"{short[k]}-{_slug(v)}" for k, v in values.items()]
-    return "_".join(parts) or "base"
+    return "_".join(parts) or empty
 
 
 def _slug(value: Any) -> str:
