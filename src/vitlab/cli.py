@@ -49,6 +49,18 @@ class _Parser(argparse.ArgumentParser):
         raise VitlabError(f"{message} (see `{self.prog} --help`)")
 
 
+def parse(argv: list[str]) -> argparse.Namespace:
+    """Parse `argv`; `key=value` overrides may come before, between or after the flags (argparse alone takes
+    positionals in one run, so `train a=1 --reload b=2` would reject `b=2`)."""
+    args, extra = _parser().parse_known_args(argv)
+    stray = [a for a in extra if a.startswith("-") or "=" not in a or not hasattr(args, "overrides")]
+    if stray:
+        raise VitlabError(f"unrecognized arguments: {' '.join(stray)} (see `vitlab --help`)")
+    if extra:
+        args.overrides = [*args.overrides, *extra]
+    return args
+
+
 def positive_int(text: str) -> int:
     """argparse type: an integer >= 1 (a batch size, a top-k)."""
     try:
@@ -398,7 +410,7 @@ COMMANDS = {"train": cmd_train, "evaluate": cmd_evaluate, "predict": cmd_predict
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     try:
-        args = _parser().parse_args(argv)
+        args = parse(argv)
         return COMMANDS[args.command](args)
     except VitlabError as exc:
         print(f"vitlab: error: {_rank_prefix()}{exc}", file=sys.stderr)

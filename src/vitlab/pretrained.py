@@ -16,6 +16,7 @@ big_vision, all converted to our (= timm's) key layout. On the way in:
 from __future__ import annotations
 
 import math
+import pickle
 from pathlib import Path
 
 import numpy as np
@@ -47,7 +48,10 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
                     sd = sd[key]
     except VitlabError:
         raise
-    except Exception as exc:  # truncated, empty, or (weights_only) a pickle holding more than tensors
+    except pickle.UnpicklingError:  # weights_only refused it: it holds Python objects, loading could run code
+        raise VitlabError(f"pretrained file '{path}' holds Python objects besides tensors and was refused (loading "
+                          f"it could run code); convert it to .safetensors where it came from") from None
+    except Exception as exc:  # truncated or empty
         first = (str(exc).strip().splitlines() or [""])[0][:160]
         raise VitlabError(f"pretrained file '{path}' cannot be read as {suffix} ({type(exc).__name__}: {first}); "
                           f"is it complete, and a weights file?") from None

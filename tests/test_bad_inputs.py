@@ -1,0 +1,155 @@
+"""Every bad input is one line on stderr and exit code 2: no traceback, nothing written (issue 16's audit).
+
+Each case is a distinct input a careful or careless user gives; the workspace holds a small finished run and
+damaged or foreign files to point at. Adding a case here is how a new bad input is handled for good.
+"""
+import os
+import shutil
+
+import pytest
+import torch
+
+from conftest import QUICK, run_cli
+
+RUN = "vitlab/run_01"  # the finished run of the workspace, relative to it
+
+TRAIN = [  # (label, extra arguments to `vitlab train` on top of QUICK)
+    ("lr nan", ["optim.lr=nan"]), ("lr inf", ["optim.lr=inf"]), ("lr negative", ["optim.lr=-1"]),
+    ("lr zero", ["optim.lr=0"]), ("lr text", ["optim.lr=fast"]), ("weight decay negative", ["optim.weight_decay=-1"]),
+    ("betas out of range", ["optim.betas=[2,3]"]), ("betas one value", ["optim.betas=[0.9]"]),
+    ("momentum negative", ["optim.momentum=-1"]), ("label smoothing 1.5", ["optim.label_smoothing=1.5"]),
+    ("clip negative", ["optim.clip_grad=-1"]), ("warmup negative", ["optim.warmup_steps=-5"]),
+    ("unknown optimizer", ["optim.name=adam"]), ("unknown schedule", ["optim.schedule=linear"]),
+    ("min lr inf", ["optim.min_lr=inf"]), ("dice weight negative", ["optim.dice_weight=-1"]),
+    ("epochs zero", ["train.epochs=0"]), ("epochs negative", ["train.epochs=-1"]),
+    ("batch zero", ["train.batch_size=0"]), ("accum zero", ["train.accum_steps=0"]),
+    ("device tpu", ["train.device=tpu"]), ("device gibberish", ["train.device=gpu0"]),
+    ("amp fp8", ["train.amp=fp8"]), ("log every zero", ["train.log_every=0"]),
+    ("ema decay 1.5", ["train.ema_decay=1.5"]), ("timeout zero", ["train.dist_timeout=0"]),
+    ("skip steps negative", ["train.skip_nonfinite_steps=-1"]), ("eval batch zero", ["train.eval_batch_size=0"]),
+    ("unknown dataset", ["data.dataset=nope"]), ("img size negative", ["data.img_size=-8"]),
+    ("val fraction 0", ["data.val_fraction=0"]), ("test fraction 0", ["data.test_fraction=0"]),
+    ("val fraction 1.5", ["data.val_fraction=1.5"]), ("mixup negative", ["data.mixup=-1"]),
+    ("cutmix negative", ["data.cutmix=-1"]), ("workers negative", ["data.num_workers=-1"]),
+    ("unknown augment", ["data.augment=heavy"]), ("max samples negative", ["data.max_train_samples=-1"]),
+    ("unknown model", ["model.name=nope"]), ("drop rate 2", ["model.drop_rate=2"]),
+    ("drop path negative", ["model.drop_path_rate=-0.5"]), ("attn drop nan", ["model.attn_drop_rate=nan"]),
+    ("patch not dividing", ["model.patch_size=5"]), ("heads not dividing", ["model.num_heads=5"]),
+    ("unknown model key", ["model.colour=red"]), ("model arg wrong type", ["model.depth=deep"]),
+    ("lora rank negative", ["lora.rank=-1"]), ("lora dropout 1.5", ["lora.dropout=1.5"]),
+    ("empty savefile", ["output.savefile="]), ("savefile with slash", ["output.savefile=a/b"]),
+    ("savefile dot-dot", ["output.savefile=.."]), ("unknown progress", ["output.progress=fancy"]),
+    ("empty task name", ["task_name="]), ("unknown section key", ["foo.bar=1"]),
+    ("override without =", ["optim.lr"]), ("config missing", ["--config", "missing.yaml"]),
+    ("config not yaml", ["--config", "broken.yaml"]), ("config a list", ["--config", "list.yaml"]),
+    ("config section a number", ["--config", "section.yaml"]), ("epochs flag text", ["--epochs", "abc"]),
+    ("data dir a file", ["data.dataset=imagefolder", "--data_dir", "afile"]),
+    ("data dir missing", ["data.dataset=imagefolder", "--data_dir", "missing"]),
+    ("empty image folder", ["data.dataset=imagefolder", "--data_dir", "emptyfolder"]),
+    ("output a file", ["--output", "afile"]), ("pretrained missing", ["model.pretrained=missing.safetensors"]),
+    ("pretrained empty", ["model.pretrained=empty.safetensors"]),
+    ("pretrained truncated", ["model.pretrained=truncated.safetensors"]),
+    ("pretrained hostile pickle", ["model.pretrained=evil.pth"]),
+    ("pretrained of another model", ["model.pretrained=other.safetensors"]),
+    ("pretrained unknown format", ["model.pretrained=afile.txt"]),
+    ("run exists without --reload", ["--output", ".", "--savefile", "run_01"]),
+    ("resume with another lr", ["--output", ".", "--reload", "optim.lr=0.5"]),  # overrides after the flags too
+    ("resume with another model", ["model.depth=3", "--output", ".", "--reload"]),
+    ("resume a locked run", ["--output", ".", "--savefile", "locked", "--reload"]),
+    ("resume with nothing intact", ["--output", ".", "--savefile", "damaged", "--reload"]),
+]
+
+OTHER = [  # (label, full argument list)
+    ("evaluate missing checkpoint", ["evaluate", "--checkpoint", "missing"]),
+    ("evaluate empty file", ["evaluate", "--checkpoint", "empty.safetensors"]),
+    ("evaluate truncated file", ["evaluate", "--checkpoint", "truncated.safetensors"]),
+    ("evaluate foreign weights", ["evaluate", "--checkpoint", "other.safetensors"]),
+    ("evaluate damaged checkpoint", ["evaluate", "--checkpoint", "damaged/checkpoints/last"]),
+    ("evaluate batch 0", ["evaluate", "--checkpoint", RUN, "--batch-size", "0"]),
+    ("evaluate batch -1", ["evaluate", "--checkpoint", RUN, "--batch-size", "-1"]),
+    ("evaluate unknown split", ["evaluate", "--checkpoint", RUN, "--split", "dev"]),
+    ("evaluate on missing data", ["evaluate", "--checkpoint", RUN, "--dataset", "cifar100",
+                                  "--data_dir", "missing"]),
+    ("evaluate stray argument", ["evaluate", "--checkpoint", RUN, "lr=3"]),
+    ("predict missing image", ["predict", "--checkpoint", RUN, "missing.png"]),
+    ("predict a folder", ["predict", "--checkpoint", RUN, "emptyfolder"]),
+    ("predict truncated png", ["predict", "--checkpoint", RUN, "truncated.png"]),
+    ("predict a text file", ["predict", "--checkpoint", RUN, "afile.txt"]),
+    ("predict topk -1", ["predict", "--checkpoint", RUN, "--topk", "-1", "image.png"]),
+    ("predict topk 0", ["predict", "--checkpoint", RUN, "--topk", "0", "image.png"]),
+    ("collect missing", ["collect", "missing"]), ("collect no runs", ["collect", "emptyfolder"]),
+    ("collect damaged results", ["collect", "bad_results"]), ("collect damaged config", ["collect", "bad_config"]),
+    ("plot out a file", ["plot", RUN, "--out", "afile"]), ("plot nothing", ["plot"]),
+    ("report out a folder", ["report", RUN, "--out", "emptyfolder"]),
+    ("sweep spec missing", ["sweep", "missing.yaml"]), ("sweep unknown key", ["sweep", "badspec.yaml"]),
+    ("models unknown pattern", ["models", "nothing_like_this*"]), ("unknown command", ["fly"]),
+]
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    """A folder with a finished 1-epoch run and the damaged, foreign and odd files the cases point at."""
+    root = tmp_path_factory.mktemp("bad_inputs")
+    cwd = os.getcwd()
+    os.chdir(root)
+    try:
+        from vitlab.cli import main
+        assert main(["train", "--output", ".", *QUICK, "train.epochs=1"]) == 0
+        weights = (root / RUN / "checkpoints" / "last" / "model.safetensors").read_bytes()
+        (root / "afile").write_text("x")
+        (root / "afile.txt").write_text("not weights")
+        (root / "empty.safetensors").write_bytes(b"")
+        (root / "truncated.safetensors").write_bytes(weights[: len(weights) // 2])
+        (root / "broken.yaml").write_text("model: [unclosed\n")
+        (root / "list.yaml").write_text("- a\n- b\n")
+        (root / "section.yaml").write_text("model: 5\n")
+        (root / "badspec.yaml").write_text(f"base: {root / RUN / 'config.yaml'}\ngrids: {{}}\n")
+        (root / "emptyfolder").mkdir()
+        from safetensors.torch import save_file
+        save_file({"fc.weight": torch.zeros(3, 3)}, root / "other.safetensors")
+
+        class Evil:
+            def __reduce__(self):
+                return (os.system, ("touch pwned",))
+        torch.save({"w": Evil()}, root / "evil.pth")
+        from PIL import Image
+        Image.new("L", (40, 30), 200).save(root / "image.png")
+        (root / "truncated.png").write_bytes((root / "image.png").read_bytes()[:50])
+        for name in ("bad_results", "bad_config"):
+            shutil.copytree(root / RUN, root / name)
+        (root / "bad_results" / "results.json").write_text("{torn")
+        (root / "bad_config" / "config.yaml").write_text("model: [unclosed\n")
+        shutil.copytree(root / RUN, root / "vitlab" / "damaged")
+        for ckpt in ("last", "best"):
+            (root / "vitlab" / "damaged" / "checkpoints" / ckpt / "trainer_state.pt").write_bytes(b"")
+        (root / "damaged").symlink_to(root / "vitlab" / "damaged")
+        shutil.copytree(root / RUN, root / "vitlab" / "locked")
+        from vitlab.train.runlock import RunLock
+        lock = RunLock(root / "vitlab" / "locked")  # held by this process: a live writer
+        yield root
+        lock.release()
+    finally:
+        os.chdir(cwd)
+
+
+def snapshot(root):
+    return sorted((str(p.relative_to(root)), p.stat().st_size) for p in root.rglob("*")
+                  if ".lock" not in p.name and "tb" not in p.parts)
+
+
+@pytest.mark.parametrize("label, argv", [(label, ["train", *QUICK, *extra]) for label, extra in TRAIN] + OTHER,
+                         ids=[label for label, _ in TRAIN + OTHER])
+def test_bad_input_is_one_line_and_exit_2(workspace, capsys, monkeypatch, label, argv):
+    monkeypatch.chdir(workspace)
+    before = snapshot(workspace)
+    code, out, err = run_cli(argv, capsys)
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and lines[0].startswith("vitlab: error: "), (label, err[-2000:])
+    assert "Traceback" not in out + err
+    assert snapshot(workspace) == before, "a refused input wrote nothing"
+    assert not (workspace / "pwned").exists()
+
+
+def test_the_audit_counts_its_cases():
+    """The closing note quotes this count: distinct inputs tried (each a test above)."""
+    assert len(TRAIN) + len(OTHER) == len({label for label, _ in TRAIN + OTHER}) >= 100
