@@ -57,7 +57,7 @@ def test_divergence_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path):
     trainer = Trainer(quick(tmp_path, "train.epochs=3"))
     steps = trainer.steps_per_epoch
     poison_from(trainer, steps + 3)  # epoch 2 turns to NaN
-    with pytest.raises(TrainingDiverged, match="epoch 2, batch 4"):
+    with pytest.raises(TrainingDiverged, match=rf"epoch 2, batch 4 \(step {steps + 4}\)"):
         trainer.fit()
     last = trainer.run_dir / "checkpoints" / "last"
     state = torch.load(last / "trainer_state.pt", weights_only=True)

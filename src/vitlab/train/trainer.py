@@ -460,7 +460,7 @@ class Trainer:
                 self._flush_val(pending_val)
                 count, samples, sizes = len(buffer), buffer.samples, list(buffer.sizes)
                 records = buffer.flush(all_reduce_sum)
-                self._check_losses_finite(epoch, first_batch, records)
+                self._check_losses_finite(epoch, first_batch, first_step, records)
                 self.log.batches(epoch, first_batch, first_step, records)
                 now = time.perf_counter()
                 left = (self.total_steps - self.step) * tc.accum_steps * (now - t0) / (i + 1 - start)
@@ -563,15 +563,17 @@ class Trainer:
                                    f"{limit}; the last checkpoint is intact: lower optim.lr or set optim.clip_grad")
         return True
 
-    def _check_losses_finite(self, epoch: int, first_batch: int, records: list[dict[str, float]]) -> None:
+    def _check_losses_finite(self, epoch: int, first_batch: int, first_step: int,
+                             records: list[dict[str, float]]) -> None:
         """Stop at the first non-finite training loss, at a flush (values already on the host: no extra sync),
         before anything is saved; batches of skipped steps are allowed."""
-        for batch, rec in enumerate(records, start=first_batch):
+        for i, rec in enumerate(records):
+            batch = first_batch + i
             if not math.isfinite(rec["loss"]) and batch not in self._skipped_batches:
                 raise TrainingDiverged(
-                    f"the training loss is {rec['loss']} at epoch {epoch}, batch {batch}; stopped, the last "
-                    f"checkpoint is intact. Lower optim.lr, set optim.clip_grad=1.0, prefer train.amp=bf16 to "
-                    f"fp16, or let train.skip_nonfinite_steps=N skip rare bad batches")
+                    f"the training loss is {rec['loss']} at epoch {epoch}, batch {batch} (step {first_step + i}); "
+                    f"stopped, the last checkpoint is intact. Lower optim.lr, set optim.clip_grad=1.0, prefer "
+                    f"train.amp=bf16 to fp16, or let train.skip_nonfinite_steps=N skip rare bad batches")
 
     def _check_weights_finite(self) -> None:
         """One host sync per epoch: no checkpoint is written from non-finite weights (a last step can make
