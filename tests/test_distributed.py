@@ -184,8 +184,8 @@ def test_two_ranks_equal_one_process_with_double_batch(single, tmp_path, strateg
     assert res["test_samples"] == ref_res["test_samples"] == 25
     assert res["test_top1"] == ref_res["test_top1"]
     assert res["test_loss"] == pytest.approx(ref_res["test_loss"], abs=1e-5)
-    assert sorted(p.name for p in run.iterdir()) == ["checkpoints", "config.yaml", "metrics.jsonl", "results.json",
-                                                     "train.log"]
+    assert sorted(p.name for p in run.iterdir()) == [".lock", "checkpoints", "config.yaml", "metrics.jsonl",
+                                                     "results.json", "train.log"]
     # --reload of the finished run loads the (possibly sharded) weights and optimizer back and re-tests.
     again = launch_slurm(2, train_args(tmp_path, "two", batch, *extra, "--reload"), slurm_job_id())
     assert all(r.returncode == 0 for r in again), again[0].stderr[-2000:] + again[1].stderr[-2000:]

@@ -330,7 +330,7 @@ def test_a_real_sigterm_then_reload_equals_the_uninterrupted_run(tmp_path):
     (["model.drop_path_rate=1.5"], "model.drop_path_rate' is a probability"),
     (["train.device=tpu"], "train.device 'tpu'"),
     (["model.pretrained=empty.safetensors"], "cannot be read as .safetensors"),
-    (["model.pretrained=evil.pth"], "cannot be read as .pth"),
+    (["model.pretrained=evil.pth"], "holds Python objects besides tensors"),
     (["data.dataset=imagefolder", "data.data_dir=afile"], "is a file, not a folder"),
     (["--output", "afile"], "a file is in the way"),
 ])

@@ -578,7 +578,8 @@ class Trainer:
     def _check_weights_finite(self) -> None:
         """One host sync per epoch: no checkpoint is written from non-finite weights (a last step can make
         them so after its own finite loss)."""
-        params = [p.detach() for p in self.model.parameters()]
+        # FSDP's parameters are DTensors: each rank checks its own shard, then one sum over ranks
+        params = [p.detach().to_local() if hasattr(p, "to_local") else p.detach() for p in self.model.parameters()]
         bad = torch.stack([(~torch.isfinite(p)).any() for p in params]).sum().float()
         if all_reduce_sum(bad).item() > 0:  # FSDP: every rank checks its shard
             raise TrainingDiverged(f"the weights are no longer finite after epoch {self.epoch} (step {self.step}); "
