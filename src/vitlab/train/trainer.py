@@ -550,6 +550,7 @@ class Trainer:
 
     def _skip_step(self, norm: torch.Tensor, batches: range) -> bool:
         """Whether this step is dropped as non-finite (one host sync, agreed over ranks); too many stop the run."""
+        norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # FSDP: a DTensor
         bad = (~self._group_finite | ~torch.isfinite(norm)).float()
         if all_reduce_sum(bad).item() == 0:
             return False
