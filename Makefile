@@ -3,7 +3,7 @@ PY      := .venv/bin/python
 STAMP   := .venv/.installed
 PYTEST  ?= $(PY) -m pytest
 
-.PHONY: demo test test-slow bench clean seed002 seed003 seed004 resvit gdt
+.PHONY: demo test test-slow test-gpu bench clean seed002 seed003 seed004 resvit gdt
 
 $(STAMP): pyproject.toml constraints.txt
 	python3 -m venv .venv
@@ -19,6 +19,9 @@ test: $(STAMP)
 
 test-slow: $(STAMP)
 	$(PYTEST) -q -m slow
+
+test-gpu: $(STAMP)
+	$(PYTEST) -q -m gpu
 
 bench: $(STAMP)
 	$(PY) bench/throughput.py

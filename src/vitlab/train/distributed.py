@@ -28,6 +28,7 @@ import torch.distributed as dist
 from torch import nn
 
 from ..errors import VitlabError
+from ..layers.reversible import InvertibleStack
 
 
 @dataclass(frozen=True)
@@ -192,7 +193,8 @@ def _fully_shard():
 
 def parallelize(model: nn.Module, device: torch.device, strategy: str, compile: bool) -> nn.Module:
     """The module the training loop calls. DDP wraps the model and torch.compile wraps DDP (the order torch's
-    DDP notes ask for, so Dynamo splits graphs at DDP's gradient buckets). FSDP2 shards every
+    DDP notes ask for, so Dynamo splits graphs at DDP's gradient buckets); invertible stacks are compiled
+    per block instead (`compile_blocks_regionally`). FSDP2 shards every
     transformer block and then the root, as torchtitan does. `model` itself stays the plain module that
     checkpoints and evaluation use."""
     if strategy == "fsdp":
@@ -220,7 +222,23 @@ def parallelize(model: nn.Module, device: torch.device, strategy: str, compile: 
         wrapped = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     else:
         wrapped = model
-    return torch.compile(wrapped) if compile else wrapped
+    if not compile:
+        return wrapped
+    if isinstance(model, InvertibleStack):
+        compile_blocks_regionally(model)
+        return wrapped
+    return torch.compile(wrapped)
+
+
+def compile_blocks_regionally(model: nn.Module) -> None:
+    """torch.compile each block's attention and MLP in place (parameter names unchanged). An invertible
+    stack's memory-saving backward rebuilds activations inside a custom autograd Function with its own
+    `autograd.grad` calls, which Dynamo cannot trace as one graph; the branches it evaluates can be, and they
+    are where the FLOPs are. Dropout replay holds: a compiled branch draws its random seed from the stream
+    the stack forks and re-seeds for each branch."""
+    for block in model.blocks:
+        block.attn.compile()
+        block.mlp.compile()
 
 
 def no_sync(wrapped: nn.Module, sync: bool):
