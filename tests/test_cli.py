@@ -24,7 +24,7 @@ ERRORS = [
     (["train", "--config", "{cfg}", "model.img_size=9"], "image size 9 is not divisible by patch size 2"),
     (["train", "--config", "{cfg}", "model.embed_dim=102"], "embed_dim 102 is not divisible by num_heads 4"),
     (["train", "--config", "{cfg}", "model.class_token=false"], "set model.global_pool=avg or model.class_token=true"),
-    (["train", "--config", "{cfg}", "--epochs", "x"], "argument --epochs: invalid int value: 'x'"),
+    (["train", "--config", "{cfg}", "--epochs", "x"], "argument --epochs/--n_epochs: invalid int value: 'x'"),
     (["train", "--bogus"], "unrecognized arguments: --bogus"),
     (["evaluate", "--checkpoint", "{tmp}/nothing"], "no checkpoint at"),
     (["predict", "--checkpoint", "{tmp}/nothing", "a.png"], "no checkpoint at"),

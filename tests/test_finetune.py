@@ -162,30 +162,6 @@ def test_max_steps_with_onecycle_and_a_lora_run_writes_adapter_and_merged_weight
         run_cli(["evaluate", "--checkpoint", run], capsys)[1])["top1"], abs=0.02)
 
 
-@pytest.mark.parametrize("flags, expected", [
-    (["--dataset", "CIFAR100", "--model-arch", "b16", "--batch-size", "32", "--lr", "0.03"],
-     {"model.name": "vit_base_patch16_224", "data.dataset": "cifar100", "optim.name": "sgd", "optim.lr": 0.03,
-      "optim.schedule": "onecycle", "train.max_steps": 15000, "train.batch_size": 32, "lora.rank": 0}),
-    (["--dataset", "CIFAR100", "--model-arch", "b16", "--use-reslr", "True", "--dynamic-active-target", "0.4"],
-     {"model.name": "resvit_base_patch16_224", "model.active_target": 0.4, "optim.name": "adamw",
-      "optim.lr": 1e-4, "lora.rank": 8, "data.normalization": "half", "data.img_size": 224}),
-])
-def test_seed001_command_lines_resolve_to_its_recipe(flags, expected, monkeypatch, capsys):
-    """Seed 001's README commands with only the program name changed (training is stopped before it starts)."""
-    import vitlab.train as vt
-    seen = {}
-    monkeypatch.setattr(vt, "train", lambda cfg, **_: seen.setdefault("cfg", cfg))
-    code, _, err = run_cli(["train", *flags], capsys)
-    assert code == 0, err
-    assert "seed 001 flags as config" in err
-    cfg = seen["cfg"]
-    for key, value in expected.items():
-        section, name = key.split(".")
-        got = cfg.model.args.get(name, getattr(cfg.model, name, None)) if section == "model" else \
-            getattr(getattr(cfg, section), name)
-        assert got == value, key
-
-
 def test_dataset_names_ignore_case_and_dashes():
     for spelling in ("CIFAR-100", "CIFAR100", "cifar_100", "Cifar100"):
         assert vitlab.load_config(None, [f"data.dataset={spelling}"]).data.dataset == "cifar100"

@@ -11,38 +11,8 @@ import json
 import sys
 from pathlib import Path
 
+from .compat import BOOL_WORDS, flag_bool
 from .errors import TrainingStopped, VitlabError
-
-TRAIN_FLAGS = {  # flag dest -> config key (seed 000's and seed 001/002's flags)
-    "data_dir": "data.data_dir", "output": "output.dir", "savefile": "output.savefile",
-    "num_workers": "data.num_workers", "model": "model.name", "dataset": "data.dataset",
-    "epochs": "train.epochs", "batch_size": "train.batch_size", "lr": "optim.lr",
-}
-
-
-#: seed 001's defaults, applied when its flags (--model-arch) are used without --config: `src/train.py`
-#: fine-tunes with SGD + OneCycle for 15,000 steps; `res-vit/train.py` (--use-reslr True) with AdamW + cosine,
-#: clipping and LoRA (ROUTED_AND_ADAPTIVE.md B.2, B.4). configs/finetune/ holds the same recipes as YAML.
-SEED001_VIT = {"data": {"img_size": 224, "normalization": "half"},
-               "optim": {"name": "sgd", "lr": 0.03, "momentum": 0.9, "weight_decay": 0.0, "schedule": "onecycle",
-                         "warmup_steps": 500},
-               "train": {"max_steps": 15000, "batch_size": 32}}
-SEED001_RESVIT = {"data": {"img_size": 224, "normalization": "half"},
-                  "optim": {"name": "adamw", "lr": 1e-4, "weight_decay": 0.05, "schedule": "cosine",
-                            "warmup_steps": 500, "clip_grad": 1.0},
-                  "train": {"max_steps": 15000, "batch_size": 32}, "lora": {"rank": 8}}
-SEED001_FLAGS = {"dynamic_active_target": "model.active_target", "dynamic_start_layer": "model.dynamic_start_layer",
-                 "block_size": "model.block_size", "lora_rank": "lora.rank", "train_steps": "train.max_steps",
-                 "warmup_steps": "optim.warmup_steps", "checkpoint_path": "model.pretrained"}
-
-
-def flag_bool(text: str) -> bool:
-    """Boolean flag values as the seeds write them: True/true/1/yes, False/false/0/no."""
-    value = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}.get(text.lower())
-    if value is None:
-        raise argparse.ArgumentTypeError(f"expected True or False, got {text!r}")
-    return value
-
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str):  # argparse prints usage + error; we print one line
@@ -52,6 +22,11 @@ class _Parser(argparse.ArgumentParser):
 def parse(argv: list[str]) -> argparse.Namespace:
     """Parse `argv`; `key=value` overrides may come before, between or after the flags (argparse alone takes
     positionals in one run, so `train a=1 --reload b=2` would reject `b=2`)."""
+    # `--upload` alone means true; a value after it is read only when it is a boolean word (`--upload true`)
+    argv = [*argv]
+    for i, a in enumerate(argv):
+        if a == "--upload" and (i + 1 == len(argv) or argv[i + 1].lower() not in BOOL_WORDS):
+            argv.insert(i + 1, "true")
     args, extra = _parser().parse_known_args(argv)
     stray = [a for a in extra if a.startswith("-") or "=" not in a or not hasattr(args, "overrides")]
     if stray:
@@ -86,13 +61,20 @@ def _parser() -> argparse.ArgumentParser:
                    help="train in this one process even under torchrun/srun (seed 000's fallback; other ranks exit)")
     t.add_argument("--num_workers", "--num-workers", type=int, help="data loader workers (data.num_workers, default 8)")
     t.add_argument("--model", help="model name (model.name); `vitlab models` lists them")
-    t.add_argument("--dataset", help="dataset name (data.dataset)")
-    t.add_argument("--epochs", type=int, help="train.epochs")
-    t.add_argument("--batch-size", "--batch_size", dest="batch_size", type=int, help="train.batch_size")
+    t.add_argument("--dataset", help="dataset name (data.dataset; any case, dashes optional: CIFAR-100)")
+    t.add_argument("--epochs", "--n_epochs", dest="epochs", type=int, help="train.epochs")
+    t.add_argument("--batch-size", "--batch_size", "--bs", dest="batch_size", type=int, help="train.batch_size")
     t.add_argument("--lr", type=float, help="optim.lr")
-    t.add_argument("--upload", action="store_true",
+    t.add_argument("--upload", type=flag_bool, metavar="BOOL",
                    help="upload the final weights and logs to HF_REPOSITORY (token: HF_TOKEN; env or .env)")
-    s1 = t.add_argument_group("seed 001's flags (ViT / Res-ViT fine-tuning; without --config they bring its recipe)")
+    s2 = t.add_argument_group("classic vs differential ViT (`run.py train`; without --config they bring its recipe)")
+    s2.add_argument("--size", help="10B, 25B or 50B with --model vit_classic|vit_differential (a bare pixel "
+                                   "count, as in --size 32, sets data.img_size)")
+    s3 = t.add_argument_group("small-dataset ViTs (`train_cifar10.py`; without --config they bring its recipe)")
+    s3.add_argument("--net", help="vit_small, vit_small_reverse, vit_small_bdia, vit_small_momentum (model.name)")
+    s3.add_argument("--noamp", action="store_true", help="train.amp=none")
+    s3.add_argument("--resume", dest="reload", action="store_true", help="same as --reload")
+    s1 = t.add_argument_group("ViT / Res-ViT fine-tuning (`train.py`; without --config they bring its recipe)")
     s1.add_argument("--model-arch", "--model_arch", dest="model_arch", help="b16, b32, l16, l32, h14 (model.name)")
     s1.add_argument("--use-reslr", "--use_reslr", dest="use_reslr", type=flag_bool, metavar="BOOL",
                     help="Res-ViT: token routers and low-rank approximators (resvit_* of the same size)")
@@ -110,8 +92,12 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. optim.lr=3e-4")
 
     e = sub.add_parser("evaluate", help="loss, top-1 and top-5 of a checkpoint on a dataset split (JSON)")
-    e.add_argument("--checkpoint", "--checkpoint-path", "--checkpoint_path", dest="checkpoint", required=True,
+    e.add_argument("--checkpoint", "--checkpoint-path", "--checkpoint_path", dest="checkpoint",
                    help="run dir, checkpoint dir or model.safetensors")
+    e.add_argument("--model", help="with --size: the newest weights `vitlab train --model M --size S --dataset D` "
+                                   "wrote (vit_classic, vit_differential), found under --output")
+    e.add_argument("--size", help="10B, 25B or 50B (with --model)")
+    e.add_argument("--output", default="./output", help="where to look for --model's weights (default ./output)")
     e.add_argument("--dataset", help="dataset name (default: the one it was trained on)")
     e.add_argument("--data_dir", "--data-dir", help="dataset folder")
     e.add_argument("--split", choices=("train", "val", "test"), default="test")
@@ -166,37 +152,20 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def cmd_train(args) -> int:
+    from .compat import translate_train
     from .config import parse_override, read_yaml
     from .resolve import build
     from .train import train
 
-    tree = read_yaml(args.config) if args.config else {}
-    overrides = [(key, getattr(args, dest)) for dest, key in TRAIN_FLAGS.items() if getattr(args, dest) is not None]
-    seed001 = _seed001(args)
-    if (seed001 or args.use_reslr is not None) and not args.config:
-        tree = SEED001_RESVIT if args.use_reslr else SEED001_VIT
-    overrides += seed001
-    overrides += [parse_override(o) for o in args.overrides]
-    if args.upload:
-        overrides.append(("output.upload", True))
+    translation = translate_train(args)
+    tree = read_yaml(translation.recipe) if translation.recipe else translation.tree or {}
+    overrides = translation.overrides + [parse_override(o) for o in args.overrides]
+    command = translation.command() + "".join(f" {o}" for o in args.overrides)
     cfg = build(tree, overrides)
-    train(cfg, reload=args.reload, local=args.local)
+    if translation.translated:  # a project's own command line: show what it stands for
+        print(f"vitlab: as config: {command}", file=sys.stderr)
+    train(cfg, reload=args.reload, local=args.local, command=command)
     return 0
-
-
-def _seed001(args) -> list[tuple[str, object]]:
-    """Seed 001's flags as (key, value) overrides, also printed as the equivalent key=value form."""
-    from .registry import resolve_name
-
-    out = [(key, getattr(args, dest)) for dest, key in SEED001_FLAGS.items() if getattr(args, dest) is not None]
-    if args.model_arch:
-        name = resolve_name(args.model_arch)
-        out.append(("model.name", name.replace("vit_", "resvit_", 1) if args.use_reslr else name))
-    if args.use_lora is not None and args.lora_rank is None:
-        out.append(("lora.rank", 8 if args.use_lora else 0))
-    if out or args.use_reslr is not None:
-        print("vitlab: seed 001 flags as config: " + " ".join(f"{k}={v}" for k, v in out), file=sys.stderr)
-    return out
 
 
 def cmd_evaluate(args) -> int:
@@ -209,6 +178,12 @@ def cmd_evaluate(args) -> int:
     from .train import evaluate, load_checkpoint
     from .train.distributed import DistEnv, resolve_device
 
+    if args.checkpoint is None:
+        if args.model is None:
+            raise VitlabError("evaluate needs --checkpoint PATH (a run, checkpoint dir or .safetensors), or --model "
+                              "with --size and --dataset to find that run's weights")
+        from .compat import find_by_architecture_weights
+        args.checkpoint = find_by_architecture_weights(args.output, args.model, args.size, args.dataset)
     model, cfg, _ = load_checkpoint(args.checkpoint)
     cfg = dataclasses.replace(cfg, data=dataclasses.replace(
         cfg.data, dataset=args.dataset or cfg.data.dataset, data_dir=args.data_dir or cfg.data.data_dir))

@@ -150,8 +150,10 @@ class Trainer:
     """Trains one run. Under data parallelism every rank builds its own Trainer with its `DistEnv`; only
     rank 0 writes the run directory, and every value it logs is reduced over ranks."""
 
-    def __init__(self, cfg: Config, reload: bool = False, stream=None, env: DistEnv | None = None):
+    def __init__(self, cfg: Config, reload: bool = False, stream=None, env: DistEnv | None = None,
+                 command: str | None = None):
         self.env = env or DistEnv()
+        self.command = command
         self.run_dir = cfg.run_dir
         created = next((p for p in [self.run_dir, *self.run_dir.parents][::-1] if not p.exists()), None)
         self.lock = RunLock(self.run_dir) if self.env.is_main else None  # one writer per run directory
@@ -248,6 +250,8 @@ class Trainer:
             _truncate_metrics(self.run_dir / "metrics.jsonl", self.epoch, self.step)
         _atomic_write(self.run_dir / "config.yaml", cfg.dump())
         log = RunLogger(self.run_dir, cfg.output.tensorboard, cfg.output.progress, append=resumed, stream=stream)
+        if self.command:
+            log.info(f"command: {self.command}")
         backend = torch.distributed.get_backend() if env.launcher != "none" else "none"
         sizes = {k: len(v) for k, v in self.data.splits.items()}
         log.info(f"run {self.run_dir} | model {self.model.vitlab_name} ({self.params / 1e6:.2f}M params, "
@@ -665,9 +669,11 @@ def _truncate_metrics(path: Path, epoch: int, step: int) -> None:
     _atomic_write(path, "".join(line + "\n" for line in kept))
 
 
-def train(cfg: Config, reload: bool = False, stream=None, local: bool = False) -> dict[str, Any]:
+def train(cfg: Config, reload: bool = False, stream=None, local: bool = False,
+          command: str | None = None) -> dict[str, Any]:
     """Train `cfg` to the end (resuming when `reload`), test, and return results.json's content; then, on
-    rank 0, write the export layout and upload the run when asked.
+    rank 0, write the export layout and upload the run when asked. `command`: the vitlab command line the run
+    stands for, logged first (a translated seed command shows its equivalent).
 
     Under torchrun or srun this process joins the job's group (see `distributed.detect`); `local=True`
     (the `--local` flag) trains in one process even there, on rank 0, while other ranks step aside."""
@@ -678,7 +684,7 @@ def train(cfg: Config, reload: bool = False, stream=None, local: bool = False) -
     hub = hub_target(need_token=True) if cfg.output.upload and env.is_main else None
     device = resolve_device(cfg.train.device, env)
     with process_group(env, device, cfg.train.dist_timeout):
-        trainer = Trainer(cfg, reload=reload, stream=stream, env=env)
+        trainer = Trainer(cfg, reload=reload, stream=stream, env=env, command=command)
         try:
             results = trainer.fit()
         finally:  # free DDP/FSDP state, which holds the group, before the group is destroyed
