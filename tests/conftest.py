@@ -27,8 +27,8 @@ def run_cli(argv, capsys):
     return code, out.out, out.err
 
 
-def run_subprocess(args, **kw):
-    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+def run_subprocess(args, env_extra=None, **kw):
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), **(env_extra or {})}
     return subprocess.run([sys.executable, *map(str, args)], capture_output=True, text=True, env=env, cwd=ROOT, **kw)
 
 

@@ -15,8 +15,12 @@ COMMIT = "c" * 40
 
 
 class FakeHub:
-    def __init__(self, repo: str = "alice/vits", files: dict[str, bytes] | None = None, down: bool = False):
+    """One repository; `repo_type="dataset"` serves it as a dataset repository (what `datasets` reads)."""
+
+    def __init__(self, repo: str = "alice/vits", files: dict[str, bytes] | None = None, down: bool = False,
+                 repo_type: str = "model"):
         self.repo, self.files, self.down = repo, dict(files or {}), down
+        self.kind = "datasets" if repo_type == "dataset" else "models"
         self.requests: list[httpx2.Request] = []
         self.commits: list[dict] = []
 
@@ -35,9 +39,10 @@ class FakeHub:
         if self.down:
             raise httpx2.ConnectError("[Errno 111] Connection refused", request=request)
         path = request.url.path
-        api = f"/api/models/{self.repo}"
-        if not path.startswith((api, f"/{self.repo}/")):
-            if path.startswith("/api/models/") or re.match(r"^/[^/]+/[^/]+/resolve/", path):
+        api = f"/api/{self.kind}/{self.repo}"
+        files_at = f"/{self.repo}/" if self.kind == "models" else f"/datasets/{self.repo}/"
+        if not path.startswith((api, files_at)):
+            if path.startswith(f"/api/{self.kind}/") or re.match(r"^(/datasets)?/[^/]+/[^/]+/resolve/", path):
                 return httpx2.Response(404, headers={"X-Error-Code": "RepoNotFound"},
                                        json={"error": "Repository not found"})
             return httpx2.Response(404, json={"error": "not here"})
@@ -57,18 +62,36 @@ class FakeHub:
             self.commits.append(commit)
             return httpx2.Response(200, json={"commitUrl": f"https://huggingface.co/{self.repo}/commit/{COMMIT}",
                                               "commitOid": COMMIT, "pullRequestUrl": None})
-        if path.startswith(f"{api}/tree/main"):
-            return httpx2.Response(200, json=[{"type": "file", "path": p, "size": len(b), "oid": _sha(b)}
-                                              for p, b in sorted(self.files.items())])
-        prefix = f"/{self.repo}/resolve/main/"
-        if path.startswith(prefix):
-            name = path[len(prefix):]
+        if path in (api, f"{api}/revision/main", f"{api}/revision/{COMMIT}"):
+            return httpx2.Response(200, json={"id": self.repo, "sha": COMMIT, "private": False,
+                                              "siblings": [{"rfilename": p} for p in sorted(self.files)]})
+        tree = re.match(rf"^{api}/tree/(main|{COMMIT})/?(.*)$", path)
+        if tree:  # one folder's entries (`recursive=true`: everything below it)
+            return httpx2.Response(200, json=self._tree(tree.group(2), request.url.params.get("recursive")))
+        resolve = re.match(rf"^{files_at}resolve/(main|{COMMIT})/(.*)$", path)
+        if resolve:
+            name = resolve.group(2)
             if name not in self.files:
-                return httpx2.Response(404, headers={"X-Error-Code": "EntryNotFound"}, json={"error": "no entry"})
+                return httpx2.Response(404, headers={"X-Error-Code": "EntryNotFound", "X-Repo-Commit": COMMIT},
+                                       json={"error": "no entry"})
             body = self.files[name]
             headers = {"X-Repo-Commit": COMMIT, "ETag": f'"{_sha(body)}"', "Content-Length": str(len(body))}
             return httpx2.Response(200, headers=headers, content=b"" if request.method == "HEAD" else body)
         return httpx2.Response(404, json={"error": f"unhandled {request.method} {path}"})
+
+
+    def _tree(self, folder: str, recursive) -> list[dict]:
+        prefix = f"{folder.strip('/')}/" if folder.strip("/") else ""
+        below = [p for p in sorted(self.files) if p.startswith(prefix)]
+        if recursive in ("true", "True", "1"):
+            dirs = sorted({"/".join(p.split("/")[:i]) for p in below for i in range(prefix.count("/") + 1,
+                                                                                  p.count("/") + 1)})
+            files = below
+        else:
+            dirs = sorted({prefix + p[len(prefix):].split("/")[0] for p in below if "/" in p[len(prefix):]})
+            files = [p for p in below if "/" not in p[len(prefix):]]
+        return ([{"type": "directory", "path": d, "oid": "0" * 40} for d in dirs]
+                + [{"type": "file", "path": p, "size": len(self.files[p]), "oid": _sha(self.files[p])} for p in files])
 
 
 def _sha(data: bytes) -> str:

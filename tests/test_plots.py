@@ -11,14 +11,16 @@ from test_experiments import fake_run, family  # noqa: F401  (fixture)
 from vitlab.experiments import find_runs
 from vitlab.plots import (accuracy_figure, all_run_figures, fit_power_law, loss_figures, overlay_figure,
                           params_figure, save, scaling_figures)
-from vitlab.plots.common import plt
 from vitlab.plots.predictions import confusion_figure, prediction_figures, sample_grid_figure
 
 
-@pytest.fixture(autouse=True)
-def close_figures():
-    yield
-    plt.close("all")
+def test_figures_stay_outside_pyplot(family):  # noqa: F811
+    """No figure is registered with pyplot: nothing accumulates over a sweep, and a notebook shows a figure
+    only where it is returned."""
+    import matplotlib.pyplot as plt
+    before = plt.get_fignums()
+    figures = all_run_figures(find_runs([family]))
+    assert figures and plt.get_fignums() == before
 
 
 def assert_drawn(path, min_bytes=5_000):

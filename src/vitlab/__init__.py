@@ -18,5 +18,18 @@ def load_config(path=None, overrides=()):
     return load(path, overrides)
 
 
-__all__ = ["VitlabError", "__version__", "create_model", "list_models", "load_config", "load_pretrained",
-           "register_model"]
+def compare(configs, epochs=None, output="output/compare", **overrides):
+    """Train several configs on the same data and budget; a Comparison (see `vitlab.api.compare`)."""
+    from .api import compare as _compare
+    return _compare(configs, epochs, output, **overrides)
+
+
+def __getattr__(name):
+    if name == "train":  # `vitlab.train(config, **overrides)`: the training package, callable (vitlab.api.train)
+        import importlib
+        return importlib.import_module(".train", __name__)  # importing sets the attribute: asked once
+    raise AttributeError(f"module 'vitlab' has no attribute {name!r}")
+
+
+__all__ = ["VitlabError", "__version__", "compare", "create_model", "list_models", "load_config", "load_pretrained",
+           "register_model", "train"]

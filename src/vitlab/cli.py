@@ -136,6 +136,7 @@ def _parser() -> argparse.ArgumentParser:
     cp.add_argument("configs", nargs="+", metavar="CONFIG")
     cp.add_argument("--epochs", type=positive_int, help="the same epoch budget for every model")
     cp.add_argument("--output", default="output/compare", help="folder of the runs and compare.{md,csv}")
+    cp.set_defaults(overrides=[])  # key=value after the configs: the same overrides for every model
 
     r = sub.add_parser("report", help="one self-contained HTML page: the collect table and every plot")
     r.add_argument("dirs", nargs="+", metavar="DIR")
@@ -308,10 +309,12 @@ def cmd_plot(args) -> int:
 
 
 def cmd_compare(args) -> int:
+    from .config import parse_override
     from .experiments.compare import comparison_outputs, run_comparison
 
     root = Path(args.output)
-    runs = run_comparison(args.configs, args.epochs, root)
+    overrides = dict(parse_override(o) for o in args.overrides)
+    runs = run_comparison(args.configs, args.epochs, root, overrides)
     print(comparison_outputs(runs, root))
     print(f"\nruns in {root}; table also in {root / 'compare.md'} and {root / 'compare.csv'}")
     return 0
@@ -321,13 +324,10 @@ def cmd_report(args) -> int:
     from .experiments.report import build_report
     from .experiments.runs import find_runs
     from .plots import all_run_figures
-    from .plots.common import plt
 
     runs = find_runs(args.dirs)
     figures = all_run_figures(runs)
     page = build_report(runs, figures, args.title)
-    for fig in figures.values():
-        plt.close(fig)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(page)

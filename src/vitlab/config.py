@@ -34,7 +34,7 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    dataset: str = "digits"
+    dataset: str = "digits"  # a registered name (`vitlab.data.dataset_names()`) or hf:<repo | folder | parquet>
     data_dir: str = "./data"
     download: bool = False  # try to download missing torchvision datasets
     img_size: Optional[int] = None  # resize to this; default: the model's, else the dataset's native size
@@ -52,6 +52,8 @@ class DataConfig:
     max_train_samples: int = 0  # train on a seeded subset of this many images (0: all)
     canvas_size: int = 56  # mnist_canvas: side of the black canvas
     canvas_digit_size: int = 28  # mnist_canvas: side the MNIST digit is resized to before it is pasted
+    image_key: Optional[str] = None  # hf: the image column (default: the first Image feature)
+    label_key: Optional[str] = None  # hf: the label column (default: the first ClassLabel feature)
 
 
 @dataclass

@@ -44,7 +44,7 @@ def resolve_config(cfg: Config) -> Config:
     dataset = canonical_dataset(cfg.data.dataset)
     if dataset is None:
         raise VitlabError(f"unknown dataset '{cfg.data.dataset}'{did_you_mean(cfg.data.dataset, dataset_names())}; "
-                          f"choose one of: {', '.join(dataset_names())}")
+                          f"choose one of: {', '.join(dataset_names())}, or hf:<owner>/<name> (a Hugging Face dataset)")
     model = dataclasses.replace(cfg.model, args=resolve_model_args(cfg.model.name, cfg.model.args))
     return dataclasses.replace(cfg, model=model, data=dataclasses.replace(cfg.data, dataset=dataset))
 

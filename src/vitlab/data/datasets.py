@@ -348,9 +348,14 @@ def dataset_names() -> list[str]:
 def canonical_dataset(name: str) -> str | None:
     """The registered name for any spelling that differs only in case, dashes and underscores
     (CIFAR-100, CIFAR100, cifar_100 -> cifar100); None when there is none."""
+    if name.lower().startswith("hf:"):  # a Hugging Face source: its repository or path is case-sensitive
+        return "hf:" + name[3:]
     key = lambda n: n.lower().replace("-", "").replace("_", "")  # noqa: E731
     return next((n for n in DATASETS if key(n) == key(name)), None)
 
 
 def load_raw(name: str, **kwargs) -> RawSplits:
+    if name.startswith("hf:"):
+        from .hub_datasets import load_hf
+        return load_hf(name, **kwargs)
     return DATASETS[name](**kwargs)

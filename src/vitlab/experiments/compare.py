@@ -4,6 +4,7 @@ table: model, accuracy, epochs, parameters, peak memory, img/s). Each config tra
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from ..config import read_yaml
 from ..errors import VitlabError
@@ -16,8 +17,9 @@ COLUMNS = [("model", None), ("top-1 %", "test_top1"), ("epochs", "epochs"), ("pa
            ("peak mem (MiB)", "peak_memory_mb"), ("train mem (MiB)", "train_memory_mb"), ("img/s", "images_per_second")]
 
 
-def comparison(configs: list[str], epochs: int | None) -> Sweep:
-    fixed = {"train.epochs": epochs} if epochs else {}
+def comparison(configs: list[str], epochs: int | None, overrides: dict[str, Any] | None = None) -> Sweep:
+    """Every config as a point of one sweep, with the same epoch budget and `overrides` ({key: value})."""
+    fixed = {**(overrides or {}), **({"train.epochs": epochs} if epochs else {})}
     points, datasets = [], {}
     for c in configs:
         path = Path(c)
@@ -34,8 +36,9 @@ def comparison(configs: list[str], epochs: int | None) -> Sweep:
     return Sweep("compare", points[0].base, fixed, points)
 
 
-def run_comparison(configs: list[str], epochs: int | None, root: Path) -> list[Run]:
-    sweep = comparison(configs, epochs)
+def run_comparison(configs: list[str], epochs: int | None, root: Path,
+                   overrides: dict[str, Any] | None = None) -> list[Run]:
+    sweep = comparison(configs, epochs, overrides)
     run_local(sweep, root)
     return [load_run(root / p.name) for p in sweep.points]
 

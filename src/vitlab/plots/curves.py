@@ -7,7 +7,7 @@ from collections import defaultdict
 from matplotlib.figure import Figure
 
 from ..experiments.runs import Run
-from .common import new_figure, plt
+from .common import new_figure, subplots
 
 KIND_TITLE = {"train_batch": "training loss per batch", "val_batch": "validation loss per batch"}
 
@@ -59,7 +59,7 @@ def overlay_figure(runs: list[Run]) -> Figure | None:
         return None
     cols = min(len(series), 3)
     rows = -(-len(series) // cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.3 * rows), squeeze=False, layout="constrained")
+    fig, axes = subplots(rows, cols, figsize=(4.2 * cols, 3.3 * rows), squeeze=False)
     fig.suptitle("training vs validation loss per epoch")
     for ax, (r, epochs, batches) in zip(axes.flat, series):
         train = defaultdict(list)

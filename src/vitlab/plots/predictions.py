@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from matplotlib.figure import Figure
 
-from .common import plt
+from .common import subplots
 
 
 @torch.inference_mode()
@@ -41,8 +41,7 @@ def sample_grid_figure(images: torch.Tensor, labels: torch.Tensor, preds: torch.
     n = min(n, len(images))
     cols = min(n, 8)
     rows = -(-n // cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(1.6 * cols, 1.9 * rows + 0.4), squeeze=False,
-                             layout="constrained")
+    fig, axes = subplots(rows, cols, figsize=(1.6 * cols, 1.9 * rows + 0.4), squeeze=False)
     fig.suptitle(f"{title}: true / predicted")
     for i, ax in enumerate(axes.flat):
         ax.axis("off")
@@ -63,7 +62,7 @@ def confusion_figure(labels: torch.Tensor, preds: torch.Tensor, names: list[str]
     counts = torch.bincount(labels * k + preds, minlength=k * k).view(k, k).numpy()  # (true, predicted)
     rates = counts / np.maximum(counts.sum(axis=1, keepdims=True), 1)
     size = min(4 + 0.35 * k, 14)
-    fig, ax = plt.subplots(figsize=(size + 1, size), layout="constrained")
+    fig, ax = subplots(figsize=(size + 1, size))
     im = ax.imshow(rates, cmap="Blues", vmin=0, vmax=1)
     fig.colorbar(im, ax=ax, label="fraction of the true class")
     acc = np.trace(counts) / max(counts.sum(), 1)

@@ -6,7 +6,7 @@ import torch
 from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 
-from .common import plt
+from .common import subplots
 
 
 def _show(ax, image: torch.Tensor) -> None:
@@ -21,7 +21,7 @@ def leaves_figure(images: torch.Tensor, boxes: torch.Tensor, title: str, masks: 
     """One row per image: the image with its leaves' boxes (B, T, 3) as (x, y, size); with `masks` and `preds`
     ((B, H, W) class indices) also the true and the predicted mask."""
     n, cols = len(images), 1 if masks is None else 3
-    fig, axes = plt.subplots(n, cols, figsize=(2.4 * cols, 2.4 * n + 0.4), squeeze=False, layout="constrained")
+    fig, axes = subplots(n, cols, figsize=(2.4 * cols, 2.4 * n + 0.4), squeeze=False)
     fig.suptitle(title, fontsize=9)
     vmax = classes - 1 if classes else None
     for i in range(n):

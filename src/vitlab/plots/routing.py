@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 from matplotlib.figure import Figure
 
-from .common import new_figure, plt
+from .common import new_figure, subplots
 
 
 def routing_figure(images: torch.Tensor, keep: torch.Tensor, grid: int, title: str) -> Figure:
@@ -12,7 +12,7 @@ def routing_figure(images: torch.Tensor, keep: torch.Tensor, grid: int, title: s
     images (B, C, H, W), already scaled to [0, 1]; keep (B, dynamic layers, prefix + grid^2) bool."""
     n, layers = min(len(images), 8), keep.shape[1]
     counts = keep[:n, :, -grid * grid:].sum(1).view(n, grid, grid).float()  # (n, grid, grid)
-    fig, axes = plt.subplots(1, n, figsize=(1.6 * n, 2.0), layout="constrained")
+    fig, axes = subplots(1, n, figsize=(1.6 * n, 2.0))
     for ax, image, count in zip(axes, images[:n], counts):
         ax.imshow(image.permute(1, 2, 0).squeeze(-1).clamp(0, 1), cmap="gray",
                   extent=(0, grid, grid, 0), interpolation="nearest")

@@ -30,7 +30,8 @@ def final_weights(run_dir: Path, results: dict[str, Any]) -> Path:
 def by_architecture_names(results: dict[str, Any], run_id: str) -> tuple[str, str]:
     """(architecture folder, file stem) of the by-architecture layout."""
     arch, size = split_size(results["model"]) or (results["architecture"], f"{results['params'] / 1e6:.2f}M")
-    return arch, f"model_{run_id}_{size}_{results['dataset']}"
+    dataset = results["dataset"].replace(":", "_").replace("/", "_")  # hf:owner/name -> hf_owner_name
+    return arch, f"model_{run_id}_{size}_{dataset}"
 
 
 def _copy_atomic(src: Path, dest: Path) -> None:
