@@ -198,6 +198,19 @@ def test_collect_shows_varying_config_and_results(family, tmp_path, capsys):
     assert (tmp_path / "t.csv").read_text() == to_csv(runs)
 
 
+def test_a_key_older_runs_lack_counts_as_its_default(family):
+    """Runs written before a config key existed used its default: that key does not vary between them and
+    a newer run that left it at the default."""
+    newer = family / "vit_32"
+    cfg = yaml.safe_load((newer / "config.yaml").read_text())
+    for name in ("vit_48", "vit_64"):  # written by an older vitlab: no data.canvas_size key
+        old = yaml.safe_load((family / name / "config.yaml").read_text())
+        del old["data"]["canvas_size"]
+        (family / name / "config.yaml").write_text(yaml.safe_dump(old))
+    assert cfg["data"]["canvas_size"] == Config().data.canvas_size
+    assert "data.canvas_size" not in varying_keys(find_runs([family]))
+
+
 def test_collect_errors(tmp_path, capsys):
     code, _, err = run_cli(["collect", tmp_path / "absent"], capsys)
     assert code == 2 and "does not exist" in err

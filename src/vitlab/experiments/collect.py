@@ -29,9 +29,14 @@ RESULT_COLUMNS = [  # (header, results.json key, format)
 
 
 def varying_keys(runs: list[Run]) -> list[str]:
-    """Config keys (dotted) whose values are not the same in every run; model.name first."""
+    """Config keys (dotted) whose values are not the same in every run; model.name first. A key missing from
+    a run written before that key existed counts as its default, which is what that run used."""
+    from ..config import Config
+    from .runs import flatten
+
+    defaults = flatten(Config().to_dict())
     keys = sorted({k for r in runs for k in r.flat_config} - IGNORED)
-    varying = [k for k in keys if len({repr(r.flat_config.get(k)) for r in runs}) > 1]
+    varying = [k for k in keys if len({repr(r.flat_config.get(k, defaults.get(k))) for r in runs}) > 1]
     return sorted(varying, key=lambda k: (k != "model.name", k))
 
 
