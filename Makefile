@@ -3,7 +3,7 @@ PY      := .venv/bin/python
 STAMP   := .venv/.installed
 PYTEST  ?= $(PY) -m pytest
 
-.PHONY: demo test test-slow test-gpu bench clean seed002 seed003 seed004 resvit gdt
+.PHONY: demo test test-slow test-gpu bench bench-gpu clean seed002 seed003 seed004 resvit gdt
 
 $(STAMP): pyproject.toml constraints.txt
 	python3 -m venv .venv
@@ -25,6 +25,10 @@ test-gpu: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) bench/throughput.py
+
+# Every GPU number (issue 15): one CUDA GPU, about 8 minutes; adds a dated section to bench/RESULTS.md
+bench-gpu: $(STAMP)
+	$(PY) bench/gpu.py
 
 # Seed experiments in miniature (real MNIST in ../shared/data or DATA=...; CPU, minutes each): runs, table, plots, report.
 DATA ?= ../shared/data

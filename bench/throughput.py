@@ -34,7 +34,7 @@ TIMM_ARGS = ("img_size", "patch_size", "in_chans", "num_classes", "embed_dim", "
 CPU_CASES = [("vit_small_patch16_224", 8, {}), ("vit_tiny_patch4_32", 64, {"num_classes": 10}),
              ("vit_micro_patch7_28", 128, {"in_chans": 1, "num_classes": 10})]
 CUDA_CASES = [("vit_small_patch16_224", 128, {}), ("vit_base_patch16_224", 64, {}),
-              ("vit_tiny_patch4_32", 512, {"num_classes": 10})]
+              ("vit_large_patch16_224", 32, {}), ("vit_tiny_patch4_32", 512, {"num_classes": 10})]
 
 
 def make_pair(name: str, device: torch.device, overrides: dict):

@@ -20,7 +20,7 @@ def test_defaults_then_yaml_then_overrides(tmp_path):
 def test_cli_flags_sit_between_yaml_and_key_value(tmp_path, capsys, monkeypatch):
     import vitlab.cli as cli
     seen = {}
-    monkeypatch.setattr("vitlab.train.train", lambda cfg, reload=False, local=False: seen.setdefault("cfg", cfg))
+    monkeypatch.setattr("vitlab.train.train", lambda cfg, reload=False, local=False, **_: seen.setdefault("cfg", cfg))
     f = tmp_path / "c.yaml"
     f.write_text("train:\n  epochs: 3\n  batch_size: 16\ndata:\n  num_workers: 0\n")
     assert cli.main(["train", "--config", str(f), "--epochs", "5", "--batch-size", "8", "train.batch_size=4",

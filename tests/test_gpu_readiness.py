@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 
-from conftest import QUICK, model_input, tiny_model
+from conftest import QUICK, model_input, run_subprocess, tiny_model
 from test_contracts import FAMILIES
 from vitlab.config import OptimConfig, load_config
 from vitlab.layers.reversible import InvertibleStack
@@ -124,3 +124,18 @@ def test_cuda_runs_get_the_fused_optimizer_kernels():
         cfg = OptimConfig(name=name)
         assert build_optimizer(model, cfg, torch.device("cuda")).defaults["fused"] is True
         assert build_optimizer(model, cfg, torch.device("cpu")).defaults["foreach"] is True
+
+
+@pytest.mark.slow
+def test_gpu_bench_pipeline_runs_tiny_on_cpu(tmp_path):
+    """`make bench-gpu` runs every part and writes one dated section (here tiny, on CPU, into a copy)."""
+    results = tmp_path / "RESULTS.md"
+    results.write_text("# bench results\n")
+    run = run_subprocess(["bench/gpu.py", "--smoke", "--device", "cpu", "--results", results], timeout=900)
+    assert run.returncode == 0, run.stderr[-2000:]
+    text = results.read_text()
+    assert text.startswith("# bench results\n") and text.count("## GPU benchmarks (") == 1
+    for title in ("Training throughput vs timm", "DDP at world size 1", "Differential vs classic attention",
+                  "Memory-saving ViTs by depth", "MFU", "Routed and adaptive inference"):
+        assert f"### {title}" in text
+    assert "failed (exit" not in text and text.count("x |") >= 2
