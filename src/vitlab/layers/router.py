@@ -66,3 +66,11 @@ class LowRankApproximators(nn.Module):
         h = torch.einsum("bnd,krd->bnkr", x, self.down)  # every key's projection, (B, N, K, r)
         out = torch.einsum("bnkr,kdr->bnkd", h, self.up)  # (B, N, K, dim)
         return out.gather(2, key[..., None, None].expand(-1, -1, 1, out.shape[-1])).squeeze(2)
+
+    def add_to(self, x: torch.Tensor, key: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """x + weight U_key D_key x, weight (B, N): with one approximator the weight scales the rank-r
+        projection and the sum happens inside one matmul (inference's one pass over (B, N, dim), not three)."""
+        if self.down.shape[0] != 1:
+            return x + weight[..., None] * self(x, key)
+        h = F.linear(x, self.down[0]) * weight[..., None]  # (B, N, r)
+        return torch.addmm(x.flatten(0, 1), h.flatten(0, 1), self.up[0].t()).view_as(x)

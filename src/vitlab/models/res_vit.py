@@ -204,16 +204,17 @@ class ResViT(VisionTransformer):
         xq = xq + block.drop_path1(block.ls1(attn.proj_drop(attn.proj(out))))
         return xq + block.mlp_residual(xq)
 
-    def _layer(self, block: Block, x: torch.Tensor, w: torch.Tensor, approx: torch.Tensor,
+    def _layer(self, block: Block, x: torch.Tensor, w: torch.Tensor, end: torch.Tensor,
+               approximator: LowRankApproximators, keys: torch.Tensor,
                rows: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(w F(x) + (1 - w) x + approx, the full layer's output F(x) when it was computed). rows (B, K): the
-        kept tokens when top-k decided them (exactly K per image), else None."""
+        """(w F(x) + (1 - w) x + end A(x), the full layer's output F(x) when it was computed), A the run's
+        approximator. rows (B, K): the kept tokens when top-k decided them (exactly K per image), else None."""
         if self.training or self.execution == "mask":
             y = block(x)
             keep = w[..., None]
-            return keep * y + (1.0 - keep) * x + approx, y
+            return keep * y + (1.0 - keep) * x + end[..., None] * approximator(x, keys), y
         active, D = w > 0.5, x.shape[-1]  # (B, N)
-        out = x + approx  # the skipped tokens' output; the kept tokens' rows are overwritten below
+        out = approximator.add_to(x, keys, end)  # the skipped tokens' output; kept tokens' rows are overwritten
         if self.execution == "mod":  # attention among the kept tokens only, at a fixed capacity
             if rows is None:  # random routing: its active tokens first, filled up to capacity
                 rows = _active_first(active, self._capacity(x.shape[1]))
@@ -251,8 +252,8 @@ class ResViT(VisionTransformer):
                 if self.training and self.distill == "cls_teacher" and teacher is None:
                     teacher = x.detach()
             w, end = bits[..., j], run_end(bits, j)
-            approx = end[..., None] * self.approximators[k](x, self._approx_keys(bits, j))
-            x, full = self._layer(block, x, w, approx, None if top is None else top[..., j])
+            x, full = self._layer(block, x, w, end, self.approximators[k], self._approx_keys(bits, j),
+                                  None if top is None else top[..., j])
             trace.bits.append(w)
             if teacher is not None:  # the same network with every token active, detached
                 with torch.no_grad():
