@@ -163,7 +163,7 @@ def find_by_architecture_weights(output: str, model: str, size: str | None, data
     by-architecture layout under `output` (what the classic-vs-differential project's `evaluate` loads)."""
     from .registry import split_size
 
-    name, recipe = _classic_vs_differential(model, size, canonical_dataset(dataset) if dataset else None)
+    name, _ = _classic_vs_differential(model, size, canonical_dataset(dataset) if dataset else None)
     arch, size_label = split_size(name)
     data = canonical_dataset(dataset) if dataset else "cifar100"
     pattern = f"*/checkpoints/{arch}/model_*_{size_label}_{data}.safetensors"
