@@ -9,8 +9,11 @@ pytestmark = pytest.mark.slow
 
 
 def test_quickstart_recipe(tmp_path):
+    """What `make demo` trains. Measured (bench/RESULTS.md): 94.2 / 95.8 / 94.2% for seeds 0 / 1 / 2, and 97.2%
+    when train.deterministic was on by default. The test split holds 359 images, so one image is 0.28 points.
+    The guard sits below that spread; the first version's 0.95 came from the single 97.2% run."""
     cfg = load_config(ROOT / "configs" / "quickstart.yaml", [f"output.dir={tmp_path}", "output.progress=none"])
-    assert train(cfg)["test_top1"] >= 0.95
+    assert train(cfg)["test_top1"] >= 0.93
 
 
 @pytest.mark.skipif(not (MNIST_DIR / "MNIST" / "raw").is_dir(), reason="shared MNIST not present")
