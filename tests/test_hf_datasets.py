@@ -81,6 +81,13 @@ def test_a_missing_column_is_one_clear_line(tmp_path, capsys):
     assert code == 2 and err.count("\n") == 1 and "no column 'photo'" in err and "image, label" in err
 
 
+def test_a_damaged_parquet_file_is_one_clear_line(tmp_path, capsys):
+    (tmp_path / "train.parquet").write_bytes(b"not parquet at all")
+    code, _, err = run_cli(["train", f"data.dataset=hf:{tmp_path / 'train.parquet'}", *TRAIN,
+                            f"data.data_dir={tmp_path}", f"output.dir={tmp_path / 'out'}"], capsys)
+    assert code == 2 and err.strip().count("\n") == 0 and "could not be read as parquet" in err, err
+
+
 def test_hub_dataset_is_cached_under_data_dir_and_read_offline(tmp_path, monkeypatch, capsys):
     """`hf:alice/shapes` from the (fake) Hub, cached under data.data_dir; then with the Hub down and offline
     mode on, the same config trains from that cache alone."""

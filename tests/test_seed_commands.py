@@ -162,3 +162,8 @@ def test_seed001_evaluate_command(capsys, trained_run):
     assert code == 2 and "cifar100" in err
     code, stdout, err = run_cli(["evaluate", "--checkpoint-path", run_dir, "--dataset", "DIGITS"], capsys)
     assert code == 0 and json.loads(stdout)["dataset"] == "digits", err
+
+
+def test_evaluate_model_of_another_family_is_one_clear_line(tmp_path, capsys):
+    code, _, err = run_cli(["evaluate", "--model", "vit_small", "--output", tmp_path], capsys)
+    assert code == 2 and err.count("\n") == 1 and "pass --checkpoint PATH" in err

@@ -163,6 +163,9 @@ def find_by_architecture_weights(output: str, model: str, size: str | None, data
     by-architecture layout under `output` (what the classic-vs-differential project's `evaluate` loads)."""
     from .registry import split_size
 
+    if model not in CLASSIC_VS_DIFFERENTIAL:
+        raise VitlabError(f"evaluate --model finds the weights of vit_classic or vit_differential runs, not {model}; "
+                          f"for any other run pass --checkpoint PATH")
     name, _ = _classic_vs_differential(model, size, canonical_dataset(dataset) if dataset else None)
     arch, size_label = split_size(name)
     data = canonical_dataset(dataset) if dataset else "cifar100"

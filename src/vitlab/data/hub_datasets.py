@@ -66,7 +66,11 @@ def _open(source: str, cache_dir: Path):
             raise VitlabError(f"'{path}' is neither a save_to_disk folder nor parquet files; point data.dataset="
                               f"hf:<path> at one of those, or hf:<owner>/<name> at a Hub dataset")
         data_files = {"train": [str(f) for f in files]} if path.is_file() else _parquet_splits(files)
-        return datasets.load_dataset("parquet", data_files=data_files, cache_dir=str(cache_dir))
+        try:
+            return datasets.load_dataset("parquet", data_files=data_files, cache_dir=str(cache_dir))
+        except (OSError, ValueError) as exc:  # pyarrow's ArrowInvalid is a ValueError
+            raise VitlabError(f"'{path}' could not be read as parquet ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__}); "
+                              f"check the files, or point data.dataset=hf:<path> elsewhere") from None
     try:
         return datasets.load_dataset(source, cache_dir=str(cache_dir))
     except (ConnectionError, OSError, ValueError, datasets.exceptions.DatasetNotFoundError) as exc:
