@@ -1,6 +1,7 @@
 """Measure the runs of `make resvit` (Res-ViT on MNIST-on-canvas) and write the table, figures and report.
 
     python bench/resvit.py output/resvit_canvas [--images 1024] [--reps 20]
+    python bench/resvit.py [--wide small_patch16_224] [--wide-reps 8] [--compile]     # the reference width alone
 
 For every finished run under the folder (the teacher, the routing sweep, the depth cuts, the seeds):
 LoRA merged into the weights (how it is deployed): test top-1 on all 10,000 test images (Res-ViT: in `skip` with
@@ -94,34 +95,52 @@ def top1(model, images: torch.Tensor, labels: torch.Tensor) -> float:
                    zip(images.split(256), labels.split(256))) / len(labels)
 
 
-def reference_width(size: str, batch: int, reps: int) -> list[dict]:
+def reference_width(size: str, batch: int, reps: int, compiled: bool = False) -> list[dict]:
     """Eval wall-clock per image of Res-ViT at ratio 0.5 (`skip` and `mod`) against the plain ViT at a reference
-    size, measured interleaved in one process. Untrained weights: top-k decisions keep exactly half of the patch
-    tokens whatever the router says, so the time does not depend on them. The router and approximator are
-    scaled as in the canvas recipe (router D/8 wide, approximator rank D/16)."""
+    size, measured interleaved in one process; with `compiled`, every arm is torch.compile'd (inductor's C++
+    kernels on CPU) and checked against its eager output first. Untrained weights: top-k decisions keep exactly
+    half of the patch tokens whatever the router says, so the time does not depend on them. The router and
+    approximator are scaled as in the canvas recipe (router D/8 wide, approximator rank D/16)."""
     torch.manual_seed(0)
     vit = create_model(f"vit_{size}").eval()
     dim = vit.embed_dim
-    res = create_model(f"resvit_{size}", active_target=0.5, router_hdim=dim // 8, low_rank_dim=dim // 16).eval()
+    routed = dict(active_target=0.5, router_hdim=dim // 8, low_rank_dim=dim // 16)
+    skip = create_model(f"resvit_{size}", execution="skip", **routed).eval()
+    mod = create_model(f"resvit_{size}", execution="mod", **routed).eval()
+    mod.load_state_dict(skip.state_dict())
     x = torch.randn(batch, 3, vit.patch_embed.img_size, vit.patch_embed.img_size)
-    arms = {"vit": (vit, "mask"), "skip": (res, "skip"), "mod": (res, "mod")}
+    arms = {"vit": vit, "skip": skip, "mod": mod}
+    runs = {arm: torch.compile(model) if compiled else model for arm, model in arms.items()}
     times: dict[str, list[float]] = {arm: [] for arm in arms}
     with torch.inference_mode():
+        if compiled:  # compiles each arm, and holds it to its eager output
+            for arm, model in arms.items():
+                torch.testing.assert_close(runs[arm](x), model(x), atol=1e-3, rtol=1e-3)
         for rep in range(reps + 1):  # the first round warms up
-            for arm, (model, mode) in arms.items():
-                model.execution = mode
+            for arm, run in runs.items():
                 t = time.perf_counter()
-                model(x)
+                run(x)
                 if rep:
                     times[arm].append(time.perf_counter() - t)
-    rows = []
-    for arm, (model, mode) in arms.items():
-        model.execution = mode
-        ms = 1e3 * statistics.median(times[arm]) / batch
-        rows.append({"model": f"{model.vitlab_name} ({mode})" if arm != "vit" else model.vitlab_name,
-                     "batch": batch, "ms_per_image": ms, "gflops": gflops_per_image(model, x[:1]),
-                     "speedup": 1e3 * statistics.median(times["vit"]) / batch / ms})
-    return rows
+    return [{"model": model.vitlab_name + ("" if arm == "vit" else f" ({arm})"),
+             "compiled": compiled, "batch": batch, "ms_per_image": 1e3 * statistics.median(times[arm]) / batch,
+             "gflops": gflops_per_image(model, x[:1]),
+             # the median of each round's ratio: a slow spell of the machine slows both arms of a round
+             "speedup": statistics.median(v / t for v, t in zip(times["vit"], times[arm]))}
+            for arm, model in arms.items()]
+
+
+def print_wide(size: str, reps: int, compiled: bool) -> list[str]:
+    """Time `reference_width` at batch 64, eager and (with `compiled`) compiled; print the table and return its
+    lines."""
+    wide = reference_width(size, 64, reps) + (reference_width(size, 64, reps, compiled=True) if compiled else [])
+    keys = list(wide[0])
+    notes = ["", f"At a reference width (batch 64, {reps} interleaved rounds, untrained weights, ratio 0.5; ms: "
+                 "median; speedup: median of the rounds' ratios):", "",
+             "| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
+    notes += ["| " + " | ".join(fmt(r[k]) for k in keys) + " |" for r in wide]
+    print("\n".join(notes), flush=True)
+    return notes
 
 
 def block_flops(model, image: torch.Tensor) -> tuple[float, float]:
@@ -185,13 +204,17 @@ def fmt(value) -> str:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("root", type=Path)
+    p.add_argument("root", type=Path, nargs="?", help="the runs of `make resvit`; without it, only --wide is timed")
     p.add_argument("--images", type=int, default=1024)
     p.add_argument("--reps", type=int, default=20)
     p.add_argument("--wide", default="small_patch16_224", help="reference size timed at batch 64 ('' skips it)")
     p.add_argument("--wide-reps", type=int, default=5)
+    p.add_argument("--compile", action="store_true", help="also time the reference width torch.compile'd")
     a = p.parse_args()
     quiet_allocator()
+    if a.root is None:
+        print_wide(a.wide, a.wide_reps, a.compile)
+        return
     runs = find_runs([a.root], finished_only=True)
     teacher = next(r for r in runs if r.path.name == "teacher")
     _, cfg, _ = load_checkpoint(teacher.path)
@@ -217,14 +240,7 @@ def main() -> None:
         r["speedup_skip"] = base_ms / r.get("ms_skip", r["ms_mask"])
     figures["accuracy_vs_flops"] = accuracy_flops_figure(
         [{"group": r["group"], "gflops": r["gflops"], "top1": r["top1"]} for r in rows])
-    notes = []
-    if a.wide:
-        wide = reference_width(a.wide, 64, a.wide_reps)
-        keys = list(wide[0])
-        notes = ["", f"At a reference width (batch 64, median of {a.wide_reps}, untrained weights, ratio 0.5):", "",
-                 "| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
-        notes += ["| " + " | ".join(fmt(r[k]) for k in keys) + " |" for r in wide]
-        print("\n".join(notes), flush=True)
+    notes = print_wide(a.wide, a.wide_reps, a.compile) if a.wide else []
     write_outputs(a.root, "resvit", runs, rows, COLUMNS, figures, "Res-ViT on MNIST-on-canvas (seed 001)", notes)
 
 

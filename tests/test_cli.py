@@ -72,6 +72,16 @@ def test_evaluate_prints_json(trained_run, capsys):
     assert code == 2 and "cifar100" in err
 
 
+@pytest.mark.slow
+def test_evaluate_compiled_matches_eager(trained_run, capsys):
+    run_dir, results = trained_run
+    code, out, _ = run_cli(["evaluate", "--checkpoint", run_dir, "--compile"], capsys)
+    assert code == 0
+    got = json.loads(out)
+    assert got["top1"] == pytest.approx(results["test_top1"]) and got["loss"] == pytest.approx(results["test_loss"],
+                                                                                              rel=1e-4)
+
+
 def test_predict_prints_topk(trained_run, tmp_path, capsys):
     from sklearn.datasets import load_digits
     d = load_digits()

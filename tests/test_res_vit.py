@@ -274,3 +274,26 @@ def test_topk_training_keeps_each_images_budget():
     assert torch.equal(bits.sum(-1), torch.full(bits.shape[:2], 8.0))  # 0.5 of 16 in every image and layer
     _, again = res._run(X)
     assert not torch.equal(torch.stack(again.bits, 1)[:, :, 1:], bits)
+
+
+@pytest.mark.parametrize("execution", ["skip", "mod"])
+def test_routed_inference_is_one_graph(execution):
+    """Top-k inference has static shapes (each image keeps `capacity` tokens), so Dynamo captures all of it:
+    what torch.compile needs to fuse the gathers, norms and bias-GELUs around the smaller matmuls."""
+    _, res = pair(active_target=0.5, execution=execution)
+    torch._dynamo.reset()
+    with torch.no_grad():
+        explanation = torch._dynamo.explain(res)(X)
+    assert explanation.graph_break_count == 0 and explanation.graph_count == 1
+
+
+@pytest.mark.slow
+def test_compiled_skip_equals_eager():
+    """Inductor's kernels for the routed path (index_select / index_copy_ of the kept rows, keys and values
+    over every token) compute what eager does."""
+    _, res = pair(active_target=0.5, router_keep_bias=0.0)
+    with torch.no_grad():
+        for r in res.routers:
+            r.mlp[-1].weight.normal_(std=1.0)
+        torch._dynamo.reset()
+        torch.testing.assert_close(torch.compile(res, dynamic=False)(X), res(X), rtol=1e-4, atol=1e-4)
