@@ -225,6 +225,30 @@ def test_content_quadtree_with_seq_positions_at_the_grid_budget_is_the_plain_vit
         vitlab.create_model("vit_micro_patch4_32", tokenizer="quadtree", leaf_pos="corner")
 
 
+def test_grid_positions_are_the_plain_vits_at_the_grid_budget_and_box_means_elsewhere():
+    """leaf_pos=grid: a learned row per cell of the finest leaves, averaged over each leaf's box. At the full
+    budget every leaf is a finest cell, so (size embedding zeroed) the plain ViT's weights give its logits
+    exactly, whatever the image; a 16 px leaf gets the mean of the 16 rows its box covers."""
+    torch.manual_seed(0)
+    plain = vitlab.create_model("vit_micro_patch4_32", in_chans=3, num_classes=5).eval()
+    tree = vitlab.create_model("vit_micro_patch4_32", tokenizer="quadtree", tokens=64, quadtree_sizes=(16, 4),
+                               leaf_pos="grid", in_chans=3, num_classes=5).eval()
+    assert tree.pos_embed.shape == plain.pos_embed.shape
+    missing, unexpected = tree.load_state_dict(plain.state_dict(), strict=False)
+    assert missing == ["size_embed.weight"] and not unexpected
+    torch.nn.init.zeros_(tree.size_embed.weight)
+    x = images(size=32)
+    with torch.no_grad():
+        torch.testing.assert_close(tree(x), plain(x))
+        grid = tree.pos_embed[:, 1:]
+        coords = torch.tensor([[[16.0, 0.0], [8.0, 24.0], [28.0, 4.0]]])  # a 16, an 8 and a 4 px leaf
+        got = tree.pooled_positions(grid, coords, torch.tensor([[0, 1, 2]]))[0]
+        rows = grid[0].reshape(8, 8, -1)  # (row, column) of 4 px cells
+        want = [rows[0:4, 4:8].mean((0, 1)), rows[6:8, 2:4].mean((0, 1)), rows[1, 7]]
+        for g, w in zip(got, want):
+            torch.testing.assert_close(g, w)
+
+
 @pytest.mark.parametrize("score", ["edge", "variance"])
 def test_content_quadtree_spends_its_budget_on_the_content(score):
     x = torch.zeros(3, 1, 64, 64)

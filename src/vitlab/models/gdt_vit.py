@@ -16,8 +16,9 @@ resized (bilinear) to the downstream patch size t and embedded by the ViT's patc
     T = sum_s (N_s - k_s) + N_{S+1},   N_1 = (H / p_in(1))^2,   N_{s+1} = k_s (p_in(s) / p_out(s))^2
 
 tokens, fixed by the plan wherever the tree splits. The downstream ViT (our blocks) sees [cls; leaves] with
-`leaf_pos`: `seq`, a learned table by sequence position (the original), or `coords`, the sinusoidal encoding
-of each leaf's corner plus an embedding of its size.
+`leaf_pos`: `seq`, a learned table by sequence position (the original); `coords`, the sinusoidal encoding
+of each leaf's corner plus an embedding of its size; or `grid`, a learned grid of the finest leaves' positions
+averaged over each leaf's box, plus the size embedding.
 
 Fixed from the original (A.4): no noise at inference (`eval_gumbel` restores it); selections sorted; the plan
 checked at construction (the slot scorer needs N_s = max_seq_len); timm blocks instead of a 12 GiB
@@ -132,7 +133,8 @@ class GDTViT(VisionTransformer):
                  stages: Sequence[tuple[int, int, float]] = ((32, 16, 0.25), (16, 8, 0.25), (8, 4, 0.25),
                                                              (4, 2, 0.25)),
                  stage_depth: int = 4, max_seq_len: Sequence[int] | None = None,
-                 scorer: Literal["slot", "token", "random"] = "slot", leaf_pos: Literal["seq", "coords"] = "seq",
+                 scorer: Literal["slot", "token", "random"] = "slot",
+                 leaf_pos: Literal["seq", "coords", "grid"] = "seq",
                  eval_gumbel: bool = False, tau: float = 1.0, antialias: bool = False, **kwargs: Any):
         """patch_size: the size t every leaf is resized to (the original's target_leaf_size);
         stages: (patch_in, patch_out, ratio) per level; max_seq_len: the original's per-stage M, checked
@@ -148,10 +150,10 @@ class GDTViT(VisionTransformer):
         if kwargs.get("tokenizer", "patch") != "patch":
             raise VitlabError("GDT-ViT makes its own quadtree; model.tokenizer applies to the other families")
         self.groups = groups  # read by _num_positions and _leaf_sizes while the parent builds its tables
+        self.sizes = [p_in for p_in, _, _ in stages] + [stages[-1][1]]  # leaf size of each group
         super().__init__(img_size=img_size, patch_size=patch_size, in_chans=in_chans, embed_dim=embed_dim,
                          leaf_pos=leaf_pos, **kwargs)
         self.in_chans, self.eval_gumbel, self.tau, self.antialias = in_chans, eval_gumbel, tau, antialias
-        self.sizes = [p_in for p_in, _, _ in stages] + [stages[-1][1]]  # leaf size of each group
         self.stages = nn.ModuleList(
             QuadtreeStage(p_in, p_out, r, n, in_chans, embed_dim, [] if scorer == "random" else
                           [self._build_block(i, embed_dim, self.num_heads, 0.0) for i in range(stage_depth)], scorer)
@@ -168,10 +170,10 @@ class GDTViT(VisionTransformer):
                 nn.init.zeros_(m.bias)
 
     def _num_positions(self) -> int:
-        return sum(self.groups) if self.leaf_pos == "seq" else 0
+        return self._leaf_positions(sum(self.groups))
 
     def _leaf_sizes(self) -> int:
-        return len(self.groups) if self.leaf_pos == "coords" else 0
+        return len(self.groups) if self.leaf_pos != "seq" else 0
 
     def no_weight_decay(self) -> set[str]:
         return super().no_weight_decay() | {f"stages.{i}.{n}" for i in range(len(self.stages))

@@ -64,7 +64,7 @@ class VisionTransformer(nn.Module):
                  tokenizer: Literal["patch", "quadtree"] = "patch", tokens: int | None = None,
                  quadtree_sizes: tuple[int, int] | None = None,
                  quadtree_score: Literal["edge", "variance"] = "edge",
-                 leaf_pos: Literal["seq", "coords"] = "coords",
+                 leaf_pos: Literal["seq", "coords", "grid"] = "coords",
                  task: Literal["classify", "segment"] = "classify"):
         # One draw from the global stream seeds the initialisation, so what a subclass builds on top (a wider
         # head, transitions) cannot shift the reference weights it shares (see `init_weights`).
@@ -75,9 +75,10 @@ class VisionTransformer(nn.Module):
         if global_pool == "token" and not class_token:
             raise VitlabError("global_pool='token' pools the class token, which class_token=False removes; "
                               "set model.global_pool=avg or model.class_token=true")
-        if leaf_pos not in ("seq", "coords"):
-            raise VitlabError(f"model.leaf_pos must be 'seq' (a learned row per token position) or 'coords' (the "
-                              f"leaf's corner and size), got {leaf_pos!r}")
+        if leaf_pos not in ("seq", "coords", "grid"):
+            raise VitlabError(f"model.leaf_pos must be 'seq' (a learned row per token position), 'coords' (the "
+                              f"leaf's corner and size) or 'grid' (a learned grid pooled over the leaf), "
+                              f"got {leaf_pos!r}")
         self.num_classes, self.global_pool, self.embed_dim, self.task = num_classes, global_pool, embed_dim, task
         self.leaf_pos = leaf_pos  # how quadtree leaves are placed (read by _num_positions and _leaf_sizes)
         self.num_heads, self.drop_path_rate = num_heads, drop_path_rate
@@ -129,15 +130,18 @@ class VisionTransformer(nn.Module):
         return nn.Sequential(*[self._build_block(i, self.embed_dim, self.num_heads, rates[i]) for i in range(depth)])
 
     def _num_positions(self) -> int:
-        """Rows of the learned position table besides the prefix tokens': one per patch of the grid, or per
-        leaf slot under `leaf_pos=seq`; none for leaves placed by their coordinates and sizes."""
-        if self.tokenizer is None:
-            return self.patch_embed.num_patches
-        return self.tokenizer.tokens if self.leaf_pos == "seq" else 0
+        """Rows of the learned position table besides the prefix tokens': one per patch of the grid."""
+        return self.patch_embed.num_patches if self.tokenizer is None else self._leaf_positions(self.tokenizer.tokens)
+
+    def _leaf_positions(self, leaves: int) -> int:
+        """Position rows for `leaves` quadtree leaves: one per slot (seq), one per cell of the finest leaf grid
+        (grid), none (coords: computed from the corner)."""
+        finest = self.patch_embed.img_size // self.leaf_sizes()[-1]
+        return {"seq": leaves, "grid": finest ** 2, "coords": 0}[self.leaf_pos]
 
     def _leaf_sizes(self) -> int:
         """Leaf sizes the size embedding tells apart (0: no size embedding)."""
-        return len(self.tokenizer.sizes) if self.tokenizer is not None and self.leaf_pos == "coords" else 0
+        return len(self.tokenizer.sizes) if self.tokenizer is not None and self.leaf_pos != "seq" else 0
 
     def _num_features(self) -> int:
         """Width of the tokens `forward_features` returns (two streams: twice the embedding width)."""
@@ -196,16 +200,34 @@ class VisionTransformer(nn.Module):
         """Leaves of P px (B, T, C*P*P) at corners (B, T, 2) with size classes ((T,) or (B, T)) -> [cls; tokens]
         (B, prefix + T, D): the patch projection (as the Linear it is on one patch), plus, by `leaf_pos`, the
         sinusoidal code of the corner and an embedding of the size (coords), or the learned row of each slot
-        in the sequence (seq: where the leaf is only by its order)."""
+        in the sequence (seq: where the leaf is only by its order), or the mean of a learned grid of the finest
+        leaves' positions over the leaf's box and the size embedding (grid: the uniform ViT's learned positions,
+        which it reduces to when every leaf has the finest size)."""
         tokens = self.project_leaves(leaves)
         prefix_pos, slot_pos = self.pos_embed[:, :self.num_prefix_tokens], self.pos_embed[:, self.num_prefix_tokens:]
         if self.leaf_pos == "coords":
             tokens = tokens + sincos_2d(coords, tokens.shape[-1]).to(tokens.dtype) + self.size_embed(size_class)
+        elif self.leaf_pos == "grid":
+            tokens = tokens + self.pooled_positions(slot_pos, coords, size_class) + self.size_embed(size_class)
         else:
             tokens = tokens + slot_pos
         if self.cls_token is not None:
             tokens = torch.cat([(self.cls_token + prefix_pos).expand(len(tokens), -1, -1), tokens], dim=1)
         return self.pos_drop(tokens)
+
+    def pooled_positions(self, grid: torch.Tensor, coords: torch.Tensor, size_class: torch.Tensor) -> torch.Tensor:
+        """Each leaf's position (B, T, D): the mean of the learned grid (1, G*G, D), one row per cell of the
+        finest leaf size m, over the leaf's box. Leaves of size s sit on the s-grid (corners multiples of s), so
+        the means are the grid average-pooled by s/m, one pooled table per size, indexed per leaf."""
+        sizes, D = self.leaf_sizes(), grid.shape[-1]
+        G = self.patch_embed.img_size // sizes[-1]
+        table = grid.transpose(1, 2).reshape(1, D, G, G)
+        pooled = [F.avg_pool2d(table, s // sizes[-1]).flatten(2) for s in sizes]  # (1, D, (G m/s)^2) per size
+        side = torch.tensor([G * sizes[-1] // s for s in sizes], device=grid.device)  # cells per row, per size
+        first = torch.cumsum(side.square(), 0) - side.square()  # each size's first row in the joined table
+        size = torch.tensor(sizes, device=grid.device)[size_class]  # (T,) or (B, T) px
+        cell = (coords[..., 1] // size) * side[size_class] + coords[..., 0] // size  # raster index in its grid
+        return torch.cat(pooled, dim=2)[0].t()[(first[size_class] + cell).long()].to(grid.dtype)
 
     def iter_blocks(self, x: torch.Tensor) -> Iterator[torch.Tensor]:
         """Each block's output tokens in turn (what `forward_intermediates` probes)."""
