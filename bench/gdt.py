@@ -30,12 +30,13 @@ COLUMNS = ["run", "arm", "task", "tokens", "top1", "miou", "dice", "gflops", "gf
 
 
 def arm(model) -> str:
-    """uniform p=P, or GDT | random tree | content quadtree with its leaf positions (seq|coords)."""
+    """uniform p=P, or GDT | random tree | content quadtree (its cell sizes) with its leaf positions."""
     if hasattr(model, "groups"):
         kind = "random tree" if model.stages[0].scorer == "random" else "GDT"
         return f"{kind} ({model.leaf_pos})"
     if model.tokenizer is not None:
-        return f"content quadtree ({model.leaf_pos})"
+        sizes = model.tokenizer.sizes
+        return f"content quadtree {sizes[0]}-{sizes[-1]} px ({model.leaf_pos})"
     return f"uniform p={model.patch_embed.patch_size}"
 
 

@@ -1,6 +1,7 @@
 """Routed models: which tokens ran, drawn over the images, and accuracy against measured FLOPs."""
 from __future__ import annotations
 
+import matplotlib
 import torch
 from matplotlib.figure import Figure
 
@@ -30,8 +31,11 @@ def accuracy_flops_figure(points: list[dict], title: str = "accuracy against mea
     """points: {"group", x, y}; one marker series per group (cost against quality: FLOPs or tokens, top-1 or
     mIoU)."""
     fig, ax = new_figure(title, xlabel, ylabel)
-    for group in sorted({p["group"] for p in points}):
+    groups = sorted({p["group"] for p in points})
+    colors = matplotlib.colormaps["tab20" if len(groups) > 10 else "tab10"].colors  # a colour per group
+    for i, group in enumerate(groups):
         mine = sorted((p for p in points if p["group"] == group), key=lambda p: p[x])
-        ax.plot([p[x] for p in mine], [p[y] for p in mine], "o-", label=group, alpha=0.8)
+        ax.plot([p[x] for p in mine], [p[y] for p in mine], "o-", label=group, alpha=0.8,
+                color=colors[i % len(colors)])
     ax.legend(fontsize=8)
     return fig
