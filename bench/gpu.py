@@ -12,7 +12,7 @@ Parts, each a table in the section (the per-topic scripts can also run alone):
 4. differential vs classic attention, seed 002's 10M pair at patch 8 and 16 (bench/diff_attention.py);
 5. reversible / BDIA / momentum ViT: peak allocated memory and step time by depth, 6 to 48 (bench/memory.py);
 6. routed and adaptive inference: Res-ViT `skip` (top-k at ratio 0.5) against its ViT at ViT-B/16, and the
-   content quadtree (52 tokens) against the uniform patch-4 ViT (256 tokens) on a 64 px canvas, bf16 eval.
+   content quadtree (cells 16-8 px, 52 tokens) against the uniform patch-4 ViT (256 tokens) on a 64 px canvas, bf16 eval.
 """
 from __future__ import annotations
 
@@ -136,12 +136,12 @@ def routed_rows(device: torch.device, smoke: bool, reps: int) -> list[str]:
     canvas = {"img_size": 64, "in_chans": 1, "num_classes": 10, "embed_dim": 64, "depth": 4, "num_heads": 4,
               "global_pool": "avg"}
     uniform = vitlab.create_model("vit_micro_patch4_32", **canvas).to(device)
-    quadtree = vitlab.create_model("vit_micro_patch4_32", **canvas, tokenizer="quadtree", tokens=52,
-                                   quadtree_sizes=[16, 4], leaf_pos="coords").to(device)
+    quadtree = vitlab.create_model("vit_micro_patch4_32", **{**canvas, "patch_size": 8}, tokenizer="quadtree",
+                                   tokens=52, quadtree_sizes=[16, 8], leaf_pos="seq").to(device)  # make gdt's best
     x = torch.zeros(8 if smoke else 256, 1, 64, 64, device=device)
     x[:, :, 20:44, 20:44] = torch.rand(x.shape[0], 1, 24, 24, device=device)  # a digit-sized patch of detail
-    rows.append(eval_speedup("content quadtree, 52 tokens vs patch 4, 256 tokens (64 px canvas)", uniform, quadtree,
-                             x, device, reps))
+    rows.append(eval_speedup("content quadtree 16-8 px, 52 tokens vs patch 4, 256 tokens (64 px canvas)", uniform,
+                             quadtree, x, device, reps))
     return rows
 
 
