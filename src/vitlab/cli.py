@@ -104,7 +104,7 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--batch-size", "--batch_size", dest="batch_size", type=positive_int, default=256)
     e.add_argument("--device", default="auto")
     e.add_argument("--compile", action="store_true",
-                   help="torch.compile the model first (static shapes; Res-ViT's skip path is 1.5x the ViT-S compiled)")
+                   help="torch.compile the model first (static shapes; pays off on large splits)")
 
     pr = sub.add_parser("predict", help="top-k labels for image files")
     pr.add_argument("--checkpoint", required=True, help="run dir, checkpoint dir or model.safetensors")

@@ -106,6 +106,11 @@ class VisionTransformer(nn.Module):
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim)) if class_token else None
         self.pos_embed = nn.Parameter(torch.zeros(1, self._num_positions() + self.num_prefix_tokens, embed_dim))
         self.size_embed = nn.Embedding(self._leaf_sizes(), embed_dim) if self._leaf_sizes() else None
+        if leaf_pos == "grid":  # per leaf size: (size px, cells per row of its grid, its first row in the pooled table)
+            sizes = self.leaf_sizes()
+            side = [img_size // s for s in sizes]
+            first = [sum(n * n for n in side[:i]) for i in range(len(sizes))]
+            self.register_buffer("leaf_grids", torch.tensor([sizes, side, first]).t(), persistent=False)
         self.pos_drop = nn.Dropout(drop_rate) if drop_rate > 0 else nn.Identity()
         self.blocks = self._build_blocks(depth)
         self.num_features = self._num_features()
@@ -222,12 +227,10 @@ class VisionTransformer(nn.Module):
         sizes, D = self.leaf_sizes(), grid.shape[-1]
         G = self.patch_embed.img_size // sizes[-1]
         table = grid.transpose(1, 2).reshape(1, D, G, G)
-        pooled = [F.avg_pool2d(table, s // sizes[-1]).flatten(2) for s in sizes]  # (1, D, (G m/s)^2) per size
-        side = torch.tensor([G * sizes[-1] // s for s in sizes], device=grid.device)  # cells per row, per size
-        first = torch.cumsum(side.square(), 0) - side.square()  # each size's first row in the joined table
-        size = torch.tensor(sizes, device=grid.device)[size_class]  # (T,) or (B, T) px
-        cell = (coords[..., 1] // size) * side[size_class] + coords[..., 0] // size  # raster index in its grid
-        return torch.cat(pooled, dim=2)[0].t()[(first[size_class] + cell).long()].to(grid.dtype)
+        pooled = torch.cat([F.avg_pool2d(table, s // sizes[-1]).flatten(2) for s in sizes], dim=2)[0].t()
+        size, side, first = self.leaf_grids[size_class].unbind(-1)  # each (T,) or (B, T)
+        cell = (coords[..., 1].long() // size) * side + coords[..., 0].long() // size  # raster index in its grid
+        return pooled[first + cell]  # (B, T, D)
 
     def iter_blocks(self, x: torch.Tensor) -> Iterator[torch.Tensor]:
         """Each block's output tokens in turn (what `forward_intermediates` probes)."""
