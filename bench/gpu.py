@@ -12,7 +12,8 @@ Parts, each a table in the section (the per-topic scripts can also run alone):
 4. differential vs classic attention, seed 002's 10M pair at patch 8 and 16 (bench/diff_attention.py);
 5. reversible / BDIA / momentum ViT: peak allocated memory and step time by depth, 6 to 48 (bench/memory.py);
 6. routed and adaptive inference: Res-ViT `skip` (top-k at ratio 0.5) against its ViT at ViT-B/16, and the
-   content quadtree (cells 16-8 px, 52 tokens) against the uniform patch-4 ViT (256 tokens) on a 64 px canvas, bf16 eval.
+   content quadtree (cells 16-8 px, 52 tokens) against the uniform patch-4 ViT (256 tokens) on a 64 px canvas,
+   bf16 eval.
 """
 from __future__ import annotations
 

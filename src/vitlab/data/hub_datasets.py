@@ -69,8 +69,9 @@ def _open(source: str, cache_dir: Path):
         try:
             return datasets.load_dataset("parquet", data_files=data_files, cache_dir=str(cache_dir))
         except (OSError, ValueError) as exc:  # pyarrow's ArrowInvalid is a ValueError
-            raise VitlabError(f"'{path}' could not be read as parquet ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__}); "
-                              f"check the files, or point data.dataset=hf:<path> elsewhere") from None
+            reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise VitlabError(f"'{path}' could not be read as parquet ({reason}); check the files, or point "
+                              f"data.dataset=hf:<path> elsewhere") from None
     try:
         return datasets.load_dataset(source, cache_dir=str(cache_dir))
     except (ConnectionError, OSError, ValueError, datasets.exceptions.DatasetNotFoundError) as exc:
