@@ -6,6 +6,8 @@ linear map, and the reshape + GEMM is faster than a strided convolution on CPU.
 """
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -73,30 +75,53 @@ class ConvStem(TokenGrid):
         return self.proj(self.stem(x)).flatten(2).transpose(1, 2)  # (B, D, G, G) -> (B, G*G, D)
 
 
+#: shift patterns of `ShiftedPatchEmbed`, as (dy, dx) per shifted copy in the order the copies are stacked:
+#: copy pixel (i, j) = image pixel (i - dy, j - dx), zero where that falls outside (the content moves by
+#: (dy, dx)); `s` is the pattern's shift in pixels.
+SPT_SHIFTS = {
+    # one pixel right, left, down, up: vit-pytorch's F.pad(x, shift) with shift = (1, -1, 0, 0), (-1, 1, 0, 0),
+    # (0, 0, 1, -1), (0, 0, -1, 1) (`vit_for_small_dataset.SPT`, the `vit_small` of the reversible/BDIA project)
+    "axis": lambda s: ((0, s), (0, -s), (s, 0), (-s, 0)),
+    # half a patch on the diagonals, the paper's official code (aanna0701/SPT_LSA_ViT `models/SPT.py`
+    # PatchShifting): x_lu, x_ru, x_lb, x_rb crop the padded image at its top-left, top-right, bottom-left and
+    # bottom-right, so the content moves right-down, left-down, right-up and left-up
+    "diagonal": lambda s: ((s, s), (s, -s), (-s, s), (-s, -s)),
+}
+
+
 class ShiftedPatchEmbed(TokenGrid):
     """Shifted Patch Tokenization (Lee et al., "Vision Transformer for Small-Size Datasets", arXiv 2112.13492,
-    eq. 1-2): the image and its four diagonal shifts by half a patch (zero-filled) are stacked on the channel
-    axis, patchified, and each patch goes through LayerNorm then Linear:
+    eq. 1-2): the image and four shifted copies of it (zero-filled) are stacked on the channel axis,
+    patchified, and each patch goes through LayerNorm then Linear:
 
-        S = [I; I_lu; I_ru; I_lb; I_rb]  (B, 5C, H, W),   tokens = Linear(LN(P(S)))   P: P x P patches, flattened
+        S = [I; I_1; I_2; I_3; I_4]  (B, 5C, H, W),   tokens = Linear(LN(P(S)))   P: P x P patches, flattened
 
     so every token already sees its neighbours' border pixels (a wider receptive field for small images).
-    A patch is flattened in (channel, row, column) order, like the Conv2d weight of `PatchEmbed`.
+    `shifts` picks the copies (`SPT_SHIFTS`): "axis", one pixel right, left, down and up, as vit-pytorch's
+    `vit_for_small_dataset.SPT` (what `vit_small` users know; `model.patch_embed=spt`), or "diagonal", half a
+    patch on the four diagonals, the paper's form (`model.patch_embed=spt_paper`; at patch size 1, one pixel).
+
+    A patch is flattened as both originals' `Rearrange('b c (h p1) (w p2) -> b (h w) (p1 p2 c)')`: row, column,
+    then channel (copy-major: channel index = copy * C + c), so `norm` and `proj` take their weights as they
+    are (vit-pytorch's `to_patch_tokens.1/.2`, the paper's `merging.1/.2`). LayerNorm and Linear commute with
+    a fixed permutation of the patch vector, so any layout is the same function class; only checkpoints care.
     """
 
-    def __init__(self, img_size: int, patch_size: int, in_chans: int, embed_dim: int):
+    def __init__(self, img_size: int, patch_size: int, in_chans: int, embed_dim: int, shifts: str = "axis"):
         super().__init__(img_size, patch_size)
-        self.shift = max(patch_size // 2, 1)
+        if shifts not in SPT_SHIFTS:
+            raise ValueError(f"unknown shift pattern {shifts!r}; choose one of {', '.join(SPT_SHIFTS)}")
+        self.shifts = shifts
+        self.shift = 1 if shifts == "axis" else max(patch_size // 2, 1)  # pixels
         patch_dim = 5 * in_chans * patch_size ** 2
-        self.norm = nn.LayerNorm(patch_dim)
+        self.norm = nn.LayerNorm(patch_dim)  # torch's eps (1e-5), as both originals
         self.proj = nn.Linear(patch_dim, embed_dim)
 
     def shifted(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, C, H, W) -> (B, 5C, H, W): the image, then its left-up, right-up, left-down, right-down shifts."""
+        """(B, C, H, W) -> (B, 5C, H, W): the image, then its four shifted copies (`SPT_SHIFTS`)."""
         s, (H, W) = self.shift, x.shape[-2:]
         padded = F.pad(x, (s, s, s, s))  # (B, C, H+2s, W+2s)
-        # the content moves by (dy, dx): output pixel (i, j) reads input pixel (i - dy, j - dx)
-        views = [padded[..., s - dy:s - dy + H, s - dx:s - dx + W] for dy, dx in ((-s, -s), (-s, s), (s, -s), (s, s))]
+        views = [padded[..., s - dy:s - dy + H, s - dx:s - dx + W] for dy, dx in SPT_SHIFTS[self.shifts](s)]
         return torch.cat([x, *views], dim=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -104,9 +129,10 @@ class ShiftedPatchEmbed(TokenGrid):
         B, C = x.shape[:2]
         P, G = self.patch_size, self.grid_size
         x = self.shifted(x)  # (B, 5C, H, W)
-        x = x.reshape(B, 5 * C, G, P, G, P).permute(0, 2, 4, 1, 3, 5).reshape(B, G * G, 5 * C * P * P)  # (B, N, 5CP^2)
+        x = x.reshape(B, 5 * C, G, P, G, P).permute(0, 2, 4, 3, 5, 1).reshape(B, G * G, P * P * 5 * C)  # (p1 p2 c)
         return self.proj(self.norm(x))  # (B, N, D)
 
 
 #: patch embeddings by the name `model.patch_embed` takes
-PATCH_EMBEDS = {"patch": PatchEmbed, "conv": ConvStem, "spt": ShiftedPatchEmbed}
+PATCH_EMBEDS = {"patch": PatchEmbed, "conv": ConvStem, "spt": ShiftedPatchEmbed,
+                "spt_paper": partial(ShiftedPatchEmbed, shifts="diagonal")}

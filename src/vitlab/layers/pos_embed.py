@@ -25,8 +25,12 @@ def resample_pos_embed(pos_embed: torch.Tensor, new_grid: int, num_prefix_tokens
 
 def sincos_2d(coords: torch.Tensor, dim: int) -> torch.Tensor:
     """Sinusoidal encoding of 2-D points, (..., 2) as [x, y] -> (..., dim):
-    [sin(x w), cos(x w), sin(y w), cos(y w)] with w_j = 10000^(-2j / (dim/2)), j < dim/4 (dim % 4 == 0)."""
-    j = torch.arange(dim // 4, device=coords.device, dtype=torch.float32)
+    [sin(x w), cos(x w), sin(y w), cos(y w)] with w_j = 10000^(-2j / (dim/2)), j < dim/4 (dim % 4 == 0).
+
+    Computed in the coords' dtype when it is float32 or float64 (a float64 model gets a float64 code), else
+    (integer, float16, bfloat16 coords) in float32; the caller casts the result to its tokens' dtype."""
+    dtype = coords.dtype if coords.dtype in (torch.float32, torch.float64) else torch.float32
+    j = torch.arange(dim // 4, device=coords.device, dtype=dtype)
     omega = 10000.0 ** (-2.0 * j / (dim / 2))  # (dim/4,)
-    x, y = coords[..., :1].float() * omega, coords[..., 1:].float() * omega
+    x, y = coords[..., :1].to(dtype) * omega, coords[..., 1:].to(dtype) * omega
     return torch.cat([x.sin(), x.cos(), y.sin(), y.cos()], dim=-1)
