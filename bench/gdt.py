@@ -31,19 +31,18 @@ COLUMNS = ["run", "arm", "task", "tokens", "top1", "miou", "dice", "gflops", "gf
 
 def arm(model) -> str:
     """uniform p=P, or GDT | random tree | content quadtree (its cell sizes) with its leaf positions."""
-    if hasattr(model, "groups"):
-        kind = "random tree" if model.stages[0].scorer == "random" else "GDT"
-        return f"{kind} ({model.leaf_pos})"
-    if model.tokenizer is not None:
-        sizes = model.tokenizer.sizes
-        return f"content quadtree {sizes[0]}-{sizes[-1]} px ({model.leaf_pos})"
-    return f"uniform p={model.patch_embed.patch_size}"
+    tokenizer = model.tokenizer
+    if tokenizer.fixed_layout:
+        return f"uniform p={tokenizer.patch_size}"
+    if hasattr(tokenizer, "stages"):
+        kind = "random tree" if tokenizer.stages[0].scorer == "random" else "GDT"
+        return f"{kind} ({model.leaf_positions.kind})"
+    sizes = tokenizer.sizes
+    return f"content quadtree {sizes[0]}-{sizes[-1]} px ({model.leaf_positions.kind})"
 
 
 def tokens(model) -> int:
-    if hasattr(model, "groups"):
-        return sum(model.groups)
-    return model.tokenizer.tokens if model.tokenizer is not None else model.patch_embed.num_patches
+    return model.tokenizer.num_tokens
 
 
 def tree_gflops(model, image: torch.Tensor) -> float:
@@ -90,7 +89,7 @@ def main() -> None:
         if not row["arm"].startswith("uniform"):  # where the tree put the tokens
             with torch.inference_mode():
                 shown = x[:4]
-                boxes = model.embed_with_boxes(shown)[1]
+                boxes = model.tokenize(shown).boxes
                 preds = model(shown).argmax(1) if row["task"] == "segment" else None
             figures[f"leaves_{row['run'].replace('/', '_')}"] = leaves_figure(
                 shown, boxes, f"{row['run']}: {row['arm']}, {row['tokens']} tokens",

@@ -5,8 +5,10 @@ import torch.nn.functional as F
 
 import vitlab
 from vitlab.errors import VitlabError
-from vitlab.layers.quadtree import LeafGroup, QuadtreeTokenizer, paint, patchify, resize_leaves, split_children
-from vitlab.models.gdt_vit import plan_tokens
+from vitlab.layers.learned_quadtree import plan_tokens
+from vitlab.layers.quadtree import LeafGroup, QuadtreeTokenizer, patchify, resize_leaves, split_children
+from vitlab.layers.segment_head import paint
+from vitlab.registry import model_args
 
 TINY = dict(embed_dim=32, depth=2, num_heads=2, stage_depth=1, num_classes=5)
 
@@ -76,7 +78,7 @@ def test_zero_splits_equal_uniform_patching_and_the_plain_vit():
         plain = vitlab.create_model("vit_micro_patch2_8", img_size=32, patch_size=8, embed_dim=32, depth=2,
                                     num_heads=2, num_classes=5).eval()
         missing, unexpected = plain.load_state_dict(model.state_dict(), strict=False)
-        assert not missing and all(k.startswith("stages.") for k in unexpected)
+        assert not missing and all(k.startswith("patch_embed.stages.") for k in unexpected)
         torch.testing.assert_close(model(x), plain(x), atol=1e-5, rtol=1e-5)
 
 
@@ -84,8 +86,8 @@ def test_full_split_equals_the_finest_uniform_grid_up_to_a_permutation():
     model = gdt(stages=[(16, 8, 1.0), (8, 4, 1.0)], patch_size=4)
     x = images()
     with torch.no_grad():
-        tree = model.grow(x)
-        tokens = model.embed_tree(tree)[:, 1:] - model.pos_embed[:, 1:]
+        t = model.tokenize(x)
+        tree, tokens = t.tree, t.tokens
         proj = model.patch_embed.proj
         grid = F.conv2d(x, proj.weight, proj.bias, stride=4).flatten(2).transpose(1, 2)  # (B, 64, D) raster
     boxes = tree.boxes
@@ -115,7 +117,7 @@ def test_straight_through_gate_is_one_forward_and_leaves_do_not_depend_on_logits
     model.eval()
     before = model.grow(x)
     with torch.no_grad():  # logits x 3: the same top-k, other softmax weights behind the gates
-        for stage in model.stages:
+        for stage in model.tokenizer.stages:
             stage.selector.weight.mul_(3.0)
             stage.selector.bias.mul_(3.0)
     after = model.grow(x)
@@ -128,10 +130,10 @@ def test_straight_through_gate_is_one_forward_and_leaves_do_not_depend_on_logits
 def test_selector_gradient_is_alive_and_absent_without_splits(scorer):
     model = gdt(scorer=scorer).train()
     F.cross_entropy(model(images()), torch.arange(3)).backward()
-    assert all(s.selector.weight.grad is not None and s.selector.weight.grad.abs().sum() > 0 for s in model.stages)
+    assert all(s.selector.weight.grad is not None and s.selector.weight.grad.abs().sum() > 0 for s in model.tokenizer.stages)
     still = gdt(stages=[(8, 4, 0.0)], patch_size=8).train()
     F.cross_entropy(still(images()), torch.arange(3)).backward()
-    assert still.stages[0].selector.weight.grad is None
+    assert still.tokenizer.stages[0].selector.weight.grad is None
 
 
 def test_eval_is_deterministic_sorted_and_noise_free():
@@ -141,12 +143,12 @@ def test_eval_is_deterministic_sorted_and_noise_free():
         a, tree = model.forward_with_tree(x)
         assert torch.equal(a, model(x))
         pixels, coords = patchify(x, 16)
-        logits = model.stages[0].logits(pixels, coords)
-    expected = logits.topk(model.stages[0].k, dim=1).indices.sort(dim=1).values
+        logits = model.tokenizer.stages[0].logits(pixels, coords)
+    expected = logits.topk(model.tokenizer.stages[0].k, dim=1).indices.sort(dim=1).values
     assert torch.equal(tree.selections[0], expected)
     for selected in tree.selections:
         assert (selected[:, 1:] > selected[:, :-1]).all()
-    model.eval_gumbel = True  # the original's noisy inference, on request
+    model.tokenizer.eval_gumbel = True  # the original's noisy inference, on request
     with torch.no_grad():
         assert not torch.equal(model(x), model(x))
 
@@ -189,7 +191,7 @@ def test_painting_inverts_leaf_extraction_for_leaf_constant_masks():
     model = gdt()
     tree = model.grow(images())
     labels = torch.randint(1, 10, tree.boxes.shape[:2]).float()  # one value per leaf
-    mask = paint(labels[:, :, None, None, None].expand(-1, -1, 1, 4, 4), tree.boxes, model.sizes, 32)[:, 0]
+    mask = paint(labels[:, :, None, None, None].expand(-1, -1, 1, 4, 4), tree.boxes, model.tokenizer.sizes, 32)[:, 0]
     assert (mask > 0).all()  # every pixel painted
     for b in range(3):
         for (x, y, s), value in zip(tree.boxes[b].long().tolist(), labels[b]):
@@ -242,7 +244,7 @@ def test_grid_positions_are_the_plain_vits_at_the_grid_budget_and_box_means_else
         torch.testing.assert_close(tree(x), plain(x))
         grid = tree.pos_embed[:, 1:]
         coords = torch.tensor([[[16.0, 0.0], [8.0, 24.0], [28.0, 4.0]]])  # a 16, an 8 and a 4 px leaf
-        got = tree.pooled_positions(grid, coords, torch.tensor([[0, 1, 2]]))[0]
+        got = tree.leaf_positions.pooled(grid, coords, torch.tensor([[0, 1, 2]]))[0]
         rows = grid[0].reshape(8, 8, -1)  # (row, column) of 4 px cells
         want = [rows[0:4, 4:8].mean((0, 1)), rows[6:8, 2:4].mean((0, 1)), rows[1, 7]]
         for g, w in zip(got, want):
@@ -255,7 +257,7 @@ def test_content_quadtree_spends_its_budget_on_the_content(score):
     for b, (r, c) in enumerate([(4, 8), (30, 30), (40, 2)]):
         x[b, :, r:r + 20, c:c + 20] = torch.rand(20, 20, generator=torch.Generator().manual_seed(b))
     x[0, :, 48:, 48:] = 0.7  # a flat root cell: no edges or variance inside, so it stays one leaf
-    tokenizer = QuadtreeTokenizer(64, 4, 52, 16, 4, score)
+    tokenizer = QuadtreeTokenizer(64, 4, 1, 16, 52, 16, 4, score)
     leaves, boxes = tokenizer(x)
     assert leaves.shape == (3, 52, 16) and boxes.shape == (3, 52, 3)
     ys, xs = torch.meshgrid(torch.arange(64), torch.arange(64), indexing="ij")
@@ -292,13 +294,13 @@ def test_quadtree_tokenizer_works_for_the_families_and_rejects_bad_budgets():
         vitlab.create_model("vit_micro_patch4_32", tokenizer="quadtree", tokens=24, quadtree_sizes=(16, 4))
     with pytest.raises(VitlabError, match="transition=linear"):
         vitlab.create_model("staged_vit_patch4_32", tokenizer="quadtree", transition="pool")
-    with pytest.raises(VitlabError, match="patch_embed"):
+    with pytest.raises(VitlabError, match="patch_embed=conv and model.tokenizer=quadtree"):
         vitlab.create_model("vit_micro_patch4_32", tokenizer="quadtree", patch_embed="conv")
 
 
 def test_random_tree_has_the_same_shape_and_no_scorer():
     model = gdt(scorer="random")
-    assert not any(n.startswith("stages.") for n, _ in model.named_parameters())
+    assert not any(n.startswith("patch_embed.stages.") for n, _ in model.named_parameters())
     x = images()
     with torch.no_grad():
         a, b = model.grow(x), model.grow(x)  # uniform draws, also at inference (a baseline, not a model)
@@ -308,12 +310,37 @@ def test_random_tree_has_the_same_shape_and_no_scorer():
 
 
 @pytest.mark.parametrize("kw", [dict(name="gdt_vit_tiny_64", leaf_pos="coords"),
-                                dict(name="gdt_vit_tiny_64", task="segment"),
+                                dict(name="gdt_vit_tiny_64", head="segment"),
                                 dict(name="vit_micro_patch4_32", img_size=64, tokenizer="quadtree", tokens=52,
-                                     quadtree_sizes=(16, 4), task="segment")])
+                                     quadtree_sizes=(16, 4), task="segment")])  # the old spelling of head
 def test_run_logs_can_count_flops_of_quadtree_models(kw):
     """The trainer counts a forward pass on the meta device: every quadtree path must run there."""
     from vitlab.stats import forward_gflops
     kw = dict(kw)
     model = vitlab.create_model(kw.pop("name"), in_chans=1, **kw)
     assert forward_gflops(model) > 0
+
+
+def test_without_qkv_bias_as_the_original_classifier():
+    """The original's attention has qkv = Linear(D, 3D, bias=False); its preset says so, and building one
+    initialises (the learned tree's init used to zero-fill the missing bias)."""
+    model = gdt(qkv_bias=False)
+    assert all(b.attn.qkv.bias is None for b in model.blocks)
+    assert model_args("gdt_vit_base_256")["qkv_bias"] is False
+    assert model(images()).shape == (3, 5)
+
+
+def test_torch_stage_encoder_is_the_originals_post_norm_relu_layer():
+    """stage_encoder=torch: each level scores with torch's TransformerEncoderLayer (post-norm, ReLU, dropout
+    0.1), as the original; the tree still tiles the image and the scorer still gets a gradient."""
+    model = gdt(stage_encoder="torch").train()
+    stage = model.tokenizer.stages[0]
+    layer = stage.blocks[0]
+    assert isinstance(layer, torch.nn.TransformerEncoderLayer) and not layer.norm_first
+    assert layer.activation is F.relu or getattr(layer, "activation_relu_or_gelu", 0) == 1
+    assert stage.norm.eps == 1e-5 and stage.input_drop.p == 0.1
+    x = images()
+    logits, tree = model.forward_with_tree(x)
+    logits.sum().backward()
+    assert leaf_crops_match(x, tree)
+    assert stage.selector.weight.grad.abs().sum() > 0

@@ -75,5 +75,5 @@ def test_conv_stem_reaches_the_patch_grid(img, patch, channels):
 def test_conv_stem_rejects_an_unreachable_grid():
     with pytest.raises(VitlabError, match="conv stem halves 224 px to 14, not to the 16-token grid"):
         vitlab.create_model("vit_huge_patch14_224", patch_embed="conv", depth=1)
-    with pytest.raises(VitlabError, match="unknown patch_embed 'convnext'"):
+    with pytest.raises(VitlabError, match="unknown tokenizer 'convnext'"):
         vitlab.create_model("vit_micro_patch7_28", stem="convnext")  # the old spelling of the argument

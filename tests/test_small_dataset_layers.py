@@ -1,5 +1,6 @@
 """Shifted Patch Tokenization and Locality Self-Attention (Lee et al., arXiv 2112.13492) against the paper's
-formulas, as swaps of any family, and seed 003's names built with them."""
+formulas, as swaps of any family, and the reversible/BDIA project's names built with them (the one-pixel
+shifts themselves: tests/test_fidelity.py)."""
 import math
 
 import pytest
@@ -8,30 +9,6 @@ import torch.nn.functional as F
 
 import vitlab
 from vitlab.layers import LocalitySelfAttention, ShiftedPatchEmbed
-
-
-def shift(x, dy, dx):
-    """The image moved by (dy, dx) pixels, zeros where nothing moved in (the paper's spatial shift)."""
-    out = torch.zeros_like(x)
-    H, W = x.shape[-2:]
-    out[..., max(dy, 0):H + min(dy, 0), max(dx, 0):W + min(dx, 0)] = x[..., max(-dy, 0):H - max(dy, 0),
-                                                                        max(-dx, 0):W - max(dx, 0)]
-    return out
-
-
-def test_spt_is_layernorm_linear_of_the_image_and_its_four_diagonal_half_patch_shifts():
-    torch.manual_seed(0)
-    spt = ShiftedPatchEmbed(img_size=8, patch_size=4, in_chans=3, embed_dim=16)
-    x = torch.randn(2, 3, 8, 8)
-    s = 2  # half a patch
-    stacked = torch.cat([x, shift(x, -s, -s), shift(x, -s, s), shift(x, s, -s), shift(x, s, s)], dim=1)  # (2, 15, 8, 8)
-    patches = F.unfold(stacked, kernel_size=4, stride=4).transpose(1, 2)  # (2, 4, 15*16): (c, row, col) order
-    expected = spt.proj(F.layer_norm(patches, (patches.shape[-1],), spt.norm.weight, spt.norm.bias))
-    torch.testing.assert_close(spt(x), expected)
-    # a token sees half a patch beyond its own border: the top-left token changes when pixel (5, 5) does
-    x2 = x.clone()
-    x2[..., 5, 5] += 1
-    assert not torch.allclose(spt(x2)[:, 0], spt(x)[:, 0])
 
 
 def test_lsa_is_masked_softmax_with_a_learned_temperature():
@@ -55,7 +32,7 @@ def test_lsa_is_masked_softmax_with_a_learned_temperature():
 
 @pytest.mark.parametrize("family", ["vit", "rev_vit", "bdia_vit", "momentum_vit", "diff_vit"])
 def test_spt_is_a_swap_of_any_family(family):
-    model = vitlab.create_model(f"{family}_micro_patch4_28", depth=2, in_chans=1, patch_embed="spt",
+    model = vitlab.create_model(f"{family}_micro_patch4_28", depth=2, in_chans=1, tokenizer="spt",
                                 attn_layer="lsa" if family != "diff_vit" else "diff").train()
     assert isinstance(model.patch_embed, ShiftedPatchEmbed)
     model(torch.randn(2, 1, 28, 28)).sum().backward()
@@ -63,12 +40,13 @@ def test_spt_is_a_swap_of_any_family(family):
 
 
 @pytest.mark.parametrize("name", ["vit_small", "vit_small_reverse", "vit_small_bdia", "vit_small_momentum"])
-def test_seed003_names_are_the_seeds_architecture(name):
+def test_small_dataset_names_are_the_originals_architecture(name):
     model = vitlab.create_model(name, depth=2, img_size=28, num_classes=7, in_chans=1).train()
-    assert isinstance(model.patch_embed, ShiftedPatchEmbed)
+    assert isinstance(model.patch_embed, ShiftedPatchEmbed) and model.patch_embed.shifts == "axis"
     assert all(isinstance(b.attn, LocalitySelfAttention) and b.attn.qkv.bias is None for b in model.blocks)
+    assert model.blocks[0].norm1.eps == model.norm.eps == 1e-5  # torch's default, as the original
     assert len(model.blocks) == 2 and model.embed_dim == 512 and model.patch_embed.patch_size == 4
     assert model.blocks[0].mlp.fc1.out_features == 512  # MLP width 512 (ratio 1)
     model(torch.randn(2, 1, 28, 28)).sum().backward()
-    plain = vitlab.create_model(name, depth=2, patch_embed="patch", attn_layer="mhsa", qkv_bias=True)
+    plain = vitlab.create_model(name, depth=2, tokenizer="patch", attn_layer="mhsa", qkv_bias=True)
     assert type(plain.patch_embed).__name__ == "PatchEmbed"  # the plain-layer versions stay available

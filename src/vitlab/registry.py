@@ -82,7 +82,29 @@ def model_entry(name: str) -> ModelEntry:
 
 
 #: old argument spellings still accepted -> the current name
-ARG_ALIASES = {"stem": "patch_embed", "target_leaf_size": "patch_size"}
+ARG_ALIASES = {"target_leaf_size": "patch_size", "task": "head"}
+#: old spellings of the tokenizer; `spt` there meant the SPT paper's half-patch diagonal shifts
+OLD_TOKENIZER_KEYS, OLD_TOKENIZER_VALUES = ("stem", "patch_embed"), {"spt": "spt_paper"}
+#: arguments that saved runs record with every value, dropped where a builder no longer takes them and the
+#: value is the one the builder implies (a GDT-ViT run's `tokenizer: patch`)
+IMPLIED = {"tokenizer": "patch", "tokens": None, "quadtree_sizes": None, "quadtree_score": "edge", "head": "classify"}
+
+
+def _current_spelling(overrides: dict[str, Any]) -> dict[str, Any]:
+    """Old argument spellings -> today's: `task` -> `head`; `patch_embed` / `stem` -> `tokenizer` (a run
+    saved both `patch_embed` and `tokenizer`: the one that is not the plain patch grid wins)."""
+    out = {ARG_ALIASES.get(k, k): v for k, v in overrides.items() if k not in OLD_TOKENIZER_KEYS}
+    for key in OLD_TOKENIZER_KEYS:
+        old = overrides.get(key)
+        if old is None:
+            continue
+        new = out.get("tokenizer")
+        if new is None or new == "patch":  # the old spelling alone (or beside the default): it chooses
+            out["tokenizer"] = OLD_TOKENIZER_VALUES.get(old, old) if old != "patch" or new is None else new
+        elif old != "patch":
+            raise VitlabError(f"model.{key}={old} and model.tokenizer={new} both choose the tokenizer ({key} is "
+                              f"its old name); keep model.tokenizer alone")
+    return out
 
 
 def builder_parameters(builder: Callable[..., nn.Module]) -> dict[str, inspect.Parameter]:
@@ -122,9 +144,11 @@ def model_args(name: str, **overrides: Any) -> dict[str, Any]:
     """The full keyword arguments `create_model(name, **overrides)` would build with, validated."""
     entry = model_entry(name)
     params = builder_parameters(entry.builder)
-    overrides = {ARG_ALIASES.get(k, k): v for k, v in overrides.items() if v is not None}
-    for key in overrides:
-        if key not in params:
+    overrides = _current_spelling({k: v for k, v in overrides.items() if v is not None})
+    for key in list(overrides):
+        if key not in params and key in IMPLIED and overrides[key] == IMPLIED[key]:
+            del overrides[key]
+        elif key not in params:
             raise VitlabError(f"model '{entry.name}' has no argument '{key}'{did_you_mean(key, params)}")
     args = {k: p.default for k, p in params.items() if p.default is not inspect.Parameter.empty
             and isinstance(p.default, (int, float, str, bool, tuple, type(None)))}

@@ -12,15 +12,31 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .tokenizer import TokenSet, Tokenizer, lecun_normal_, project
 
-class TokenGrid(nn.Module):
-    """What every patch embedding shares: an S x S image becomes a (S/P) x (S/P) grid of tokens."""
+
+class TokenGrid(Tokenizer):
+    """What every patch embedding shares: an S x S image becomes a (S/P) x (S/P) grid of tokens, in raster
+    order, each token's box its patch (the same for every image: `fixed_layout`)."""
+    fixed_layout = True
 
     def __init__(self, img_size: int, patch_size: int):
         super().__init__()
         self.img_size, self.patch_size = img_size, patch_size
         self.grid_size = img_size // patch_size
-        self.num_patches = self.grid_size ** 2
+        self.num_patches = self.num_tokens = self.grid_size ** 2
+        self.sizes = [patch_size]
+        r, c = torch.meshgrid(torch.arange(self.grid_size), torch.arange(self.grid_size), indexing="ij")
+        boxes = torch.stack([c * patch_size, r * patch_size, torch.full_like(r, patch_size)], -1)  # (G, G, 3)
+        self.register_buffer("boxes", boxes.reshape(-1, 3).float(), persistent=False)  # (N, 3)
+        self.register_buffer("levels", torch.zeros(self.num_tokens, dtype=torch.long), persistent=False)
+
+    def tokenize(self, x: torch.Tensor) -> TokenSet:
+        return TokenSet(self(x), self.boxes.expand(len(x), -1, -1), self.levels)
+
+    def init_weights(self) -> None:
+        lecun_normal_(self.proj.weight)
+        nn.init.zeros_(self.proj.bias)
 
     def check(self, x: torch.Tensor) -> None:
         H, W = x.shape[-2:]
@@ -38,7 +54,7 @@ class PatchEmbed(TokenGrid):
         B, C = x.shape[:2]
         P, G = self.patch_size, self.grid_size
         x = x.reshape(B, C, G, P, G, P).permute(0, 2, 4, 1, 3, 5).reshape(B, G * G, C * P * P)  # (B, N, C*P*P)
-        return F.linear(x, self.proj.weight.reshape(self.proj.out_channels, -1), self.proj.bias)  # (B, N, D)
+        return project(self.proj, x)  # (B, N, D)
 
 
 class ConvStem(TokenGrid):
@@ -69,6 +85,12 @@ class ConvStem(TokenGrid):
             c_in = c_out
         self.stem = nn.Sequential(*layers)
         self.proj = nn.Conv2d(c_in, embed_dim, kernel_size=1)
+
+    def init_weights(self) -> None:
+        super().init_weights()
+        for m in self.stem.modules():  # He init for the ReLU convs (BN starts at identity)
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self.check(x)

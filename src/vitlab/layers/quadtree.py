@@ -1,5 +1,5 @@
 """Quadtree geometry over batches of images: square patches with their boxes, split into children, resized to
-one leaf size, and painted back (the inverse, for per-leaf predictions such as segmentation masks).
+one leaf size; and the content quadtree tokenizer. (Painting per-leaf predictions back: `segment_head.paint`.)
 
 A patch's pixels are flattened in (channel, row, column) order, the order of a Conv2d(C, D, p, p) weight
 viewed as (D, C*p*p) and of `nn.Unfold`; boxes are (x, y, size) with (x, y) the top-left pixel, x the column.
@@ -7,13 +7,14 @@ viewed as (D, C*p*p) and of `nn.Unfold`; boxes are (x, y, size) with (x, y) the 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal, Sequence
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..errors import VitlabError
+from .tokenizer import TokenSet, Tokenizer, lecun_normal_, project
 
 
 @dataclass
@@ -60,40 +61,22 @@ def resize_leaves(group: LeafGroup, target: int, channels: int, antialias: bool 
     return x.reshape(B, n, channels * target * target)
 
 
-def paint(values: torch.Tensor, boxes: torch.Tensor, sizes: Sequence[int], image_size: int,
-          mode: str = "nearest") -> torch.Tensor:
-    """Per-leaf predictions back into their boxes (the inverse of leaf extraction, the seed's "deserialize"):
-    values (B, T, K, c, c), a c x c grid per leaf; boxes (B, T, 3) as (x, y, size), each size one of `sizes`
-    (size 0: padding, painted nowhere) -> (B, K, H, W). One scatter per leaf size, none per leaf: every leaf
-    is resized to that size and the ones of another size write to a spare pixel."""
-    B, T, K, c = values.shape[:4]
-    H = image_size
-    out = values.new_zeros(B, K, H * H + 1)  # the last pixel takes the writes of leaves of other sizes
-    xy, size = boxes[..., :2].long(), boxes[..., 2]
-    for s in sizes:
-        v = values.reshape(B * T, K, c, c)
-        v = v if s == c else F.interpolate(v, size=(s, s), mode=mode)
-        v = v.reshape(B, T, K, s * s).permute(0, 2, 1, 3).reshape(B, K, T * s * s)
-        r, q = torch.meshgrid(torch.arange(s, device=values.device), torch.arange(s, device=values.device),
-                              indexing="ij")
-        pixel = (xy[..., 1:] + r.reshape(1, 1, -1)) * H + xy[..., :1] + q.reshape(1, 1, -1)  # (B, T, s*s)
-        pixel = torch.where((size == s)[..., None], pixel, H * H)
-        out.scatter_(2, pixel.reshape(B, 1, -1).expand(B, K, -1), v)
-    return out[..., :H * H].reshape(B, K, H, H)
+class QuadtreeTokenizer(Tokenizer):
+    """A content quadtree with a fixed budget of leaves (the GDT-ViT project's "image pre-processing" form,
+    made deterministic and batched in torch): from a grid of `root` px cells, repeatedly split the leaf of
+    highest score into its four children (ties within 1e-5: the larger cell first, so a flat image splits
+    evenly), down to cells of `min_size` px, until there are `tokens` leaves. Every leaf is resized (bilinear)
+    to `patch` px and embedded by the patch projection `proj`, a Conv2d(C, D, patch, patch) as the patch grid's,
+    so a quadtree whose leaves are all `patch` px is the patch grid. Scores, on the grey image: `edge`, the
+    sum of |horizontal| + |vertical| differences inside the cell; `variance`, the sum of squared deviations
+    from the cell's mean. Each split adds three leaves, so `tokens` = roots + 3 k exactly: no padding, and the
+    budget is always spent."""
 
-
-class QuadtreeTokenizer(nn.Module):
-    """A content quadtree with a fixed budget of leaves (the seed's "image pre-processing" form, made
-    deterministic and batched in torch): from a grid of `root` px cells, repeatedly split the leaf of highest
-    score into its four children (ties within 1e-5: the larger cell first, so a flat image splits evenly),
-    down to cells of `min_size` px, until there are `tokens` leaves. Every leaf is resized (bilinear) to
-    `patch` px. Scores, on the grey image: `edge`, the sum of |horizontal| + |vertical| differences inside the
-    cell; `variance`, the sum of squared deviations from the cell's mean. Each split adds three leaves, so
-    `tokens` = roots + 3 k exactly: no padding, and the budget is always spent."""
-
-    def __init__(self, img_size: int, patch: int, tokens: int | None, root: int, min_size: int,
-                 score: Literal["edge", "variance"] = "edge"):
+    def __init__(self, img_size: int, patch: int, in_chans: int, embed_dim: int, tokens: int | None, root: int,
+                 min_size: int, score: Literal["edge", "variance"] = "edge"):
         super().__init__()
+        self.img_size, self.patch_size = img_size, patch
+        self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch, stride=patch)
         levels = []
         size = root
         while size >= min_size and size >= 1:
@@ -110,6 +93,7 @@ class QuadtreeTokenizer(nn.Module):
                               f"adds 3 leaves, at most {finest}); choose {roots} + 3k, e.g. "
                               f"{roots + 3 * max(0, (tokens - roots) // 3)}")
         self.patch, self.tokens, self.score_kind, self.sizes = patch, tokens, score, levels
+        self.num_tokens = tokens
         self.splits = (tokens - roots) // 3
         # every cell of every level, level by level, raster order inside a level: (x, y, size), and its children
         boxes, children, offset = [], [], 0
@@ -143,6 +127,14 @@ class QuadtreeTokenizer(nn.Module):
             cell = pooled[0] if self.score_kind == "edge" else (pooled[1] - pooled[0].square()).clamp(min=0)
             scores.append(cell * s * s)  # sums over the cell
         return torch.cat(scores, dim=1)
+
+    def init_weights(self) -> None:
+        lecun_normal_(self.proj.weight)
+        nn.init.zeros_(self.proj.bias)
+
+    def tokenize(self, x: torch.Tensor) -> TokenSet:
+        leaves, boxes = self(x)  # (B, T, C*p*p), (B, T, 3)
+        return TokenSet(project(self.proj, leaves), boxes, self.level(boxes))
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, C, H, W) -> leaves resized to patch px (B, tokens, C*p*p) and their boxes (B, tokens, 3) as

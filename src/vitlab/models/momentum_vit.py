@@ -1,5 +1,5 @@
 """Momentum ViT: the reference blocks as a momentum residual network (Sander et al., arXiv 2102.07870),
-completing seed 003's unfinished `vit_small_momentum`.
+completing the reversible/BDIA project's unfinished `vit_small_momentum`.
 
 With f_k(x) = Block_k(x) - x (the block's attention-then-MLP residual) and v_0 = 0:
 

@@ -1,4 +1,4 @@
-"""Res-ViT: per-token, per-layer routing with low-rank residual approximators (seed 001's `res-vit/`).
+"""Res-ViT: per-token, per-layer routing with low-rank residual approximators (the Res-ViT project's `res-vit/`).
 
 Layers l < s0 are the reference blocks. From s0 on, layers form blocks of b; a router at each block's first
 layer gives every token b keep bits w_j (Gumbel straight-through in training, argmax in eval; the first R
@@ -141,8 +141,6 @@ class ResViT(VisionTransformer):
                               f"multiple of model.block_size={b}; change one of them")
         if not 0.0 < active_target <= 1.0:
             raise VitlabError(f"model.active_target must be in (0, 1], got {active_target}")
-        if self.task != "classify":
-            raise VitlabError("Res-ViT classifies (its routing losses follow the class token); use model.task=classify")
         if execution != "mask" and self.attn_layer_name != "mhsa":
             raise VitlabError(f"model.execution={execution} needs standard attention (attn_layer=mhsa); "
                               f"use model.execution=mask with attn_layer={self.attn_layer_name}")
@@ -292,10 +290,10 @@ class ResViT(VisionTransformer):
         return x
 
     def _run(self, x: torch.Tensor) -> tuple[torch.Tensor, _Trace]:
-        trace = _Trace()
-        for h in self._layers(self.embed(x), trace):
+        trace, tokens = _Trace(), self.tokenize(x)
+        for h in self._layers(self.embed_tokens(tokens), trace):
             pass
-        return self.forward_head(self.norm(h)), trace
+        return self.forward_head(self.norm(h), tokens), trace
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(logits, keep bits (B, dynamic layers, tokens) as bool): which tokens ran in each dynamic layer."""

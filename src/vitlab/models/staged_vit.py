@@ -1,16 +1,18 @@
-"""TowerViT vs stage-wise ViT (seed 004), with PiT-style pooling (Heo et al., arXiv 2103.16302) as an option.
+"""TowerViT vs stage-wise ViT (the TowerViT project), with PiT-style pooling (Heo et al., arXiv 2103.16302) as
+an option.
 
-A TowerViT keeps one width through the stack: it is the reference ViT, registered under seed 004's names.
+A TowerViT keeps one width through the stack: it is the reference ViT, registered under the TowerViT project's
+names.
 The staged ViT splits the blocks into stages of growing width W_1 < W_2 < ... (heads grow with width, the
 head size staying fixed). Between stages a transition maps the tokens to the next width:
 
-- `linear` (seed 004's "dynamic embedding dimension"): z <- z W_s for every token, the cls token included;
+- `linear` (the TowerViT project's "dynamic embedding dimension"): z <- z W_s for every token, the cls token included;
 - `pool` (PiT): the patch tokens, laid out as their G x G grid, go through a depthwise 3x3 stride-2 conv
   (channel multiplier W_{s+1}/W_s) that halves the grid; the cls token goes through a Linear.
 
 Blocks are numbered across stages (`blocks.0 ...`) and a one-stage model has no transitions, so it has the
 reference ViT's exact state dict: the tower is the one-stage case (tests/test_staged_vit.py).
-Seed 004's repository built a position embedding and never added it; ours adds it (at the input, as PiT).
+The TowerViT repository built a position embedding and never added it; ours adds it (at the input, as PiT).
 """
 from __future__ import annotations
 
@@ -71,9 +73,12 @@ class StagedViT(VisionTransformer):
             raise VitlabError(f"widths {widths} and depths {depths} must name the same number (>= 1) of stages")
         if transition not in TRANSITIONS:
             raise VitlabError(f"transition must be one of {', '.join(TRANSITIONS)}, got {transition!r}")
-        if transition == "pool" and kwargs.get("tokenizer", "patch") != "patch":
+        if transition == "pool" and kwargs.get("tokenizer", "patch") == "quadtree":
             raise VitlabError("pooling transitions pool a patch grid; a quadtree's leaves have none: use "
                               "model.transition=linear with model.tokenizer=quadtree")
+        if transition == "pool" and kwargs.get("head", "classify") == "segment" and len(widths) > 1:
+            raise VitlabError("pooling transitions merge tokens, whose boxes the segmentation head paints: use "
+                              "model.transition=linear with model.head=segment")
         if any(w % head_dim for w in widths):
             raise VitlabError(f"every stage width {widths} must be a multiple of head_dim {head_dim}")
         # plain attributes, read by the construction hooks that the reference constructor calls
@@ -85,7 +90,7 @@ class StagedViT(VisionTransformer):
     def _build_blocks(self, depth: int) -> nn.Sequential:
         """Blocks numbered across stages (`blocks.0 ...`), and the transitions between stages."""
         rates = drop_path_rates(self.drop_path_rate, depth)
-        blocks, transitions, grid = [], [], self.patch_embed.grid_size
+        blocks, transitions, grid = [], [], getattr(self.patch_embed, "grid_size", 0)  # no grid: linear only
         for s, width in enumerate(self.widths):
             blocks += [self._build_block(i, width, width // self.head_dim, rates[i])
                        for i in range(self.stage_ends[s] - self.depths[s], self.stage_ends[s])]
@@ -120,7 +125,8 @@ class StagedViT(VisionTransformer):
 
 
 def _register() -> None:
-    # seed 004: patch 4 on 32 px (CIFAR-10), widths 64 -> 128 -> 256 with heads 4/8/16, vs a constant-width tower
+    # the TowerViT project: patch 4 on 32 px (CIFAR-10), widths 64 -> 128 -> 256 with heads 4/8/16, vs a
+    # constant-width tower
     register_model("tower_vit_patch4_32", VisionTransformer, family="tower", img_size=32, patch_size=4,
                    embed_dim=128, depth=6, num_heads=8, num_classes=10)
     for name, transition in (("staged_vit_patch4_32", "linear"), ("pit_vit_patch4_32", "pool")):

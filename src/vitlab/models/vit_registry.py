@@ -1,7 +1,7 @@
 """ViT sizes and names, as data.
 
 Standard names follow timm (`vit_<size>_patch<P>_<res>`), the short names b16, l16, ... (the original ViT
-project's, which seed 001 reproduces) are aliases, and the
+project's) are aliases, and the
 small-image configs serve 8-32 px datasets (digits, MNIST, CIFAR).
 """
 from __future__ import annotations

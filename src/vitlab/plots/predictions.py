@@ -93,7 +93,7 @@ def segmentation_figure(checkpoint: str | Path, data_dir: str | None = None, n: 
     data = build_data(data_cfg, img_size=a["img_size"], in_chans=a["in_chans"])
     model.eval()
     x, y = next(iter(data.loader("test", n, 0)))
-    boxes = model.embed_with_boxes(x)[1]
+    boxes = model.tokenize(x).boxes
     return leaves_figure(x, boxes, f"{model.vitlab_name}: tokens, true and predicted masks", y,
                          model(x).argmax(dim=1), data.info.num_classes)
 
@@ -102,7 +102,7 @@ def prediction_figures(checkpoint: str | Path, data_dir: str | None = None) -> d
     stem = Path(checkpoint).resolve().name
     from ..train.checkpoint import read_metadata, resolve_checkpoint
     args = json.loads(read_metadata(resolve_checkpoint(checkpoint)).get("model_args", "{}"))
-    if args.get("task") == "segment":
+    if args.get("head", args.get("task")) == "segment":  # `task`: runs saved before the head had its name
         return {f"segmentation_{stem}": segmentation_figure(checkpoint, data_dir)}
     images, labels, preds, names, model = test_predictions(checkpoint, data_dir)
     return {f"predictions_{stem}": sample_grid_figure(images, labels, preds, names, model),
