@@ -78,10 +78,14 @@ def touches_digit(images: torch.Tensor, patch: int) -> torch.Tensor:
     return (F.max_pool2d(images[:, :1], patch) > background + 1e-3).flatten(1)
 
 
+def is_resvit(run) -> bool:
+    return str(run.results.get("architecture", "")).endswith("resvit")  # also diff_resvit
+
+
 def describe(run, args: dict) -> tuple[str, str]:
     """(arm, group) labels of a run from its model arguments and config."""
     lora = "LoRA" if run.config.get("lora", {}).get("rank") else "full FT"
-    if run.results.get("family") != "resvit":
+    if not is_resvit(run):
         depth = args.get("depth")
         return (f"ViT depth {depth}", "teacher" if run.path.name == "teacher" else f"depth cut, {lora}")
     arm = ("random" if args.get("routing") == "random"
@@ -165,7 +169,7 @@ def measure(run, test: tuple[torch.Tensor, torch.Tensor], n: int, reps: int,
                                                                                    run.results["params"])}
     images = test[0][:n]
     batch = images[:64]
-    if run.results.get("family") != "resvit":
+    if not is_resvit(run):
         row.update(gflops=gflops_per_image(model, images[:32]), ms_mask=ms_per_image(model, batch, reps))
         return row, None
     patch, grid = args["patch_size"], args["img_size"] // args["patch_size"]

@@ -25,7 +25,6 @@ class ModelEntry:
     name: str
     builder: Callable[..., nn.Module]
     defaults: dict[str, Any] = field(default_factory=dict)
-    family: str = "vit"
 
 
 _REGISTRY: dict[str, ModelEntry] = {}
@@ -33,11 +32,11 @@ _ALIASES: dict[str, str] = {}
 _ALIAS_NOTES: dict[str, str] = {}  # alias -> a line printed (once) when the alias is used
 
 
-def register_model(name: str, builder: Callable[..., nn.Module], family: str = "vit",
-                   aliases: tuple[str, ...] = (), **defaults: Any) -> None:
+def register_model(name: str, builder: Callable[..., nn.Module], aliases: tuple[str, ...] = (),
+                   **defaults: Any) -> None:
     if name in _REGISTRY or name in _ALIASES:
         raise RuntimeError(f"model name {name!r} registered twice")
-    _REGISTRY[name] = ModelEntry(name, builder, dict(defaults), family)
+    _REGISTRY[name] = ModelEntry(name, builder, dict(defaults))
     for alias in aliases:
         _ALIASES[alias] = name
 

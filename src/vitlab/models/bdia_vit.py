@@ -24,7 +24,7 @@ import torch
 
 from ..layers.reversible import InvertibleStack, Pass, State
 from .vit import VisionTransformer
-from .vit_registry import register_sizes
+from .sizes import register_sizes
 
 
 def quantize(y: torch.Tensor, bits: int) -> torch.Tensor:
@@ -68,7 +68,7 @@ def draw_gammas(seed: int | None, depth: int, x: torch.Tensor) -> torch.Tensor:
 
 class BDIAViT(InvertibleStack, VisionTransformer):
     """The reference ViT trained with BDIA; `bits` is l of Q_l. Eval (gamma = 0) is the quantised ViT."""
-    base_architecture = "bdia_vit"
+    _kind = "bdia_vit"
     draws_per_pass = True  # the gammas
 
     def __init__(self, *args: Any, bits: int = 9, **kwargs: Any):
@@ -121,4 +121,4 @@ class BDIAViT(InvertibleStack, VisionTransformer):
         return state[1]
 
 
-register_sizes("bdia_vit", BDIAViT, family="reversible")
+register_sizes("bdia_vit", BDIAViT)

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from ..registry import register_alias, register_model
 from .vit import VisionTransformer
-from .vit_registry import register_sizes
+from .sizes import register_sizes
 
 #: the study's protocols: (image size, patch, width, heads of the classic model, classes)
 PROTOCOLS = {"": (224, 8, 256, 8, 100), "bach_": (512, 16, 384, 6, 4)}
@@ -26,7 +26,7 @@ SCALES = {"": {"10m": (12, 4.0), "25m": (24, 6.0), "50m": (48, 6.0)},
 
 
 def _register() -> None:
-    register_sizes("diff_vit", VisionTransformer, family="diff_vit", heads=lambda h: max(h // 2, 1),
+    register_sizes("diff_vit", VisionTransformer, heads=lambda h: max(h // 2, 1),
                    attn_layer="diff")
     for proto, (img, patch, dim, heads, classes) in PROTOCOLS.items():
         for label, (depth, ratio) in SCALES[proto].items():
@@ -34,7 +34,7 @@ def _register() -> None:
                           num_classes=classes)
             for kind, attn, h in (("classic", "mhsa", heads), ("differential", "diff", heads // 2)):
                 name = f"vit_{kind}_{proto}{label}"
-                register_model(name, VisionTransformer, family="classic_vs_differential", num_heads=h, attn_layer=attn, **common)
+                register_model(name, VisionTransformer, num_heads=h, attn_layer=attn, **common)
                 register_alias(f"vit_{kind}_{proto}{label[:-1]}b", name,
                                note=f"the classic-vs-differential size label '{label[:-1]}B' means "
                                     f"~{label[:-1]}M parameters: "

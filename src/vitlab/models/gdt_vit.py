@@ -23,7 +23,7 @@ from .vit import VisionTransformer
 
 
 class GDTViT(VisionTransformer):
-    base_architecture = "gdt_vit"
+    _kind = "gdt_vit"
     derived_arguments = ("tokenizer", "tokens", "quadtree_sizes", "quadtree_score")  # the tree is learned
 
     def __init__(self, img_size: int = 256, patch_size: int = 16, in_chans: int = 3, embed_dim: int = 768,
@@ -67,11 +67,11 @@ def _stages_moved(state_dict: dict, prefix: str, *args: Any) -> None:
 def _register() -> None:
     # the original's default (configs/gdt_vit.yaml): 4 stages 32 -> 2 px at ratio 0.25, 4 layers each; a
     # 6-block classifier over 256 leaves resized to 16 px
-    register_model("gdt_vit_base_256", GDTViT, family="gdt_vit", img_size=256, patch_size=16, embed_dim=768,
+    register_model("gdt_vit_base_256", GDTViT, img_size=256, patch_size=16, embed_dim=768,
                    depth=6, num_heads=12, stage_depth=4, num_classes=1000, qkv_bias=False, norm_eps=1e-5,
                    stage_encoder="torch")
     # CPU scale (A.6): a 64 px canvas, 16 -> 8 -> 4 px, 12 + 8 + 32 = 52 tokens of 4 px
-    register_model("gdt_vit_tiny_64", GDTViT, family="gdt_vit", img_size=64, patch_size=4, embed_dim=64,
+    register_model("gdt_vit_tiny_64", GDTViT, img_size=64, patch_size=4, embed_dim=64,
                    depth=4, num_heads=4, stages=[[16, 8, 0.25], [8, 4, 0.5]], stage_depth=1, num_classes=10)
 
 

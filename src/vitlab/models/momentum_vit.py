@@ -20,11 +20,11 @@ import torch
 from ..errors import VitlabError
 from ..layers.reversible import InvertibleStack, Pass, State
 from .vit import VisionTransformer
-from .vit_registry import register_sizes
+from .sizes import register_sizes
 
 
 class MomentumViT(InvertibleStack, VisionTransformer):
-    base_architecture = "momentum_vit"
+    _kind = "momentum_vit"
 
     def __init__(self, *args: Any, beta: float = 0.9, **kwargs: Any):
         if not 0.0 < beta < 1.0:
@@ -53,4 +53,4 @@ class MomentumViT(InvertibleStack, VisionTransformer):
         return state[0]
 
 
-register_sizes("momentum_vit", MomentumViT, family="reversible")
+register_sizes("momentum_vit", MomentumViT)

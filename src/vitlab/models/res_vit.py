@@ -50,7 +50,7 @@ from ..layers.lora import linear_rows
 from ..layers.router import LowRankApproximators, TokenRouter
 from ..objective import ModelOutput
 from .vit import VisionTransformer
-from .vit_registry import register_sizes
+from .sizes import register_sizes
 
 
 def run_end(bits: torch.Tensor, j: int) -> torch.Tensor:
@@ -114,7 +114,7 @@ class _Trace:
 
 
 class ResViT(VisionTransformer):
-    base_architecture = "resvit"
+    _kind = "resvit"
     # GFLOPs in run logs and `vitlab models` are the full model's (every token active): counted on the meta
     # device, where data-dependent routing cannot run. Measured FLOPs of routed inference: bench/resvit.py.
     static_flops_args = {"execution": "mask", "routing": "learned"}
@@ -328,4 +328,4 @@ class ResViT(VisionTransformer):
         return losses, metrics
 
 
-register_sizes("resvit", ResViT, family="resvit")
+register_sizes("resvit", ResViT)

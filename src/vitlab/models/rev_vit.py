@@ -18,12 +18,12 @@ import torch
 
 from ..layers.reversible import InvertibleStack, Pass, State
 from .vit import VisionTransformer
-from .vit_registry import register_sizes
+from .sizes import register_sizes
 
 
 class RevViT(InvertibleStack, VisionTransformer):
     """The reference ViT with two reversible streams; same embedding and blocks, a 2D-wide head."""
-    base_architecture = "rev_vit"
+    _kind = "rev_vit"
 
     def _num_features(self) -> int:
         return 2 * self.embed_dim
@@ -47,4 +47,4 @@ class RevViT(InvertibleStack, VisionTransformer):
         return torch.cat(state, dim=-1)  # (B, N, 2D)
 
 
-register_sizes("rev_vit", RevViT, family="reversible")
+register_sizes("rev_vit", RevViT)

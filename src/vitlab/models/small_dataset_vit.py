@@ -20,4 +20,4 @@ SMALL_DATASET_VIT = dict(img_size=32, patch_size=4, embed_dim=512, depth=6, num_
 
 for name, builder in (("vit_small", VisionTransformer), ("vit_small_reverse", RevViT),
                       ("vit_small_bdia", BDIAViT), ("vit_small_momentum", MomentumViT)):
-    register_model(name, builder, family="small_dataset", **SMALL_DATASET_VIT)
+    register_model(name, builder, **SMALL_DATASET_VIT)

@@ -105,7 +105,7 @@ class StagedViT(VisionTransformer):
         return self.widths[-1]
 
     @property
-    def base_architecture(self) -> str:
+    def _kind(self) -> str:
         if len(self.widths) == 1:
             return "tower_vit"
         return "pit_vit" if self.transition == "pool" else "staged_vit"
@@ -127,16 +127,16 @@ class StagedViT(VisionTransformer):
 def _register() -> None:
     # the TowerViT project: patch 4 on 32 px (CIFAR-10), widths 64 -> 128 -> 256 with heads 4/8/16, vs a
     # constant-width tower
-    register_model("tower_vit_patch4_32", VisionTransformer, family="tower", img_size=32, patch_size=4,
+    register_model("tower_vit_patch4_32", VisionTransformer, img_size=32, patch_size=4,
                    embed_dim=128, depth=6, num_heads=8, num_classes=10)
     for name, transition in (("staged_vit_patch4_32", "linear"), ("pit_vit_patch4_32", "pool")):
-        register_model(name, StagedViT, family="staged", img_size=32, patch_size=4, widths=(64, 128, 256),
+        register_model(name, StagedViT, img_size=32, patch_size=4, widths=(64, 128, 256),
                        depths=(2, 2, 2), head_dim=16, transition=transition, num_classes=10)
     # CPU-sized versions for MNIST: 16 tokens (patch 7), the same block budget
-    register_model("tower_vit_patch7_28", VisionTransformer, family="tower", img_size=28, patch_size=7,
+    register_model("tower_vit_patch7_28", VisionTransformer, img_size=28, patch_size=7,
                    in_chans=1, embed_dim=64, depth=6, num_heads=4, num_classes=10)
     for name, transition in (("staged_vit_patch7_28", "linear"), ("pit_vit_patch7_28", "pool")):
-        register_model(name, StagedViT, family="staged", img_size=28, patch_size=7, in_chans=1,
+        register_model(name, StagedViT, img_size=28, patch_size=7, in_chans=1,
                        widths=(32, 64, 128), depths=(2, 2, 2), head_dim=16, transition=transition, num_classes=10)
 
 

@@ -61,7 +61,7 @@ def drop_path_rates(rate: float, depth: int) -> list[float]:
 
 
 class VisionTransformer(nn.Module):
-    base_architecture = "vit"  # report label; `architecture` adds the attention variant
+    _kind = "vit"  # the family's part of `architecture`, the one name of what a model is
     fsdp_compatible = True  # families whose backward runs blocks outside autograd's graph set False
 
     def __init__(self, img_size: int = 224, patch_size: int = 16, in_chans: int = 3, num_classes: int = 1000,
@@ -169,8 +169,9 @@ class VisionTransformer(nn.Module):
 
     @property
     def architecture(self) -> str:
-        """Report label: 'vit', 'rev_vit', 'pit_vit', ... with 'diff_' in front under differential attention."""
-        return ("diff_" if self.attn_layer_name == "diff" else "") + self.base_architecture
+        """What the model is, the one name reports, results and run layouts use: 'vit', 'rev_vit', 'pit_vit',
+        ..., with 'diff_' in front under differential attention (its registered name is `vitlab_name`)."""
+        return ("diff_" if self.attn_layer_name == "diff" else "") + self._kind
 
     @torch.no_grad()
     def init_weights(self) -> None:

@@ -46,11 +46,11 @@ SHORT_NAMES = {"b16": "vit_base_patch16_224", "b32": "vit_base_patch32_224", "l1
                 "l32": "vit_large_patch32_224", "h14": "vit_huge_patch14_224"}
 
 
-def register_sizes(prefix: str, builder, family: str, heads=lambda h: h, **extra) -> None:
+def register_sizes(prefix: str, builder, heads=lambda h: h, **extra) -> None:
     """Register `<prefix>_<size>_patch<P>_<res>` for every reference ViT name (a family's size table)."""
     for size, patch, img, *_ in STANDARD + SMALL_IMAGE:
         dim, depth, h = SIZES[size]
-        register_model(f"{prefix}_{size}_patch{patch}_{img}", builder, family=family, img_size=img,
+        register_model(f"{prefix}_{size}_patch{patch}_{img}", builder, img_size=img,
                        patch_size=patch, embed_dim=dim, depth=depth, num_heads=heads(h), **extra)
 
 
