@@ -36,7 +36,7 @@ class ProgressViT(VisionTransformer):
 
 @pytest.fixture
 def progress_vit():
-    register_model("test_progress_vit", ProgressViT, family="test", img_size=8, patch_size=2, embed_dim=32,
+    register_model("test_progress_vit", ProgressViT, img_size=8, patch_size=2, embed_dim=32,
                    depth=1, num_heads=2)
     yield "test_progress_vit"
     unregister_model("test_progress_vit")

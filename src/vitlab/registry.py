@@ -36,6 +36,9 @@ def register_model(name: str, builder: Callable[..., nn.Module], aliases: tuple[
                    **defaults: Any) -> None:
     if name in _REGISTRY or name in _ALIASES:
         raise RuntimeError(f"model name {name!r} registered twice")
+    unknown = set(defaults) - set(builder_parameters(builder))
+    if unknown:
+        raise RuntimeError(f"model {name!r} registered with defaults its builder does not take: {sorted(unknown)}")
     _REGISTRY[name] = ModelEntry(name, builder, dict(defaults))
     for alias in aliases:
         _ALIASES[alias] = name
