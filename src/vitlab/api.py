@@ -5,7 +5,7 @@
     run.results["test_top1"]; run.frame()                                 # per-batch metrics as a DataFrame
     run.figures()["accuracy_per_epoch"]                                   # a matplotlib Figure, shown inline
     cmp = vitlab.compare(["configs/tower_vit/tower_mnist.yaml", "configs/tower_vit/staged_mnist.yaml"], epochs=1)
-    cmp.table()                                                           # seed 004's comparison as a DataFrame
+    cmp.table()                                                           # the TowerViT-vs-staged table as a DataFrame
 
 Overrides are keyword arguments: `section.key` spelled with `__` (`optim__lr=1e-3`), a section as a dict
 (`optim={"lr": 1e-3}`), `**{"optim.lr": 1e-3}`, or a bare key that names one field of one section

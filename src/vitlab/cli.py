@@ -51,45 +51,7 @@ def _parser() -> argparse.ArgumentParser:
     p = _Parser(prog="vitlab", description="Train, evaluate and compare Vision Transformers.")
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
-    t = sub.add_parser("train", help="train a model from a YAML config plus overrides")
-    t.add_argument("--config", help="YAML config file (e.g. configs/quickstart.yaml)")
-    t.add_argument("--data_dir", "--data-dir", help="dataset folder (data.data_dir)")
-    t.add_argument("--output", help="base output folder (output.dir, default ./output)")
-    t.add_argument("--savefile", help="run name under <output>/<task_name>/ (output.savefile, default run_01)")
-    t.add_argument("--reload", action="store_true", help="resume the run from its last checkpoint")
-    t.add_argument("--local", action="store_true",
-                   help="train in this one process even under torchrun/srun (seed 000's fallback; other ranks exit)")
-    t.add_argument("--num_workers", "--num-workers", type=int, help="data loader workers (data.num_workers, default 8)")
-    t.add_argument("--model", help="model name (model.name); `vitlab models` lists them")
-    t.add_argument("--dataset", help="dataset name (data.dataset; any case, dashes optional: CIFAR-100)")
-    t.add_argument("--epochs", "--n_epochs", dest="epochs", type=int, help="train.epochs")
-    t.add_argument("--batch-size", "--batch_size", "--bs", dest="batch_size", type=int, help="train.batch_size")
-    t.add_argument("--lr", type=float, help="optim.lr")
-    t.add_argument("--upload", type=flag_bool, metavar="BOOL",
-                   help="upload the final weights and logs to HF_REPOSITORY (token: HF_TOKEN; env or .env)")
-    s2 = t.add_argument_group("classic vs differential ViT (`run.py train`; without --config they bring its recipe)")
-    s2.add_argument("--size", help="10B, 25B or 50B with --model vit_classic|vit_differential (a bare pixel "
-                                   "count, as in --size 32, sets data.img_size)")
-    s3 = t.add_argument_group("small-dataset ViTs (`train_cifar10.py`; without --config they bring its recipe)")
-    s3.add_argument("--net", help="vit_small, vit_small_reverse, vit_small_bdia, vit_small_momentum (model.name)")
-    s3.add_argument("--noamp", action="store_true", help="train.amp=none")
-    s3.add_argument("--resume", dest="reload", action="store_true", help="same as --reload")
-    s1 = t.add_argument_group("ViT / Res-ViT fine-tuning (`train.py`; without --config they bring its recipe)")
-    s1.add_argument("--model-arch", "--model_arch", dest="model_arch", help="b16, b32, l16, l32, h14 (model.name)")
-    s1.add_argument("--use-reslr", "--use_reslr", dest="use_reslr", type=flag_bool, metavar="BOOL",
-                    help="Res-ViT: token routers and low-rank approximators (resvit_* of the same size)")
-    s1.add_argument("--use-lora", "--use_lora", dest="use_lora", type=flag_bool, metavar="BOOL",
-                    help="LoRA fine-tuning (lora.rank 8 unless --lora-rank)")
-    s1.add_argument("--lora-rank", "--lora_rank", dest="lora_rank", type=int, help="lora.rank")
-    s1.add_argument("--dynamic-active-target", "--dynamic_active_target", dest="dynamic_active_target", type=float,
-                    help="Res-ViT target active ratio (model.active_target)")
-    s1.add_argument("--dynamic-start-layer", "--dynamic_start_layer", dest="dynamic_start_layer", type=int)
-    s1.add_argument("--block-size", "--block_size", dest="block_size", type=int)
-    s1.add_argument("--train-steps", "--train_steps", dest="train_steps", type=int, help="train.max_steps")
-    s1.add_argument("--warmup-steps", "--warmup_steps", dest="warmup_steps", type=int, help="optim.warmup_steps")
-    s1.add_argument("--checkpoint-path", "--checkpoint_path", dest="checkpoint_path",
-                    help="pretrained weights to fine-tune (model.pretrained; .pth, .npz or .safetensors)")
-    t.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. optim.lr=3e-4")
+    _add_train(sub.add_parser("train", help="train a model from a YAML config plus overrides"))
 
     e = sub.add_parser("evaluate", help="loss, top-1 and top-5 of a checkpoint on a dataset split (JSON)")
     e.add_argument("--checkpoint", "--checkpoint-path", "--checkpoint_path", dest="checkpoint",
@@ -134,7 +96,8 @@ def _parser() -> argparse.ArgumentParser:
                     help="also a sample-prediction grid and confusion matrix for this run/checkpoint (repeatable)")
     pl.add_argument("--data_dir", "--data-dir", help="dataset folder for --checkpoint (default: the run's)")
 
-    cp = sub.add_parser("compare", help="train (or collect) several configs on one dataset; seed 003's table")
+    cp = sub.add_parser("compare", help="train (or collect) several configs on one dataset; one table "
+                                                  "(top-1, epochs, params, memory, img/s)")
     cp.add_argument("configs", nargs="+", metavar="CONFIG")
     cp.add_argument("--epochs", type=positive_int, help="the same epoch budget for every model")
     cp.add_argument("--output", default="output/compare", help="folder of the runs and compare.{md,csv}")
@@ -154,17 +117,65 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def _add_train(t: argparse.ArgumentParser) -> None:
+    """`vitlab train`: plain flags (each sets the config key in its `dest`), then the original projects' flags
+    (translated by `compat`), then `key=value` overrides."""
+    t.add_argument("--config", help="YAML config file (e.g. configs/quickstart.yaml)")
+    t.add_argument("--reload", action="store_true", help="resume the run from its last checkpoint")
+    t.add_argument("--local", action="store_true", help="train in this one process even under torchrun/srun "
+                                                        "(the GDT-ViT project's fallback; other ranks exit)")
+    # plain flags: their `dest` is the config key they set
+    t.add_argument("--data_dir", "--data-dir", dest="data.data_dir", help="dataset folder (data.data_dir)")
+    t.add_argument("--output", dest="output.dir", help="base output folder (output.dir, default ./output)")
+    t.add_argument("--savefile", dest="output.savefile",
+                   help="run name under <output>/<task_name>/ (output.savefile, default run_01)")
+    t.add_argument("--num_workers", "--num-workers", dest="data.num_workers", type=int,
+                   help="data loader workers (data.num_workers, default 8)")
+    t.add_argument("--model", dest="model.name", help="model name (model.name); `vitlab models` lists them")
+    t.add_argument("--dataset", dest="data.dataset",
+                   help="dataset name (data.dataset; any case, dashes optional: CIFAR-100)")
+    t.add_argument("--epochs", "--n_epochs", dest="train.epochs", type=int, help="train.epochs")
+    t.add_argument("--batch-size", "--batch_size", "--bs", dest="train.batch_size", type=int, help="train.batch_size")
+    t.add_argument("--lr", dest="optim.lr", type=float, help="optim.lr")
+    t.add_argument("--upload", dest="output.upload", type=flag_bool, metavar="BOOL",
+                   help="upload the final weights and logs to HF_REPOSITORY (token: HF_TOKEN; env or .env)")
+    s2 = t.add_argument_group("classic vs differential ViT (`run.py train`; without --config they bring its recipe)")
+    s2.add_argument("--size", help="10B, 25B or 50B with --model vit_classic|vit_differential (a bare pixel "
+                                   "count, as in --size 32, sets data.img_size)")
+    s3 = t.add_argument_group("small-dataset ViTs (`train_cifar10.py`; without --config they bring its recipe)")
+    s3.add_argument("--net", help="vit_small, vit_small_reverse, vit_small_bdia, vit_small_momentum (model.name)")
+    s3.add_argument("--noamp", action="store_true", help="train.amp=none")
+    s3.add_argument("--resume", dest="reload", action="store_true", help="same as --reload")
+    s1 = t.add_argument_group("ViT / Res-ViT fine-tuning (`train.py`; without --config they bring its recipe)")
+    s1.add_argument("--model-arch", "--model_arch", dest="model_arch", help="b16, b32, l16, l32, h14 (model.name)")
+    s1.add_argument("--use-reslr", "--use_reslr", dest="use_reslr", type=flag_bool, metavar="BOOL",
+                    help="Res-ViT: token routers and low-rank approximators (resvit_* of the same size)")
+    s1.add_argument("--use-lora", "--use_lora", dest="use_lora", type=flag_bool, metavar="BOOL",
+                    help="LoRA fine-tuning (lora.rank 8 unless --lora-rank)")
+    s1.add_argument("--lora-rank", "--lora_rank", dest="lora_rank", type=int, help="lora.rank")
+    s1.add_argument("--dynamic-active-target", "--dynamic_active_target", dest="dynamic_active_target", type=float,
+                    help="Res-ViT target active ratio (model.active_target)")
+    s1.add_argument("--dynamic-start-layer", "--dynamic_start_layer", dest="dynamic_start_layer", type=int)
+    s1.add_argument("--block-size", "--block_size", dest="block_size", type=int)
+    s1.add_argument("--train-steps", "--train_steps", dest="train_steps", type=int, help="train.max_steps")
+    s1.add_argument("--warmup-steps", "--warmup_steps", dest="warmup_steps", type=int, help="optim.warmup_steps")
+    s1.add_argument("--checkpoint-path", "--checkpoint_path", dest="checkpoint_path",
+                    help="pretrained weights to fine-tune (model.pretrained; .pth, .npz or .safetensors)")
+    t.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. optim.lr=3e-4")
+
+
 def cmd_train(args) -> int:
     from .compat import translate_train
     from .config import parse_override, read_yaml
     from .resolve import build
     from .train import train
 
-    translation = translate_train(args)
+    flags = {k: v for k, v in vars(args).items() if "." in k and v is not None}  # plain flags: config keys
+    translation = translate_train(args, flags.get("model.name"), flags.get("data.dataset"))
     tree = read_yaml(translation.recipe) if translation.recipe else translation.tree or {}
-    overrides = translation.overrides + [parse_override(o) for o in args.overrides]
-    command = translation.command() + "".join(f" {o}" for o in args.overrides)
-    cfg = build(tree, overrides)
+    overrides = list({**flags, **dict(translation.overrides)}.items())  # a project's spelling wins over --model
+    command = translation.command(overrides) + "".join(f" {o}" for o in args.overrides)
+    cfg = build(tree, overrides + [parse_override(o) for o in args.overrides])  # resolved once, here
     if translation.translated:  # a project's own command line: show what it stands for
         print(f"vitlab: as config: {command}", file=sys.stderr)
     train(cfg, reload=args.reload, local=args.local, command=command)
@@ -172,13 +183,10 @@ def cmd_train(args) -> int:
 
 
 def cmd_evaluate(args) -> int:
-    import dataclasses
-
     import torch
 
-    from .data import build_data
-    from .resolve import resolve_config
     from .train import evaluate, load_checkpoint
+    from .train.build import checkpoint_data
     from .train.distributed import DistEnv, resolve_device
 
     if args.checkpoint is None:
@@ -188,14 +196,7 @@ def cmd_evaluate(args) -> int:
         from .compat import find_by_architecture_weights
         args.checkpoint = find_by_architecture_weights(args.output, args.model, args.size, args.dataset)
     model, cfg, _ = load_checkpoint(args.checkpoint)
-    cfg = dataclasses.replace(cfg, data=dataclasses.replace(
-        cfg.data, dataset=args.dataset or cfg.data.dataset, data_dir=args.data_dir or cfg.data.data_dir))
-    cfg = resolve_config(cfg)
-    a = model.vitlab_args
-    data = build_data(cfg.data, img_size=a["img_size"], in_chans=a["in_chans"])
-    if data.info.num_classes != a["num_classes"]:
-        raise VitlabError(f"the checkpoint predicts {a['num_classes']} classes but {data.info.name} has "
-                          f"{data.info.num_classes}; evaluate on the dataset it was trained for")
+    data = checkpoint_data(cfg, model, args.dataset, args.data_dir)
     device = resolve_device(args.device, DistEnv())
     loader = data.loader(args.split, args.batch_size, min(cfg.data.num_workers, 4), pin_memory=device.type == "cuda")
     model = model.to(device)

@@ -1,13 +1,14 @@
 """The command lines of the projects vitlab reproduces, translated to a config: a recipe (a YAML file under
-configs/, or seed 001's embedded one) plus `key=value` overrides. Each user types what their project's
-README says with the program name changed; the run log prints the equivalent vitlab command.
+configs/, or the fine-tuning project's embedded one) plus `key=value` overrides. Each user types what their
+project's README says with the program name changed; the run log prints the equivalent vitlab command.
+Only those projects' own spellings come here: the plain flags (--epochs, --lr, ...) are config keys (cli).
 
 - ViT/Res-ViT fine-tuning (`train.py --model-arch b16 [--use-reslr True] ...`): SGD + OneCycle, or Res-ViT's
   AdamW + LoRA recipe (ROUTED_AND_ADAPTIVE.md B.2, B.4; configs/finetune/ holds the same as YAML).
 - Classic vs differential ViT (`run.py train --model vit_classic --size 10B --dataset CIFAR-100 ...`):
   configs/diff_vit/<kind>_<dataset>_<size>.yaml, files written in that project's by-architecture layout.
 - Small-dataset ViT, reversible, BDIA, momentum (`train_cifar10.py --net vit_small_bdia`):
-  configs/seed003/<variant>_<dataset>.yaml.
+  SMALL_DATASET_RECIPES/<variant>_<dataset>.yaml.
 """
 from __future__ import annotations
 
@@ -22,13 +23,6 @@ from .errors import VitlabError
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"  # the checkout's recipes
 
-#: flag dest -> config key, for flags that mean the same in every project
-COMMON_FLAGS = {
-    "data_dir": "data.data_dir", "output": "output.dir", "savefile": "output.savefile",
-    "num_workers": "data.num_workers", "dataset": "data.dataset", "epochs": "train.epochs",
-    "batch_size": "train.batch_size", "lr": "optim.lr",
-}
-
 FINETUNE_VIT = {"data": {"img_size": 224, "normalization": "half"},
                 "optim": {"name": "sgd", "lr": 0.03, "momentum": 0.9, "weight_decay": 0.0, "schedule": "onecycle",
                           "warmup_steps": 500},
@@ -42,6 +36,7 @@ FINETUNE_FLAGS = {"dynamic_active_target": "model.active_target", "dynamic_start
                   "warmup_steps": "optim.warmup_steps", "checkpoint_path": "model.pretrained"}
 
 CLASSIC_VS_DIFFERENTIAL = ("vit_classic", "vit_differential")
+SMALL_DATASET_RECIPES = "seed003"  # the folder under configs/ (a path: the recipes' file names are data)
 SMALL_DATASET_NETS = {"vit_small": "vit", "vit_small_reverse": "rev", "vit_small_bdia": "bdia",
                       "vit_small_momentum": "momentum"}
 
@@ -67,21 +62,21 @@ def model_size(text: str) -> str:
 
 @dataclass
 class Translation:
-    """A train command as a recipe plus overrides."""
+    """The original projects' flags of a train command as a recipe plus overrides."""
     recipe: Path | None = None  # a YAML file under configs/
     tree: dict[str, Any] | None = None  # an embedded recipe (when `recipe` is None)
     overrides: list[tuple[str, Any]] = field(default_factory=list)
     translated: bool = False  # a project's own flags were used (their recipe, their spellings)
 
-    def command(self) -> str:
-        """The equivalent `vitlab train` command line."""
+    def command(self, overrides: list[tuple[str, Any]]) -> str:
+        """The equivalent `vitlab train` command line: the recipe, then `overrides` as key=value."""
         parts = ["vitlab train"]
         if self.recipe is not None:
             shown = self.recipe.relative_to(CONFIGS.parent) if self.recipe.is_relative_to(CONFIGS.parent) else self.recipe
             parts.append(f"--config {shown}")
         elif self.tree:
             parts += [f"{section}.{key}={_text(v)}" for section, keys in self.tree.items() for key, v in keys.items()]
-        return " ".join(parts + [f"{k}={_text(v)}" for k, v in self.overrides])
+        return " ".join(parts + [f"{k}={_text(v)}" for k, v in overrides])
 
 
 def _text(value: Any) -> str:
@@ -97,36 +92,32 @@ def _recipe(relative: str) -> Path | None:
     return path if path.is_file() else None
 
 
-def translate_train(args: argparse.Namespace) -> Translation:
-    """The config a `vitlab train` command line stands for. With --config, the flags only override it."""
-    t = Translation()
-    overrides = [(key, getattr(args, dest)) for dest, key in COMMON_FLAGS.items() if getattr(args, dest) is not None]
-    size = args.size
-    image_size = size if size is not None and size.strip().isdigit() and int(size) not in (10, 25, 50) else None
-    if image_size is not None:  # the small-dataset project's --size: the image side in pixels
-        overrides.append(("data.img_size", int(image_size)))
+def translate_train(args: argparse.Namespace, model: str | None, dataset: str | None) -> Translation:
+    """The recipe and overrides the original projects' flags of a `vitlab train` command line stand for
+    (--size, --net, --noamp, the fine-tuning flags, --model vit_classic|vit_differential); `model` and
+    `dataset` are the plain --model and --dataset, which pick the recipe. With --config, the flags only
+    override it."""
+    t, asked = Translation(), model
+    overrides, size = [], args.size
+    if size is not None and size.strip().isdigit() and int(size) not in (10, 25, 50):
+        overrides.append(("data.img_size", int(size)))  # the small-dataset project's --size: the image side
         size = None
-    dataset = canonical_dataset(args.dataset) if args.dataset else None
-    model = args.model
+    dataset = canonical_dataset(dataset) if dataset else None
     if model in CLASSIC_VS_DIFFERENTIAL or size is not None:
         model, t.recipe = _classic_vs_differential(model, size, dataset)
-        overrides.append(("output.layout", "by_architecture"))  # that project's checkpoints/<architecture>/ files
+        overrides += [("model.name", model), ("output.layout", "by_architecture")]  # its checkpoints/<arch>/ files
     if args.net is not None:
-        model = args.net
         variant = SMALL_DATASET_NETS.get(args.net)
-        t.recipe = variant and _recipe(f"seed003/{variant}_{dataset or 'cifar10'}.yaml")
-    if model is not None:
-        overrides.insert(0, ("model.name", model))
+        t.recipe = variant and _recipe(f"{SMALL_DATASET_RECIPES}/{variant}_{dataset or 'cifar10'}.yaml")
+        overrides.append(("model.name", args.net))
     finetune = _finetune(args)
     if finetune or args.use_reslr is not None:
         t.tree = FINETUNE_RESVIT if args.use_reslr else FINETUNE_VIT
     overrides += finetune
-    if args.upload is not None:
-        overrides.append(("output.upload", args.upload))
     if args.noamp:
         overrides.append(("train.amp", "none"))
     t.translated = bool(args.net or args.size or args.noamp or finetune or args.use_reslr is not None
-                        or args.model in CLASSIC_VS_DIFFERENTIAL)
+                        or asked in CLASSIC_VS_DIFFERENTIAL)
     if args.config:  # an explicit recipe wins; the flags override it
         t.recipe, t.tree = Path(args.config), None
     t.overrides = overrides

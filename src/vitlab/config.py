@@ -65,7 +65,8 @@ class OptimConfig:
     momentum: float = 0.9  # sgd
     nesterov: bool = False  # sgd
     # cosine / constant after a linear warm-up; onecycle: torch's OneCycleLR (cosine up over the warm-up from
-    # lr/25, then down to lr/25e4), cycling SGD momentum (AdamW beta1) between 0.85 and 0.95 (seed 001's recipe)
+    # lr/25, then down to lr/25e4), cycling SGD momentum (AdamW beta1) between 0.85 and 0.95 (the Res-ViT
+    # fine-tuning project's recipe)
     schedule: Literal["cosine", "constant", "onecycle"] = "cosine"
     cycle_momentum: bool = True  # onecycle only
     warmup_steps: int = 0
@@ -114,8 +115,10 @@ class LoraConfig:
     alpha: Optional[float] = None  # the update is scaled by alpha / rank; default alpha = rank
     dropout: float = 0.0
     targets: list[str] = field(default_factory=lambda: ["qkv"])  # of qkv, proj, fc1, fc2
-    init: Literal["kaiming", "normal001"] = "kaiming"  # loralib (B = 0: starts at the base model) or seed 001's
-    # what trains besides the adapters (parameter-name substrings; LayerNorms never); null: seed 001's set
+    # loralib (B = 0: starts at the base model) or the Res-ViT fine-tuning project's
+    init: Literal["kaiming", "normal001"] = "kaiming"
+    # what trains besides the adapters (parameter-name substrings; LayerNorms never); null: the Res-ViT
+    # fine-tuning project's set
     # (routers, approximators, cls token, head: vitlab.layers.lora.TRAIN_WITH_LORA)
     trainable: Optional[list[str]] = None
 
@@ -242,7 +245,7 @@ def coerce(value: Any, tp: Any, key: str) -> Any:
 
 
 #: values renamed to say what they are; the old spellings stay accepted
-OLD_VALUES = {("output.layout", "seed002"): "by_architecture"}
+OLD_VALUES = {("output.layout", "seed002"): "by_architecture"}  # an old spelling, still accepted
 
 
 def _apply(cfg: Config, key: str, value: Any) -> None:

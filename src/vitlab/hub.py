@@ -1,5 +1,5 @@
-"""Upload run artefacts to, and download them from, a Hugging Face Hub repository (seed 002's `upload`,
-`download` and `train --upload`).
+"""Upload run artefacts to, and download them from, a Hugging Face Hub repository (the
+classic-vs-differential project's `upload`, `download` and `train --upload`).
 
 The repository comes from HF_REPOSITORY ("user/name", or its https://huggingface.co/... address; a
 "datasets/" or "spaces/" prefix selects that repository type) and the token from HF_TOKEN, each read from the

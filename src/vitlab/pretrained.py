@@ -1,7 +1,7 @@
 """Loading pretrained weights from local files into a vitlab model.
 
 Formats: `.safetensors` (timm / Hugging Face / vitlab), `.pth`/`.pt`/`.bin` (a state dict, possibly under
-'model' or 'state_dict'; seed 001's JAX-converted `.pth`, `transformer.encoder_layers.i.attn.query...`, is
+'model' or 'state_dict'; the Res-ViT project's JAX-converted `.pth`, `transformer.encoder_layers.i.attn.query...`, is
 recognised by its keys), and `.npz` from the original JAX ViT (google-research/vision_transformer) or
 big_vision, all converted to our (= timm's) key layout. On the way in:
   * `module.` / `_orig_mod.` prefixes (DDP, torch.compile) are stripped;
@@ -63,7 +63,8 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     try:
         return convert_encoder_layers(sd)
     except KeyError as exc:
-        raise VitlabError(f"'{path}' looks like seed 001's ViT layout but has no {exc}; is the file complete?") from None
+        raise VitlabError(f"'{path}' looks like the Res-ViT project's ViT layout but has no {exc}; is the file "
+                          f"complete?") from None
 
 
 def _strip(key: str) -> str:
@@ -112,7 +113,7 @@ def convert_jax_npz(w: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
 
 
 def convert_encoder_layers(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Seed 001's layout (the JAX ViT converted to PyTorch by asyml/vision-transformer-pytorch) -> timm keys.
+    """The Res-ViT project's layout (the JAX ViT converted to PyTorch by asyml/vision-transformer-pytorch) -> timm keys.
 
     Attention kernels keep JAX's head axes: query/key/value weights (D, H, d) with biases (H, d), and the output
     weight (H, d, D); x @ W.reshape(D, D) is a Linear with weight W.reshape(D, D).T."""

@@ -2,7 +2,7 @@
 
 `config` knows the schema only; this module checks the model and dataset names and types every model
 argument from the registered builder's signature (`model.beta=0.5` becomes a float because `MomentumViT`
-says `beta: float`), with did-you-mean errors. Old argument spellings (`stem`) are renamed here.
+says `beta: float`), with did-you-mean errors. Old argument spellings (`task`, `stem`, `patch_embed`) are renamed here.
 """
 from __future__ import annotations
 
@@ -13,7 +13,8 @@ from typing import Any, Iterable
 from .config import Config, build_config, coerce, load_config
 from .data import canonical_dataset, dataset_names
 from .errors import VitlabError, did_you_mean
-from .registry import ARG_ALIASES, builder_annotations, builder_parameters, model_entry
+from .registry import _current_spelling as current_spelling
+from .registry import builder_annotations, builder_parameters, model_entry
 
 #: model arguments the trainer fills from the dataset when the config leaves them out
 FROM_DATA = ("img_size", "in_chans", "num_classes")
@@ -25,8 +26,7 @@ def resolve_model_args(name: str, args: dict[str, Any]) -> dict[str, Any]:
     entry = model_entry(name)
     params, hints = builder_parameters(entry.builder), builder_annotations(entry.builder)
     typed = {}
-    for key, value in args.items():
-        key = ARG_ALIASES.get(key, key)
+    for key, value in current_spelling(args).items():
         if value is None:  # unset: the model's default (a sweep may unset an argument of its base's model)
             continue
         if key not in params:
@@ -39,14 +39,24 @@ def resolve_model_args(name: str, args: dict[str, Any]) -> dict[str, Any]:
     return typed
 
 
+def is_resolved(cfg: Config) -> bool:
+    """Whether `cfg` came out of `resolve_config` (a copy made with `dataclasses.replace` did not)."""
+    return getattr(cfg, "_resolved", False)
+
+
 def resolve_config(cfg: Config) -> Config:
-    """A copy of `cfg` with its names checked and its model arguments typed."""
+    """A copy of `cfg` with its names checked and its model arguments typed; a config that is already
+    resolved comes back as it is, so each config is resolved exactly once."""
+    if is_resolved(cfg):
+        return cfg
     dataset = canonical_dataset(cfg.data.dataset)
     if dataset is None:
         raise VitlabError(f"unknown dataset '{cfg.data.dataset}'{did_you_mean(cfg.data.dataset, dataset_names())}; "
                           f"choose one of: {', '.join(dataset_names())}, or hf:<owner>/<name> (a Hugging Face dataset)")
     model = dataclasses.replace(cfg.model, args=resolve_model_args(cfg.model.name, cfg.model.args))
-    return dataclasses.replace(cfg, model=model, data=dataclasses.replace(cfg.data, dataset=dataset))
+    resolved = dataclasses.replace(cfg, model=model, data=dataclasses.replace(cfg.data, dataset=dataset))
+    resolved._resolved = True  # not a field: not dumped, not copied by dataclasses.replace
+    return resolved
 
 
 def build(tree: dict[str, Any] | None = None, overrides: Iterable[tuple[str, Any]] = ()) -> Config:

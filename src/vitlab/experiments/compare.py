@@ -1,5 +1,5 @@
-"""`vitlab compare CONFIG...`: several models on the same data and budget, one table (seed 003's README
-table: model, accuracy, epochs, parameters, peak memory, img/s). Each config trains in its own run directory
+"""`vitlab compare CONFIG...`: several models on the same data and budget, one table (the small-dataset ViT project's
+README table: model, accuracy, epochs, parameters, peak memory, img/s). Each config trains in its own run directory
 <output>/<config name> (finished runs are collected, not retrained), through the sweep's local launcher."""
 from __future__ import annotations
 

@@ -4,13 +4,14 @@ A target Linear keeps its weight W (frozen) and gains a low-rank update in `part
 
     y = W x + b + (alpha / r) * [B_p A_p dropout(x)]_p        A_p: (r, in), B_p: (out / parts, r)
 
-A fused `qkv` Linear gets three adapters (q, k and v, as seed 001 and loralib's MergedLinear), not one rank-r
-update over the 3D outputs. The Linear changes class in place (`LoRALinear` is a `nn.Linear`), so the base keys
-stay timm's (`blocks.0.attn.qkv.weight`) and the adapter adds `...qkv.lora_A` / `...qkv.lora_B`.
+A fused `qkv` Linear gets three adapters (q, k and v, as the Res-ViT fine-tuning project and loralib's
+MergedLinear), not one rank-r update over the 3D outputs. The Linear changes class in place (`LoRALinear` is
+a `nn.Linear`), so the base keys stay timm's (`blocks.0.attn.qkv.weight`) and the adapter adds `...qkv.lora_A` /
+`...qkv.lora_B`.
 
 Init: `kaiming` (loralib: A Kaiming-uniform, B = 0, so the model starts equal to the base) or `normal001`
-(seed 001: A and B ~ N(0, 0.01), a non-zero start). `merge_lora` folds the update into W for inference or
-export; `unmerge_lora` takes it back out.
+(the Res-ViT fine-tuning project: A and B ~ N(0, 0.01), a non-zero start). `merge_lora` folds the update into
+W for inference or export; `unmerge_lora` takes it back out.
 """
 from __future__ import annotations
 
@@ -27,7 +28,7 @@ from ..errors import VitlabError
 #: target name -> module path suffix, and how many independent output slices it has
 TARGETS = {"qkv": ("attn.qkv", 3), "proj": ("attn.proj", 1), "fc1": ("mlp.fc1", 1), "fc2": ("mlp.fc2", 1)}
 
-#: parameters seed 001 trains besides the adapters (every LayerNorm stays frozen, a router's too)
+#: parameters the Res-ViT fine-tuning project trains besides the adapters (every LayerNorm stays frozen, a router's too)
 TRAIN_WITH_LORA = ("routers.", "approximators.", "cls_token", "head.")
 
 
@@ -111,8 +112,8 @@ def apply_lora(model: nn.Module, rank: int, alpha: float | None = None, dropout:
 
 
 def freeze_for_lora(model: nn.Module, trainable: Iterable[str] = TRAIN_WITH_LORA) -> None:
-    """Seed 001's policy: train the adapters and the parameters whose name contains one of `trainable`, never a
-    LayerNorm's; freeze everything else."""
+    """The Res-ViT fine-tuning project's policy: train the adapters and the parameters whose name contains one
+    of `trainable`, never a LayerNorm's; freeze everything else."""
     norms = {f"{n}.{p}" for n, m in model.named_modules() if isinstance(m, nn.LayerNorm)
              for p, _ in m.named_parameters(recurse=False)}
     pattern = re.compile("|".join(re.escape(t) for t in ("lora_", *trainable)))

@@ -1,5 +1,5 @@
-"""Curves over training: loss per batch by architecture (seed 002), accuracy per epoch and train-vs-validation
-loss (seed 004)."""
+"""Curves over training: loss per batch by architecture (as the classic-vs-differential study plots it),
+accuracy per epoch and train-vs-validation loss (as the TowerViT-vs-staged notebook does)."""
 from __future__ import annotations
 
 from collections import defaultdict

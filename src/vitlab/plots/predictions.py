@@ -1,8 +1,7 @@
 """What a trained model gets right and wrong: a grid of test images with true and predicted labels, and the
-confusion matrix over the whole test split (seed 004's sample predictions)."""
+confusion matrix over the whole test split (as the TowerViT-vs-staged notebook shows them)."""
 from __future__ import annotations
 
-import dataclasses
 import json
 from pathlib import Path
 
@@ -16,13 +15,11 @@ from .common import subplots
 @torch.inference_mode()
 def test_predictions(checkpoint: str | Path, data_dir: str | None = None, split: str = "test"):
     """(first 64 images (N, C, H, W) normalised, all true labels, all predictions, class names, model name)."""
-    from ..data import build_data
     from ..train import load_checkpoint
+    from ..train.build import checkpoint_data
 
     model, cfg, _ = load_checkpoint(checkpoint)
-    data_cfg = dataclasses.replace(cfg.data, data_dir=data_dir) if data_dir else cfg.data
-    a = model.vitlab_args
-    data = build_data(data_cfg, img_size=a["img_size"], in_chans=a["in_chans"])
+    data = checkpoint_data(cfg, model, data_dir=data_dir)
     model.eval()
     images, labels, preds, kept = [], [], [], 0
     for x, y in data.loader(split, 256, 0):
@@ -83,14 +80,12 @@ def confusion_figure(labels: torch.Tensor, preds: torch.Tensor, names: list[str]
 @torch.inference_mode()
 def segmentation_figure(checkpoint: str | Path, data_dir: str | None = None, n: int = 6) -> Figure:
     """The first `n` test images with their tokens' boxes (patches or leaves), true and predicted masks."""
-    from ..data import build_data
     from ..train import load_checkpoint
+    from ..train.build import checkpoint_data
     from .quadtree import leaves_figure
 
     model, cfg, _ = load_checkpoint(checkpoint)
-    data_cfg = dataclasses.replace(cfg.data, data_dir=data_dir) if data_dir else cfg.data
-    a = model.vitlab_args
-    data = build_data(data_cfg, img_size=a["img_size"], in_chans=a["in_chans"])
+    data = checkpoint_data(cfg, model, data_dir=data_dir)
     model.eval()
     x, y = next(iter(data.loader("test", n, 0)))
     boxes = model.tokenize(x).boxes

@@ -1,4 +1,5 @@
-"""Scaling laws (seed 002): test accuracy against parameter count per architecture, with the power law
+"""Scaling laws, as the classic-vs-differential study plots them: test accuracy against parameter count per
+architecture, with the power law
 err(N) = c N^(-alpha) fitted to the test error by least squares in log-log space (Kaplan et al. 2020 form)."""
 from __future__ import annotations
 
@@ -26,7 +27,8 @@ def _series(group: list[Run]):
 
 
 def scaling_figures(runs: list[Run]) -> dict[str, Figure]:
-    """One figure per architecture with two or more sizes (seed 002's two plots), and one with all of them
+    """One figure per architecture with two or more sizes (the classic-vs-differential study's two plots), and
+    one with all of them
     together when there are several."""
     groups = {a: _series(g) for a, g in by_architecture(runs).items()}
     groups = {a: s for a, s in groups.items() if len(set(s[0])) >= 2}  # one size is not a scaling law

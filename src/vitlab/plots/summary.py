@@ -1,4 +1,4 @@
-"""Bar charts of run properties (seed 004 shows parameter counts side by side)."""
+"""Bar charts of run properties (the TowerViT-vs-staged notebook shows parameter counts side by side)."""
 from __future__ import annotations
 
 from matplotlib.figure import Figure

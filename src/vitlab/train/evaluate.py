@@ -10,12 +10,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import Config, LoraConfig
+from ..config import Config
 from ..errors import VitlabError
-from ..layers.lora import TRAIN_WITH_LORA, apply_lora, freeze_for_lora
 from ..objective import as_output
-from ..registry import create_model
 from ..resolve import build
+from .build import rebuild_model
 from .checkpoint import EMA_FILE, load_weights, read_metadata, resolve_checkpoint, verified
 from .distributed import all_reduce_sum
 from .segmentation import confusion, iou_dice
@@ -64,11 +63,22 @@ def evaluate(model: nn.Module, loader: Iterable, device: torch.device, amp: str 
     return out
 
 
-def add_lora(model: nn.Module, lc: LoraConfig) -> None:
-    """LoRA adapters and the freeze policy when `lora.rank` > 0 (building a model, or rebuilding a saved one)."""
-    if lc.rank > 0:
-        apply_lora(model, lc.rank, lc.alpha, lc.dropout, lc.targets, lc.init)
-        freeze_for_lora(model, TRAIN_WITH_LORA if lc.trainable is None else lc.trainable)
+def validation_batch_loss(model: nn.Module, it, loader: Iterable, device: torch.device, amp: str):
+    """(iterator, loss tensor) of the next batch of `loader` (started or restarted as needed), in eval mode:
+    the per-batch validation loss logged during training, as the classic-vs-differential project logs it."""
+    if it is None:
+        it = iter(loader)
+    try:
+        x, y = next(it)
+    except StopIteration:
+        it = iter(loader)
+        x, y = next(it)
+    model.eval()
+    with torch.no_grad(), autocast(device, amp):
+        logits = as_output(model(x.to(device))).logits
+        loss = F.cross_entropy(logits.float(), y.to(device))  # ignores -100 padding
+    model.train()
+    return it, loss
 
 
 def load_checkpoint(path: str | Path, use_ema: bool = True) -> tuple[nn.Module, Config, dict]:
@@ -83,8 +93,7 @@ def load_checkpoint(path: str | Path, use_ema: bool = True) -> tuple[nn.Module, 
         raise VitlabError(f"'{file}' has no vitlab metadata; use vitlab.load_pretrained() for foreign weights")
     import yaml
     cfg = build(yaml.safe_load(meta["config"]))
-    model = create_model(meta["model_name"], **json.loads(meta["model_args"]))
-    add_lora(model, cfg.lora)
+    model = rebuild_model(meta["model_name"], json.loads(meta["model_args"]), cfg)
     ema = file.with_name(EMA_FILE)
     weights = load_weights(ema if use_ema and ema.is_file() else file)
     if file.name == "adapter.safetensors":  # the adapter alone: the base comes from the run's pretrained file

@@ -1,7 +1,7 @@
 """What a finished run hands on: the by-architecture checkpoint layout and the files `--upload` sends.
 
-`output.layout: by_architecture` (the layout of the classic-vs-differential project our seed 002 reproduces;
-the old value `seed002` is still accepted) adds, beside the task's run directories, the final weights and training log as
+`output.layout: by_architecture` (the layout of the classic-vs-differential project; the value's
+old spelling is still accepted) adds, beside the task's run directories, the final weights and training log as
 
     <output.dir>/<task_name>/checkpoints/<architecture>/model_<run_id>_<size>_<dataset>.safetensors
     <output.dir>/<task_name>/checkpoints/<architecture>/model_<run_id>_<size>_<dataset>_training.log

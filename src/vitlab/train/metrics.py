@@ -58,6 +58,41 @@ class BatchBuffer:
         return records
 
 
+class EpochLog:
+    """One epoch's per-batch training values and validation losses, buffered on the device and written
+    together at each `flush` (one reduction over ranks and one device-to-host copy for each kind)."""
+
+    def __init__(self, log, device: torch.device, reduce, world_size: int, epoch: int, epochs: int, start: int,
+                 n_batches: int, step: int):
+        self.log, self.reduce, self.world = log, reduce, world_size
+        self.epoch, self.epochs, self.start, self.n_batches = epoch, epochs, start, n_batches
+        self.buffer, self.pending_val = BatchBuffer(device), []
+        self.first_batch, self.first_step = start + 1, step + 1  # of the records not yet written
+        self.t0 = self.t_flush = time.perf_counter()
+        log.start_epoch(epoch, epochs, n_batches)
+
+    def val(self, batch: int, step: int, loss: torch.Tensor) -> None:
+        self.pending_val.append((self.epoch, batch, step, loss))
+
+    def flush(self, batches_done: int, batches_left: int, check) -> None:
+        """Write what is buffered after batch `batches_done` of the epoch; `check(first_batch, first_step,
+        records)` sees the training records first (it may stop the run before they are written)."""
+        if self.pending_val:  # validation losses: the mean over ranks
+            values = (self.reduce(torch.stack([p[3] for p in self.pending_val])) / self.world).tolist()
+            self.log.val_batches([(e, b, s, loss) for (e, b, s, _), loss in zip(self.pending_val, values)])
+            self.pending_val.clear()
+        count, samples, sizes = len(self.buffer), self.buffer.samples, list(self.buffer.sizes)
+        records = self.buffer.flush(self.reduce)
+        check(self.first_batch, self.first_step, records)
+        self.log.batches(self.epoch, self.first_batch, self.first_step, records)
+        now = time.perf_counter()
+        eta = batches_left * (now - self.t0) / (batches_done - self.start)
+        mean = lambda key: sum(r[key] * n for r, n in zip(records, sizes)) / samples  # noqa: E731
+        self.log.update(count, self.epoch, self.epochs, batches_done, self.n_batches, mean("loss"), mean("acc"),
+                        samples * self.world / (now - self.t_flush), eta)
+        self.first_batch, self.first_step, self.t_flush = batches_done + 1, self.first_step + count, now
+
+
 class RunLogger:
     def __init__(self, run_dir: Path, tensorboard: bool = True, progress: str = "auto", append: bool = False,
                  stream: TextIO | None = None):
@@ -110,8 +145,8 @@ class RunLogger:
         self.log_file.write("\n".join(lines) + "\n")
 
     def val_batches(self, records: list[tuple[int, int, int, float]]) -> None:
-        """(epoch, batch, step, loss) of validation batches logged during training (seed 002's per-batch
-        validation loss), as JSON lines and log lines."""
+        """(epoch, batch, step, loss) of validation batches logged during training (the classic-vs-differential
+        project's per-batch validation loss), as JSON lines and log lines."""
         for epoch, batch, step, loss in records:
             self.record("val_batch", epoch=epoch, batch=batch, step=step, loss=loss)
         self.log_file.write("".join(f"epoch {e} batch {b} step {s} val_loss {v:.4f}\n" for e, b, s, v in records))

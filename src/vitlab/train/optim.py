@@ -57,7 +57,7 @@ def build_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimConfig, steps_pe
     """A per-optimizer-step schedule over `total` steps; its state (the step count) goes into the trainer
     checkpoint."""
     warmup = cfg.warmup_steps or int(round(cfg.warmup_epochs * steps_per_epoch))
-    if cfg.schedule == "onecycle":  # seed 001: OneCycleLR(max_lr, total_steps, pct_start=warm-up / total)
+    if cfg.schedule == "onecycle":  # as the Res-ViT project: OneCycleLR(max_lr, total_steps, pct_start=warm-up/total)
         return torch.optim.lr_scheduler.OneCycleLR(
             optimizer, max_lr=[g["lr"] for g in optimizer.param_groups], total_steps=max(total, 1),
             pct_start=min(max(warmup, 1) / max(total, 1), 1.0), cycle_momentum=cfg.cycle_momentum)
