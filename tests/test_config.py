@@ -49,7 +49,7 @@ def test_dump_round_trips():
 ])
 def test_any_model_argument_is_settable_and_typed_from_the_signature(name, override, value):
     cfg = load_config(None, [f"model.name={name}", override])
-    key = override.split("=")[0].split(".")[1].replace("stem", "tokenizer")
+    key = override.split("=")[0].split(".")[1]
     got = cfg.model.args[key]
     assert got == value and type(got) is type(value)
     import yaml
@@ -63,7 +63,7 @@ def test_any_model_argument_is_settable_and_typed_from_the_signature(name, overr
     ("momentum_vit_micro_patch2_8", "model.beta=fast", "config key 'model.beta' must be float, got 'fast'"),
     ("staged_vit_patch4_32", "model.widths=[64,wide]", "config key 'model.widths' must be"),
     ("vit_micro_patch2_8", "model.global_pool=mean", "config key 'model.global_pool' must be one of 'token', 'avg'"),
-    ("vit_micro_patch2_8", "model.patch_embed=spt2", "config key 'model.tokenizer' must be one of 'patch', 'conv', "
+    ("vit_micro_patch2_8", "model.patch_embed=spt2", "config key 'model.patch_embed' must be one of 'patch', 'conv', "
                                                      "'spt'"),  # patch_embed: tokenizer's old spelling
 ])
 def test_bad_model_arguments_are_one_line_errors(name, override, message):

@@ -2,7 +2,9 @@
 
 `config` knows the schema only; this module checks the model and dataset names and types every model
 argument from the registered builder's signature (`model.beta=0.5` becomes a float because `MomentumViT`
-says `beta: float`), with did-you-mean errors. Old argument spellings (`task`, `stem`, `patch_embed`) are renamed here.
+says `beta: float`), with did-you-mean errors. Old argument names are renamed here (`task` is `head`); the
+tokenizer's old names (`stem`, `patch_embed`) are typed as `tokenizer` and kept as written: the registry
+reads them (an old `patch_embed=spt` means the SPT paper's shifts).
 """
 from __future__ import annotations
 
@@ -13,8 +15,7 @@ from typing import Any, Iterable
 from .config import Config, build_config, coerce, load_config
 from .data import canonical_dataset, dataset_names
 from .errors import VitlabError, did_you_mean
-from .registry import _current_spelling as current_spelling
-from .registry import builder_annotations, builder_parameters, model_entry
+from .registry import ARG_ALIASES, OLD_TOKENIZER_KEYS, builder_annotations, builder_parameters, model_entry
 
 #: model arguments the trainer fills from the dataset when the config leaves them out
 FROM_DATA = ("img_size", "in_chans", "num_classes")
@@ -26,14 +27,16 @@ def resolve_model_args(name: str, args: dict[str, Any]) -> dict[str, Any]:
     entry = model_entry(name)
     params, hints = builder_parameters(entry.builder), builder_annotations(entry.builder)
     typed = {}
-    for key, value in current_spelling(args).items():
+    for key, value in args.items():
+        key = ARG_ALIASES.get(key, key)
         if value is None:  # unset: the model's default (a sweep may unset an argument of its base's model)
             continue
-        if key not in params:
+        meaning = "tokenizer" if key in OLD_TOKENIZER_KEYS else key
+        if meaning not in params:
             raise VitlabError(f"unknown config key 'model.{key}': model '{entry.name}' has no such argument"
                               f"{did_you_mean(key, params)}; `vitlab models` lists models, their docstrings the "
                               f"arguments")
-        typed[key] = coerce(value, hints.get(key, Any), f"model.{key}")
+        typed[key] = coerce(value, hints.get(meaning, Any), f"model.{key}")
         if key.endswith(("drop_rate", "drop_path_rate")) and isinstance(typed[key], float) and not 0 <= typed[key] < 1:
             raise VitlabError(f"config key 'model.{key}' is a probability and must be in [0, 1), got {typed[key]}")
     return typed
