@@ -13,6 +13,7 @@ from pathlib import Path
 
 from .compat import BOOL_WORDS, flag_bool
 from .errors import TrainingStopped, VitlabError
+from .names import atomic_write, printable
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str):  # argparse prints usage + error; we print one line
@@ -292,7 +293,7 @@ def cmd_collect(args) -> int:
     print(markdown(*table(runs)))
     out = Path(args.csv or Path(args.dirs[0]) / "runs.csv")
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(to_csv(runs))
+    atomic_write(out, to_csv(runs))
     print(f"\n{len(runs)} runs; CSV: {out}")
     return 0
 
@@ -336,7 +337,7 @@ def cmd_report(args) -> int:
     page = build_report(runs, figures, args.title)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(page)
+    atomic_write(out, page)  # an existing page stays whole on a full disk
     print(f"report of {len(runs)} runs with {len(figures)} figures: {out}")
     return 0
 
@@ -393,11 +394,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args = parse(argv)
         return COMMANDS[args.command](args)
-    except VitlabError as exc:
-        print(f"vitlab: error: {_rank_prefix()}{exc}", file=sys.stderr)
+    except VitlabError as exc:  # one line, whatever names it quotes (vitlab.names.printable)
+        print(f"vitlab: error: {_rank_prefix()}{printable(exc)}", file=sys.stderr)
         return exc.exit_code
     except OSError as exc:  # the filesystem: a path that is a file, read-only, missing, or a full disk
-        print(f"vitlab: error: {_rank_prefix()}{describe_os_error(exc)}", file=sys.stderr)
+        print(f"vitlab: error: {_rank_prefix()}{printable(describe_os_error(exc))}", file=sys.stderr)
         return 2
     except TrainingStopped as exc:  # a signal: the checkpoint is written; not an error
         print(f"vitlab: {_rank_prefix()}{exc}", file=sys.stderr)

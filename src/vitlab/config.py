@@ -21,6 +21,7 @@ from typing import Any, Iterable, Literal, Optional, Union
 import yaml
 
 from .errors import VitlabError, did_you_mean
+from .names import path_inside, safe_name
 
 
 @dataclass
@@ -147,7 +148,9 @@ class Config:
 
     @property
     def run_dir(self) -> Path:
-        return Path(self.output.dir) / self.task_name / self.output.savefile
+        """<output.dir>/<task_name>/<output.savefile>; either name that is not one plain folder name is a
+        VitlabError (`vitlab.names.safe_name`), so the run cannot land outside output.dir."""
+        return path_inside(self.output.dir, self.task_name, self.output.savefile, what="task_name / output.savefile")
 
     def to_dict(self) -> dict[str, Any]:
         tree = _plain(dataclasses.asdict(self))
@@ -380,8 +383,5 @@ def validate(cfg: Config) -> None:
                        ("optim.base_batch_size", cfg.optim.base_batch_size)):
         if value is not None and value <= 0:
             raise VitlabError(f"config key '{key}' must be positive, got {value}")
-    name = cfg.output.savefile
-    if not name.strip() or name in (".", "..") or "/" in name or "\\" in name:
-        raise VitlabError(f"output.savefile (--savefile) must name one folder, got {name!r}; e.g. --savefile run_02")
-    if not cfg.task_name.strip() or cfg.task_name in (".", ".."):
-        raise VitlabError(f"task_name must name one folder, got {cfg.task_name!r}")
+    safe_name(cfg.task_name, "task_name", example="cifar10_vit")  # each one folder: the run stays in output.dir
+    safe_name(cfg.output.savefile, "output.savefile (--savefile)")

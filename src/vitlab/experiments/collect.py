@@ -12,6 +12,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from ..names import csv_cell, printable
 from .runs import Run
 
 # Keys that always differ between runs without describing them.
@@ -56,7 +57,8 @@ def table(runs: list[Run]) -> tuple[list[str], list[list[str]]]:
         cells = result_cells(res, [key for _, key, _ in RESULT_COLUMNS])
         rows.append([str(r.path.resolve().relative_to(root)),
                      *(_fmt(r.flat_config.get(k), str) for k in keys), status, *cells])
-    return header, rows
+    # names and values come from run directories: one line each on a terminal or in a log
+    return [printable(h) for h in header], [[printable(c) for c in row] for row in rows]
 
 
 def _fmt(value: Any, fmt) -> str:
@@ -71,9 +73,10 @@ def result_cells(results: dict[str, Any] | None, keys: list[str]) -> list[str]:
 
 def markdown(header: list[str], rows: list[list[str]]) -> str:
     numeric = [all(is_number(row[i]) for row in rows if row[i]) for i in range(len(header))]
-    lines = ["| " + " | ".join(header) + " |",
-             "|" + "|".join("---:" if n else "---" for n in numeric) + "|"]
-    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    def line(cells: list[str]) -> str:  # a `|` in a name would split its cell
+        return "| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |"
+    lines = [line(header), "|" + "|".join("---:" if n else "---" for n in numeric) + "|"]
+    lines += [line(row) for row in rows]
     return "\n".join(lines)
 
 
@@ -89,12 +92,17 @@ def to_csv(runs: list[Run]) -> str:
     """Machine-readable twin of the table: raw values, full precision, every results.json key we show."""
     keys = varying_keys(runs)
     root = _common_root(runs)
+    result_keys = [key for _, key, _ in RESULT_COLUMNS] + ["test_loss", "train_seconds", "peak_memory_kind"]
+    rows = [[str(r.path.resolve().relative_to(root)), *(r.flat_config.get(k) for k in keys), r.finished,
+             *((r.results or {}).get(k) for k in result_keys)] for r in runs]
+    return csv_text(["run", *keys, "finished", *result_keys], rows)
+
+
+def csv_text(header: list[str], rows: list[list[Any]]) -> str:
+    """CSV of `rows` under `header`; text cells a spreadsheet would run as a formula are made text
+    (`vitlab.names.csv_cell`)."""
     out = io.StringIO()
     writer = csv.writer(out, lineterminator="\n")
-    result_keys = [key for _, key, _ in RESULT_COLUMNS] + ["test_loss", "train_seconds", "peak_memory_kind"]
-    writer.writerow(["run", *keys, "finished", *result_keys])
-    for r in runs:
-        res = r.results or {}
-        writer.writerow([str(r.path.resolve().relative_to(root)), *(r.flat_config.get(k) for k in keys),
-                         r.finished, *(res.get(k) for k in result_keys)])
+    writer.writerow([csv_cell(h) for h in header])
+    writer.writerows([csv_cell(c) for c in row] for row in rows)
     return out.getvalue()

@@ -8,8 +8,9 @@ from typing import Any
 
 from ..config import read_yaml
 from ..errors import VitlabError
+from ..names import atomic_write, safe_name
 from ..resolve import build
-from .collect import markdown, result_cells
+from .collect import csv_text, markdown, result_cells
 from .runs import Run, load_run
 from .sweep import Point, Sweep, run_local
 
@@ -25,7 +26,8 @@ def comparison(configs: list[str], epochs: int | None, overrides: dict[str, Any]
         path = Path(c)
         cfg = build(read_yaml(path), list(fixed.items()))
         datasets[path.name] = cfg.data.dataset
-        points.append(Point(path.stem, {}, base=path))
+        points.append(Point(safe_name(path.stem, f"config '{c}': its file name names its run, and",
+                                      "vit_small"), {}, base=path))
     if len(set(datasets.values())) > 1:
         raise VitlabError("compare trains every model on the same data, but the configs name "
                           + ", ".join(f"{k}: {v}" for k, v in datasets.items()) + "; pass configs of one dataset")
@@ -50,14 +52,9 @@ def comparison_table(runs: list[Run]) -> tuple[list[str], list[list[str]]]:
 
 def comparison_outputs(runs: list[Run], root: Path) -> str:
     """Write compare.md and compare.csv into `root`; return the Markdown."""
-    import csv
-
     header, rows = comparison_table(runs)
     md = markdown(header, rows)
-    (root / "compare.md").write_text(md + "\n")
-    with open(root / "compare.csv", "w", newline="") as f:
-        writer = csv.writer(f, lineterminator="\n")
-        writer.writerow(["model", "config", *(k for _, k in COLUMNS[1:])])
-        for r in runs:
-            writer.writerow([r.model, r.path.name, *((r.results or {}).get(k) for _, k in COLUMNS[1:])])
+    atomic_write(root / "compare.md", md + "\n")
+    rows = [[r.model, r.path.name, *((r.results or {}).get(k) for _, k in COLUMNS[1:])] for r in runs]
+    atomic_write(root / "compare.csv", csv_text(["model", "config", *(k for _, k in COLUMNS[1:])], rows))
     return md

@@ -19,6 +19,7 @@ a crash cannot take the sweep's state with it).
 from __future__ import annotations
 
 import itertools
+import os
 import re
 import shlex
 import shutil
@@ -32,6 +33,7 @@ import yaml
 
 from ..config import as_number, read_yaml
 from ..errors import VitlabError
+from ..names import atomic_write, check_path_text, safe_name
 from ..resolve import build
 
 SPEC_KEYS = {"base", "set", "grid", "zip", "name"}
@@ -59,10 +61,22 @@ class Sweep:
 
     def train_args(self, point: Point, root: Path) -> list[str]:
         """`vitlab train` arguments for one point (the run dir is root/<point name>)."""
+        root = sweep_folder(root)
         values = {**self.fixed, **point.overrides, "task_name": root.name, "output.dir": str(root.parent),
-                  "output.savefile": point.name}
+                  "output.savefile": safe_name(point.name, "a sweep point's name", "depth-3")}
         overrides = [f"{k}={_yaml_scalar(v)}" for k, v in values.items()]
         return ["--config", str(point.base or self.base), "--reload", *overrides]
+
+
+def sweep_folder(root: str | Path) -> Path:
+    """The folder of a sweep's runs, as passed to each run: its last component is the runs' task_name (one plain
+    folder name), and its path goes into scripts, so it holds no control character."""
+    root = Path(root)
+    if root.name in ("", ".", ".."):  # `--output .`: name the folder itself
+        root = Path(os.path.abspath(root))
+    check_path_text(root, "the sweep's folder (--output)")
+    safe_name(root.name, "the sweep's folder (--output) is every run's task_name; it", "sweeps_01")
+    return root
 
 
 def _yaml_scalar(value: Any) -> str:
@@ -95,7 +109,8 @@ def load_spec(path: str | Path) -> Sweep:
     if len(lengths) > 1:
         raise VitlabError(f"sweep spec '{path}': the `zip` lists must have one length, got "
                           + ", ".join(f"{k}: {len(v)}" for k, v in zipped.items()))
-    labels = [str(x) for x in zipped.pop("name", [])]  # names given to the zip rows
+    # names given to the zip rows: checked here, not when the row trains
+    labels = [safe_name(x, f"sweep spec '{path}': zip row name", "classic") for x in zipped.pop("name", [])]
     zip_rows = [dict(zip(zipped, row)) for row in zip(*zipped.values())] or [{}]
     grid_rows = [dict(zip(grid, row)) for row in itertools.product(*grid.values())]
     short = _short_names([*zipped, *grid])
@@ -108,7 +123,10 @@ def load_spec(path: str | Path) -> Sweep:
     if len(set(names)) != len(names):
         dup = next(n for n in names if names.count(n) > 1)
         raise VitlabError(f"sweep spec '{path}': two points are both named '{dup}'; make the values distinct")
-    sweep = Sweep(str(spec.get("name") or path.stem), base, fixed, named)
+    for p in named:
+        safe_name(p.name, f"sweep spec '{path}': point name", "depth-3")
+    sweep = Sweep(safe_name(spec.get("name") or path.stem, f"sweep spec '{path}': `name` (or the file name)",
+                            "quickstart_2x2"), base, fixed, named)
     tree = read_yaml(base)
     for p in named:  # every point's config is checked before anything runs
         build(tree, [*fixed.items(), *p.overrides.items()])
@@ -158,7 +176,8 @@ def _pending(sweep: Sweep, root: Path) -> list[Point]:
 def write_torchrun(sweep: Sweep, root: Path) -> Path:
     pending = _pending(sweep, root)
     lines = ["#!/usr/bin/env bash",
-             f"# vitlab sweep '{sweep.name}': {len(pending)} unfinished of {len(sweep.points)} runs, one after",
+             f"# vitlab sweep {shlex.quote(sweep.name)}: {len(pending)} unfinished of {len(sweep.points)} runs, "
+             "one after",
              "# another, each data-parallel over this node's GPUs (NPROC=... to choose). Rerunnable: --reload.",
              "set -euo pipefail",
              'NPROC="${NPROC:-$(python3 -c \'import torch; print(max(torch.cuda.device_count(), 1))\')}"']
@@ -171,17 +190,17 @@ def write_torchrun(sweep: Sweep, root: Path) -> Path:
 def write_slurm(sweep: Sweep, root: Path) -> Path:
     pending = _pending(sweep, root)
     lines = ["#!/usr/bin/env bash",
-             f"# vitlab sweep '{sweep.name}': a job array, one task per unfinished run ({len(pending)} of "
+             f"# vitlab sweep {shlex.quote(sweep.name)}: a job array, one task per unfinished run ({len(pending)} of "
              f"{len(sweep.points)}).",
              "# Edit the resources for your cluster; each array task is one (data-parallel) training run.",
-             f"#SBATCH --job-name={sweep.name}",
+             f"#SBATCH --job-name={shlex.quote(sweep.name)}",
              f"#SBATCH --array=0-{len(pending) - 1}",
              "#SBATCH --nodes=1",
              "#SBATCH --ntasks-per-node=1",
              "#SBATCH --gpus-per-task=1",
              "#SBATCH --cpus-per-task=8",
              "#SBATCH --time=24:00:00",
-             f"#SBATCH --output={root}/slurm-%A_%a.out",
+             f"#SBATCH --output={shlex.quote(str(sweep_folder(root) / 'slurm-%A_%a.out'))}",
              "set -euo pipefail",
              'cd "${SLURM_SUBMIT_DIR:-.}"',
              'PYTHON="${PYTHON:-python3}"',
@@ -194,10 +213,12 @@ def write_slurm(sweep: Sweep, root: Path) -> Path:
 
 
 def _write_script(path: Path, lines: list[str]) -> Path:
+    """Every line is one line (the names and paths in it were checked for control characters), written
+    whole or not at all."""
+    for line in lines:
+        check_path_text(line, "a line of the launch script")
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("\n".join(lines) + "\n")
-    path.chmod(0o755)
-    return path
+    return atomic_write(path, "\n".join(lines) + "\n", mode=0o755)
 
 
 def submit(script: Path, launcher: str) -> None:

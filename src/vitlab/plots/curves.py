@@ -7,7 +7,7 @@ from collections import defaultdict
 from matplotlib.figure import Figure
 
 from ..experiments.runs import Run
-from .common import new_figure, subplots
+from .common import new_figure, plot_text, subplots
 
 KIND_TITLE = {"train_batch": "training loss per batch", "val_batch": "validation loss per batch"}
 
@@ -81,4 +81,4 @@ def overlay_figure(runs: list[Run]) -> Figure | None:
 def _name(run: Run, runs: list[Run]) -> str:
     """The model's label (name and size), led by the run folder's name where several runs share it."""
     same = sum(r.label == run.label for r in runs) > 1
-    return f"{run.path.name}: {run.label}" if same else run.label
+    return plot_text(f"{run.path.name}: {run.label}" if same else run.label)

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from matplotlib.figure import Figure
 
-from .common import subplots
+from .common import plot_text, subplots
 
 
 @torch.inference_mode()
@@ -35,6 +35,7 @@ def test_predictions(checkpoint: str | Path, data_dir: str | None = None, split:
 def sample_grid_figure(images: torch.Tensor, labels: torch.Tensor, preds: torch.Tensor, names: list[str],
                        title: str, n: int = 16) -> Figure:
     """The first `n` test images, titled 'true / predicted' (red when wrong)."""
+    names, title = [plot_text(c) for c in names], plot_text(title)  # class and model names, shown as written
     n = min(n, len(images))
     cols = min(n, 8)
     rows = -(-n // cols)
@@ -55,7 +56,7 @@ def sample_grid_figure(images: torch.Tensor, labels: torch.Tensor, preds: torch.
 
 def confusion_figure(labels: torch.Tensor, preds: torch.Tensor, names: list[str], title: str) -> Figure:
     """Row-normalised confusion matrix (rows: true class); counts annotated when there are <= 20 classes."""
-    k = len(names)
+    k, names, title = len(names), [plot_text(c) for c in names], plot_text(title)
     counts = torch.bincount(labels * k + preds, minlength=k * k).view(k, k).numpy()  # (true, predicted)
     rates = counts / np.maximum(counts.sum(axis=1, keepdims=True), 1)
     size = min(4 + 0.35 * k, 14)

@@ -5,7 +5,7 @@ import matplotlib
 import torch
 from matplotlib.figure import Figure
 
-from .common import new_figure, subplots
+from .common import new_figure, plot_text, subplots
 
 
 def routing_figure(images: torch.Tensor, keep: torch.Tensor, grid: int, title: str) -> Figure:
@@ -35,7 +35,7 @@ def accuracy_flops_figure(points: list[dict], title: str = "accuracy against mea
     colors = matplotlib.colormaps["tab20" if len(groups) > 10 else "tab10"].colors  # a colour per group
     for i, group in enumerate(groups):
         mine = sorted((p for p in points if p["group"] == group), key=lambda p: p[x])
-        ax.plot([p[x] for p in mine], [p[y] for p in mine], "o-", label=group, alpha=0.8,
+        ax.plot([p[x] for p in mine], [p[y] for p in mine], "o-", label=plot_text(group), alpha=0.8,
                 color=colors[i % len(colors)])
     ax.legend(fontsize=8)
     return fig

@@ -7,7 +7,7 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from ..experiments.runs import Run
-from .common import new_figure
+from .common import new_figure, plot_text
 from .curves import by_architecture
 
 
@@ -46,6 +46,7 @@ def scaling_figures(runs: list[Run]) -> dict[str, Figure]:
 
 
 def _draw(ax, arch: str, params: list[float], acc: list[float]) -> None:
+    arch = plot_text(arch)
     points = ax.scatter(params, [100 * a for a in acc], label=f"{arch} runs", zorder=3)
     ax.set_xscale("log")
     fit = fit_power_law(params, acc)

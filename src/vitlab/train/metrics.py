@@ -13,6 +13,7 @@ from typing import Any, TextIO
 
 import torch
 
+from ..names import printable
 
 class BatchBuffer:
     """Per-batch training values (loss, accuracy, lr, a model's auxiliary terms and metrics), kept as device
@@ -112,14 +113,16 @@ class RunLogger:
 
     # -- lines -------------------------------------------------------------------------------------------
     def info(self, text: str) -> None:
-        """A line for the user and for train.log."""
+        """A line for the user and for train.log; a name's control characters show escaped, so one call is
+        one line (vitlab.names.printable)."""
+        text = printable(text)
         self.log_file.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {text}\n")
         if self.progress != "none":
             (self.bar.write if self.bar is not None else self._print)(text)
 
     def write(self, text: str) -> None:
         """A line for train.log only."""
-        self.log_file.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {text}\n")
+        self.log_file.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {printable(text)}\n")
 
     def _print(self, text: str) -> None:
         print(text, file=self.stream, flush=True)
