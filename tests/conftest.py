@@ -9,7 +9,11 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 MNIST_DIR = ROOT.parent / "shared" / "data"
 
-torch.set_num_threads(min(2, os.cpu_count() or 1))
+# One thread, here and in every process a test starts: the tiny models gain nothing from a second, and on a shared
+# 2-core machine a second, spinning OpenMP thread makes in-process training 5-10x slower (the quickstart's 5
+# epochs: 9 s on one thread, 80-130 s on two while other jobs run).
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+torch.set_num_threads(1)
 
 
 @pytest.fixture(autouse=True)
@@ -48,12 +52,31 @@ def trained_run(tmp_path_factory):
     return cfg.run_dir, results
 
 
+#: argument names that size a model rather than choose what it is
+SIZE_ARGS = {"img_size", "patch_size", "in_chans", "num_classes", "embed_dim", "depth", "num_heads", "mlp_ratio",
+             "widths", "depths", "head_dim", "stages", "stage_depth"}
+
+
+def registered_name(builder) -> str:
+    """The plainest registered name that `builder` (a model class) builds: the fewest defaults that are not
+    sizes, then the shortest name (VisionTransformer -> vit_micro_patch2_8); a handle for `create_model` and
+    checkpoints, whose choices a caller overrides."""
+    from vitlab.registry import list_models, model_entry
+    names = [n for n in list_models() if model_entry(n).builder is builder]
+    if not names:
+        raise LookupError(f"no registered name builds {builder.__name__}")
+    return min(names, key=lambda n: (len(set(model_entry(n).defaults) - SIZE_ARGS), len(n), n))
+
+
 def tiny_model(name, **overrides):
-    """`name` at a tiny size for contract tests: two blocks of width 32 (staged: two one-block stages),
-    a 2 x 2 token grid, 5 classes, dropout and drop-path on so that replayed randomness is exercised (routed
-    models: routing on in both blocks, undecided routers, so both paths of every token run)."""
+    """`name` (a registered name or a model class) at a tiny size for contract tests: two blocks of width 32
+    (staged: two one-block stages), a 2 x 2 token grid, 5 classes, dropout and drop-path on so that replayed
+    randomness is exercised (routed models: routing on in both blocks, undecided routers, so both paths of
+    every token run)."""
     import vitlab
     from vitlab.registry import model_args
+    if isinstance(name, type):
+        name = registered_name(name)
     args = model_args(name)
     size = ({"widths": [16, 32], "depths": [1, 1], "head_dim": 8} if "widths" in args
             else {"embed_dim": 32, "depth": 2, "num_heads": 2})

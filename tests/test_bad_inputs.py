@@ -1,4 +1,5 @@
 """Every bad input is one line on stderr and exit code 2: no traceback, nothing written (issue 16's audit).
+The one home of bad inputs: a refused value, file, run or argument is a case here, its message pinned in WORDS.
 
 Each case is a distinct input a careful or careless user gives; the workspace holds a small finished run and
 damaged or foreign files to point at. Adding a case here is how a new bad input is handled for good.
@@ -33,13 +34,18 @@ TRAIN = [  # (label, extra arguments to `vitlab train` on top of QUICK)
     ("cutmix negative", ["data.cutmix=-1"]), ("workers negative", ["data.num_workers=-1"]),
     ("unknown augment", ["data.augment=heavy"]), ("max samples negative", ["data.max_train_samples=-1"]),
     ("unknown model", ["model.name=nope"]), ("drop rate 2", ["model.drop_rate=2"]),
-    ("drop path negative", ["model.drop_path_rate=-0.5"]), ("attn drop nan", ["model.attn_drop_rate=nan"]),
+    ("drop path negative", ["model.drop_path_rate=-0.5"]), ("drop path 1.5", ["model.drop_path_rate=1.5"]),
+    ("attn drop nan", ["model.attn_drop_rate=nan"]),
     ("patch not dividing", ["model.patch_size=5"]), ("heads not dividing", ["model.num_heads=5"]),
     ("unknown model key", ["model.colour=red"]), ("model arg wrong type", ["model.depth=deep"]),
     ("lora rank negative", ["lora.rank=-1"]), ("lora dropout 1.5", ["lora.dropout=1.5"]),
     ("empty savefile", ["output.savefile="]), ("savefile with slash", ["output.savefile=a/b"]),
     ("savefile dot-dot", ["output.savefile=.."]), ("unknown progress", ["output.progress=fancy"]),
     ("empty task name", ["task_name="]), ("unknown section key", ["foo.bar=1"]),
+    ("misspelt key", ["optim.lrr=1"]),
+    ("img size not a multiple of the patch", ["model.img_size=9"]),
+    ("width not a multiple of the heads", ["model.embed_dim=102"]),
+    ("token pooling without a class token", ["model.class_token=false"]), ("unknown flag", ["--bogus"]),
     ("override without =", ["optim.lr"]), ("config missing", ["--config", "missing.yaml"]),
     ("config not yaml", ["--config", "broken.yaml"]), ("config a list", ["--config", "list.yaml"]),
     ("config section a number", ["--config", "section.yaml"]), ("epochs flag text", ["--epochs", "abc"]),
@@ -60,17 +66,24 @@ TRAIN = [  # (label, extra arguments to `vitlab train` on top of QUICK)
 ]
 
 OTHER = [  # (label, full argument list)
+    # flags alone: QUICK's model.name and data.dataset would override them
+    ("model flag unknown", ["train", "--model", "vit_nope"]), ("dataset misspelt", ["train", "--dataset", "mnits"]),
+    ("dataset without its folder", ["train", "--dataset", "cifar10", "--data_dir", "missing"]),
     ("evaluate missing checkpoint", ["evaluate", "--checkpoint", "missing"]),
     ("evaluate empty file", ["evaluate", "--checkpoint", "empty.safetensors"]),
     ("evaluate truncated file", ["evaluate", "--checkpoint", "truncated.safetensors"]),
     ("evaluate foreign weights", ["evaluate", "--checkpoint", "other.safetensors"]),
     ("evaluate damaged checkpoint", ["evaluate", "--checkpoint", "damaged/checkpoints/last"]),
+    *[(f"evaluate {damage} weights{' file' if file else ''}",
+       ["evaluate", "--checkpoint", f"{damage}/checkpoints/best{'/model.safetensors' if file else ''}"])
+      for damage in ("flipped", "emptied", "cut") for file in (False, True)],
     ("evaluate batch 0", ["evaluate", "--checkpoint", RUN, "--batch-size", "0"]),
     ("evaluate batch -1", ["evaluate", "--checkpoint", RUN, "--batch-size", "-1"]),
     ("evaluate unknown split", ["evaluate", "--checkpoint", RUN, "--split", "dev"]),
     ("evaluate on missing data", ["evaluate", "--checkpoint", RUN, "--dataset", "cifar100",
                                   "--data_dir", "missing"]),
     ("evaluate stray argument", ["evaluate", "--checkpoint", RUN, "lr=3"]),
+    ("predict missing checkpoint", ["predict", "--checkpoint", "missing", "image.png"]),
     ("predict missing image", ["predict", "--checkpoint", RUN, "missing.png"]),
     ("predict a folder", ["predict", "--checkpoint", RUN, "emptyfolder"]),
     ("predict truncated png", ["predict", "--checkpoint", RUN, "truncated.png"]),
@@ -80,10 +93,52 @@ OTHER = [  # (label, full argument list)
     ("collect missing", ["collect", "missing"]), ("collect no runs", ["collect", "emptyfolder"]),
     ("collect damaged results", ["collect", "bad_results"]), ("collect damaged config", ["collect", "bad_config"]),
     ("plot out a file", ["plot", RUN, "--out", "afile"]), ("plot nothing", ["plot"]),
+    ("plot no runs", ["plot", "--out", "plots"]),
     ("report out a folder", ["report", RUN, "--out", "emptyfolder"]),
     ("sweep spec missing", ["sweep", "missing.yaml"]), ("sweep unknown key", ["sweep", "badspec.yaml"]),
+    ("compare config missing", ["compare", "missing.yaml"]), ("report missing run", ["report", "missing"]),
+    ("upload without a repository", ["upload", RUN, "x"]),
     ("models unknown pattern", ["models", "nothing_like_this*"]), ("unknown command", ["fly"]),
 ]
+
+#: what the line says, where a case's message is worth pinning (a refusal that names the wrong thing is a bug too)
+WORDS = {
+    "weight decay negative": "optim.weight_decay", "betas out of range": "betas",
+    "label smoothing 1.5": "label_smoothing", "mixup negative": "data.mixup", "img size negative": "data.img_size",
+    "empty savefile": "savefile", "savefile with slash": "savefile",
+    "val fraction 0": "val split of digits is empty; raise data.val_fraction",
+    "test fraction 0": "test split of digits is empty; raise data.test_fraction",
+    "drop rate 2": "model.drop_rate' is a probability", "drop path 1.5": "model.drop_path_rate' is a probability",
+    "device tpu": "train.device 'tpu'", "data dir a file": "is a file, not a folder",
+    "output a file": "a file is in the way", "config section a number": "config section 'model' must be a mapping",
+    "pretrained empty": "cannot be read as .safetensors",
+    "pretrained hostile pickle": "holds Python objects besides tensors",
+    "resume with another lr": "optim.lr: 0.003 -> 0.5", "resume with nothing intact": "no intact checkpoint",
+    "resume a locked run": f"pid {os.getpid()}",  # the workspace's lock is held by this process
+    **{label: "damaged" for label, _ in OTHER if label.startswith(("evaluate flipped", "evaluate emptied",
+                                                                    "evaluate cut"))},
+    "evaluate batch 0": "positive integer", "predict topk -1": "positive integer",
+    "predict truncated png": "cannot be decoded", "predict a folder": "is a folder",
+    "plot out a file": "a file is in the way", "report out a folder": "that is a folder",
+    "collect damaged results": "not valid JSON",
+    "config missing": "config file 'missing.yaml' not found", "config not yaml": "is not valid YAML",
+    "misspelt key": "unknown config key 'optim.lrr' (did you mean 'optim.lr'?)",
+    "unknown model": "unknown model 'nope'", "model flag unknown": "unknown model 'vit_nope'",
+    "dataset misspelt": "unknown dataset 'mnits' (did you mean 'mnist'?)",
+    "dataset without its folder": "data directory",
+    "img size not a multiple of the patch": "image size 9 is not divisible by patch size 2",
+    "width not a multiple of the heads": "embed_dim 102 is not divisible by num_heads 4",
+    "token pooling without a class token": "set model.global_pool=avg or model.class_token=true",
+    "epochs flag text": "argument --epochs/--n_epochs: invalid int value: 'abc'",
+    "unknown flag": "unrecognized arguments: --bogus",
+    "evaluate missing checkpoint": "no checkpoint at", "predict missing checkpoint": "no checkpoint at",
+    "predict missing image": "not found",
+    "models unknown pattern": "no model matches 'nothing_like_this*'", "unknown command": "invalid choice: 'fly'",
+    "sweep spec missing": "config file 'missing.yaml' not found",
+    "compare config missing": "config file 'missing.yaml' not found",
+    "plot nothing": "required: --out", "plot no runs": "nothing to plot: pass run folders", "report missing run": "does not exist",
+    "upload without a repository": "HF_REPOSITORY is not set",
+}
 
 
 @pytest.fixture(scope="module")
@@ -123,6 +178,12 @@ def workspace(tmp_path_factory):
         for ckpt in ("last", "best"):
             (root / "vitlab" / "damaged" / "checkpoints" / ckpt / "trainer_state.pt").write_bytes(b"")
         (root / "damaged").symlink_to(root / "vitlab" / "damaged")
+        for damage in ("flipped", "emptied", "cut"):  # the best weights of a finished run, damaged
+            shutil.copytree(root / RUN, root / damage)
+            f = root / damage / "checkpoints" / "best" / "model.safetensors"
+            data = bytearray(f.read_bytes())
+            data[-5] ^= 0xFF
+            f.write_bytes(bytes(data) if damage == "flipped" else b"" if damage == "emptied" else data[:len(data) // 2])
         shutil.copytree(root / RUN, root / "vitlab" / "locked")
         from vitlab.train.runlock import RunLock
         lock = RunLock(root / "vitlab" / "locked")  # held by this process: a live writer
@@ -145,6 +206,7 @@ def test_bad_input_is_one_line_and_exit_2(workspace, capsys, monkeypatch, label,
     code, out, err = run_cli(argv, capsys)
     lines = err.strip().splitlines()
     assert code == 2 and len(lines) == 1 and lines[0].startswith("vitlab: error: "), (label, err[-2000:])
+    assert WORDS.get(label, "") in err, (label, err)
     assert "Traceback" not in out + err
     assert snapshot(workspace) == before, "a refused input wrote nothing"
     assert not (workspace / "pwned").exists()
@@ -153,3 +215,27 @@ def test_bad_input_is_one_line_and_exit_2(workspace, capsys, monkeypatch, label,
 def test_the_audit_counts_its_cases():
     """The closing note quotes this count: distinct inputs tried (each a test above)."""
     assert len(TRAIN) + len(OTHER) == len({label for label, _ in TRAIN + OTHER}) >= 100
+    assert set(WORDS) <= {label for label, _ in TRAIN + OTHER}
+
+
+def test_what_the_bad_inputs_border_on_is_accepted(workspace, capsys, monkeypatch):
+    """The other side of the line: a photo of any size (resized as in evaluation) with more top-k than classes,
+    and one run named by a relative path."""
+    monkeypatch.chdir(workspace)
+    code, out, err = run_cli(["predict", "--checkpoint", RUN, "image.png", "--topk", "20"], capsys)
+    assert code == 0 and out.startswith("image.png:"), err
+    code, out, err = run_cli(["collect", RUN], capsys)
+    assert code == 0, err
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf", ".nan"])
+def test_non_finite_numbers_are_rejected_for_every_float_key(value):
+    """Below the command line: the config refuses a non-finite number in any float key (models: when resolved)."""
+    from vitlab.config import load_config
+    from vitlab.errors import VitlabError
+    from vitlab.resolve import resolve_config
+    for key in ("optim.lr", "optim.weight_decay", "data.mixup", "model.drop_rate"):
+        with pytest.raises(VitlabError, match="finite"):
+            cfg = load_config(None, [f"{key}={value}"])
+            if key.startswith("model."):
+                resolve_config(cfg)

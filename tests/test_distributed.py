@@ -374,7 +374,7 @@ def test_sigterm_to_the_torchrun_agent_saves_mid_run_then_reload_completes(tmp_p
     """torchrun forwards SIGTERM to its workers; they agree on the stop at the next metrics flush, write
     `last` (mid-epoch) and exit cleanly, and --reload finishes the run."""
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}"]
-    args = ["-m", "vitlab", "train", "--output", str(tmp_path), *QUICK, "train.epochs=20", "train.batch_size=16",
+    args = ["-m", "vitlab", "train", "--output", str(tmp_path), *QUICK, "train.epochs=4", "train.batch_size=16",
             "train.log_every=2"]
     run = tmp_path / "vitlab" / "run_01"
     job = subprocess.Popen([*torchrun, *args], env=clean_env(), cwd=ROOT, stdout=subprocess.PIPE,
@@ -395,4 +395,4 @@ def test_sigterm_to_the_torchrun_agent_saves_mid_run_then_reload_completes(tmp_p
     resumed = subprocess.run([*torchrun, *args, "--reload"], env=clean_env(), cwd=ROOT, capture_output=True,
                              text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert json.loads((run / "results.json").read_text())["epochs"] == 20
+    assert json.loads((run / "results.json").read_text())["epochs"] == 4

@@ -133,7 +133,8 @@ def test_sweep_over_a_model_argument_trains_for_real_then_skips(tmp_path, capsys
     quick = [q for q in QUICK if not q.startswith("model.name=")] + ["model.name=momentum_vit_micro_patch2_8"]
     spec = tmp_path / "spec.yaml"
     spec.write_text(f"base: {ROOT / 'configs' / 'quickstart.yaml'}\n"
-                    f"set: {{{', '.join(q.replace('=', ': ') for q in quick)}, train.epochs: 1}}\n"
+                    f"set: {{{', '.join(q.replace('=', ': ') for q in quick)}, train.epochs: 1, "
+                    "data.max_train_samples: 256}\n"
                     "grid: {model.beta: [0.5, 0.9]}\n")
     root = tmp_path / "sw"
     code, out, _ = run_cli(["sweep", spec, "--output", root], capsys)

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from conftest import QUICK, ROOT, model_input, tiny_model
-from test_contracts import FAMILIES
+from test_contracts import CASES, PARTS, build, case_id
 from test_distributed import clean_env, free_port
 from test_gpu_readiness import INVERTIBLE
 from vitlab.config import load_config
@@ -22,10 +22,10 @@ CUDA = torch.device("cuda")
 ON_CUDA = QUICK + ["train.device=cuda", "data.max_train_samples=512", "train.epochs=1"]
 
 
-@pytest.mark.parametrize("name", sorted(set(FAMILIES) | set(INVERTIBLE)))
-def test_bf16_autocast_training_step(name):
+@pytest.mark.parametrize("case", CASES, ids=map(case_id, CASES))
+def test_bf16_autocast_training_step(case):
     torch.manual_seed(0)
-    model = tiny_model(name).to(CUDA).train()
+    model = build(case).to(CUDA).train()
     x = model_input(model).to(CUDA)
     with torch.autocast("cuda", dtype=torch.bfloat16):
         out = as_output(model(x))
@@ -56,10 +56,10 @@ def test_fp16_trains_with_the_grad_scaler(tmp_path):
     assert results["test_top1"] > 0.2 and results["device"].startswith("cuda")
 
 
-@pytest.mark.parametrize("name", FAMILIES)
-def test_compiled_equals_eager(name):
+@pytest.mark.parametrize("case", PARTS, ids=map(case_id, PARTS))
+def test_compiled_equals_eager(case):
     torch.manual_seed(0)
-    model = tiny_model(name).to(CUDA).eval()
+    model = build(case).to(CUDA).eval()
     x = model_input(model).to(CUDA)
     with torch.no_grad():
         torch.testing.assert_close(torch.compile(model)(x), model(x), rtol=2e-3, atol=2e-3)

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from conftest import QUICK, model_input, run_subprocess, tiny_model
-from test_contracts import FAMILIES
+from test_contracts import PARTS, build, case_id
 from vitlab.config import OptimConfig, load_config
 from vitlab.layers.reversible import InvertibleStack
 from vitlab.train.distributed import parallelize
@@ -17,6 +17,7 @@ from vitlab.train.optim import build_optimizer
 from vitlab.train.trainer import Trainer
 
 INVERTIBLE = ["rev_vit_micro_patch2_8", "momentum_vit_micro_patch2_8", "bdia_vit_micro_patch2_8"]
+ONE_GRAPH = [case for case in PARTS if not issubclass(case[0], InvertibleStack)]
 
 
 def graph_breaks(fn, *args) -> list[str]:
@@ -25,10 +26,11 @@ def graph_breaks(fn, *args) -> list[str]:
     return [str(b.reason).splitlines()[0] for b in explanation.break_reasons]
 
 
-@pytest.mark.parametrize("name", sorted(set(FAMILIES) - set(INVERTIBLE)))
-def test_training_forward_is_one_graph(name):
-    """Train mode (dropout, drop-path, Gumbel draws, routing on): Dynamo captures the whole forward."""
-    model = tiny_model(name).train()
+@pytest.mark.parametrize("case", ONE_GRAPH, ids=map(case_id, ONE_GRAPH))
+def test_training_forward_is_one_graph(case):
+    """Train mode (dropout, drop-path, Gumbel draws, routing on): Dynamo captures the whole forward, for every
+    family that is not invertible and every swappable part."""
+    model = build(case).train()
     assert graph_breaks(model, model_input(model)) == []
 
 

@@ -1,6 +1,6 @@
 """Shifted Patch Tokenization and Locality Self-Attention (Lee et al., arXiv 2112.13492) against the paper's
-formulas, as swaps of any family, and the reversible/BDIA project's names built with them (the one-pixel
-shifts themselves: tests/test_fidelity.py)."""
+formulas, and the reversible/BDIA project's names built with them (the one-pixel shifts themselves:
+tests/test_fidelity.py; SPT and LSA as swaps of any family: the contract cases in tests/test_contracts.py)."""
 import math
 
 import pytest
@@ -28,15 +28,6 @@ def test_lsa_is_masked_softmax_with_a_learned_temperature():
     torch.testing.assert_close(lsa(x), expected)
     lsa(x).sum().backward()
     assert lsa.log_temperature.grad is not None and lsa.log_temperature.grad.abs() > 0  # it is learned
-
-
-@pytest.mark.parametrize("family", ["vit", "rev_vit", "bdia_vit", "momentum_vit", "diff_vit"])
-def test_spt_is_a_swap_of_any_family(family):
-    model = vitlab.create_model(f"{family}_micro_patch4_28", depth=2, in_chans=1, tokenizer="spt",
-                                attn_layer="lsa" if family != "diff_vit" else "diff").train()
-    assert isinstance(model.patch_embed, ShiftedPatchEmbed)
-    model(torch.randn(2, 1, 28, 28)).sum().backward()
-    assert all(p.grad is not None for p in model.parameters())
 
 
 @pytest.mark.parametrize("name", ["vit_small", "vit_small_reverse", "vit_small_bdia", "vit_small_momentum"])
