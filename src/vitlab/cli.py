@@ -212,11 +212,12 @@ def cmd_evaluate(args) -> int:
 
 def cmd_predict(args) -> int:
     import torch
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image
 
     from .data import DatasetInfo
     from .data.transforms import build_transform
     from .train import load_checkpoint, predict
+    from .untrusted import open_image
 
     model, _, extra = load_checkpoint(args.checkpoint)
     info = DatasetInfo(**extra["dataset_info"])
@@ -229,16 +230,9 @@ def cmd_predict(args) -> int:
     for path in args.images:
         if Path(path).is_dir():
             raise VitlabError(f"'{path}' is a folder; pass image files (e.g. {path}/*.png)")
-        try:
-            with Image.open(path) as im:
-                im = im.convert("RGB" if info.in_chans == 3 else "L")
-                batch.append(tf(im.resize(size, Image.BILINEAR) if size and im.size != size else im))
-        except FileNotFoundError:
-            raise VitlabError(f"image '{path}' not found") from None
-        except UnidentifiedImageError:
-            raise VitlabError(f"'{path}' is not an image file PIL can read") from None
-        except OSError as exc:  # e.g. a truncated file: PIL reads the header, then fails on the pixels
-            raise VitlabError(f"image '{path}' cannot be decoded ({exc}); is the file complete?") from None
+        # one line for a FIFO or device, a missing, undecodable or oversized image; >8-bit images scaled
+        im = open_image(path, info.in_chans)
+        batch.append(tf(im.resize(size, Image.BILINEAR) if size and im.size != size else im))
     probs, idx = predict(model, torch.stack(batch), min(args.topk, a["num_classes"]))
     names = info.class_names or [str(i) for i in range(a["num_classes"])]
     for path, p_row, i_row in zip(args.images, probs.tolist(), idx.tolist()):

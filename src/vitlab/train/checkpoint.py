@@ -6,6 +6,12 @@ copy), fsynced, then swapped in with two renames; if a kill lands between the re
 survives as `<name>.old`. The previous one is only removed once the new one is in place, so at every moment
 one complete checkpoint is on disk, whatever sequence of crashes came before. Loading verifies the digests;
 `newest_intact` picks the newest checkpoint that verifies, for `--reload`.
+
+A checkpoint directory is not trusted (it may be downloaded, copied or tampered with): vitlab never writes
+symbolic links into one, so a checkpoint that is a link, or that holds links, FIFOs, devices or folders where
+its files go, does not verify; a manifest must be a small object naming plain files of this directory with
+SHA-256 digests, and every weights or state file present must be listed in it. Nothing outside the
+directory is read, hashed or deleted on a checkpoint's behalf.
 """
 from __future__ import annotations
 
@@ -13,7 +19,9 @@ import errno
 import hashlib
 import json
 import os
+import re
 import shutil
+import stat
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -26,6 +34,9 @@ from ..errors import VitlabError
 
 MODEL_FILE, EMA_FILE, STATE_FILE = "model.safetensors", "ema.safetensors", "trainer_state.pt"
 MANIFEST_FILE = "manifest.json"
+MANIFEST_LIMIT = 1 << 20  # a manifest lists a handful of files
+_PLAIN_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}")
+_SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
 def model_metadata(model: nn.Module, config_yaml: str, extra: dict[str, Any] | None = None) -> dict[str, str]:
@@ -65,14 +76,14 @@ def save_checkpoint(path: Path, model: nn.Module | dict[str, torch.Tensor], meta
                           f"(free space, then --reload)") from None
     try:
         old = path.with_name(path.name + ".old")
-        if path.exists():  # the current one becomes .old (an .old from an earlier crash goes first)
-            if old.exists():
-                shutil.rmtree(old)
+        if path.exists() or path.is_symlink():  # the current one becomes .old (an .old from a crash goes first)
+            if old.exists() or old.is_symlink():
+                remove(old)
             os.replace(path, old)
         # without a current one (a crash between renames), the .old stays until the new one is in place
         os.replace(tmp, path)
         _fsync(path.parent)
-        shutil.rmtree(old, ignore_errors=True)
+        remove(old, ignore_errors=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -97,6 +108,19 @@ def save_weights(file: Path, weights: dict[str, torch.Tensor], metadata: dict[st
     os.replace(tmp, file)
 
 
+def remove(path: Path, ignore_errors: bool = False) -> None:
+    """Delete a checkpoint directory, or only the link when it is a symbolic link (never what it points at)."""
+    path = Path(path)
+    try:
+        if path.is_symlink() or not path.is_dir():
+            path.unlink(missing_ok=True)
+        else:
+            shutil.rmtree(path)
+    except OSError:
+        if not ignore_errors:
+            raise
+
+
 def _digest(file: Path) -> str:
     h = hashlib.sha256()
     with open(file, "rb") as f:
@@ -105,36 +129,87 @@ def _digest(file: Path) -> str:
     return h.hexdigest()
 
 
-def damage(ckpt_dir: Path) -> str | None:
-    """Why the checkpoint directory cannot be trusted (missing, truncated or altered files), or None if it
-    verifies. Checkpoints from before manifests are checked by parsing the safetensors header."""
+def _kind(path: Path) -> str | None:
+    """None for a plain file; else what it is instead ('missing', 'a symbolic link', 'a folder', ...)."""
+    try:
+        mode = os.lstat(path).st_mode
+    except FileNotFoundError:
+        return "missing"
+    except OSError as exc:
+        return f"unreadable ({exc.strerror})"
+    if stat.S_ISREG(mode):
+        return None
+    return ("a symbolic link" if stat.S_ISLNK(mode) else "a folder" if stat.S_ISDIR(mode)
+            else "not a regular file (a FIFO, device or socket)")
+
+
+def damage(ckpt_dir: Path, need_state: bool = False) -> str | None:
+    """Why the checkpoint directory cannot be trusted (a link, missing, truncated or altered files, a manifest
+    that is not vitlab's), or None if it verifies. Checkpoints from before manifests are checked by parsing the
+    safetensors header. Only plain files inside `ckpt_dir` are read; `need_state`: its trainer state too."""
     ckpt_dir = Path(ckpt_dir)
+    if ckpt_dir.is_symlink():
+        return "it is a symbolic link (vitlab never writes one; not followed)"
+    if not ckpt_dir.is_dir():
+        return "it is not a folder"
     manifest = ckpt_dir / MANIFEST_FILE
-    if not manifest.is_file():
-        if not (ckpt_dir / MODEL_FILE).is_file():
+    present = {n: _kind(ckpt_dir / n) for n in (MODEL_FILE, EMA_FILE, STATE_FILE, MANIFEST_FILE)}
+    odd = next((f"{n} is {k}" for n, k in present.items() if k not in (None, "missing")), None)
+    if odd:
+        return odd
+    if present[MANIFEST_FILE] == "missing":
+        if present[MODEL_FILE] == "missing":
             return f"no {MODEL_FILE}"
+        if need_state and present[STATE_FILE] == "missing":
+            return f"no {STATE_FILE}"
         try:
             read_metadata(ckpt_dir / MODEL_FILE)
         except Exception as exc:  # safetensors raises its own error types for a bad header
             return f"{MODEL_FILE} is unreadable ({type(exc).__name__})"
         return None
-    try:
-        expected = json.loads(manifest.read_text())
-    except (OSError, ValueError):
-        return f"{MANIFEST_FILE} is unreadable"
+    expected = _read_manifest(manifest)
+    if isinstance(expected, str):
+        return expected
+    unlisted = [n for n in (MODEL_FILE, EMA_FILE, STATE_FILE) if present[n] is None and n not in expected]
+    if unlisted:
+        return f"{unlisted[0]} is not in {MANIFEST_FILE} (added after the save?)"
+    for name in [MODEL_FILE] + ([STATE_FILE] if need_state else []):
+        if name not in expected:
+            return f"{MANIFEST_FILE} does not list {name}"
     for name, digest in expected.items():
         f = ckpt_dir / name
-        if not f.is_file():
-            return f"{name} is missing"
+        kind = _kind(f)
+        if kind is not None:
+            return f"{name} is {kind}"
         if _digest(f) != digest:
             return f"{name} does not match its digest (truncated or altered)"
     return None
 
 
+def _read_manifest(manifest: Path) -> dict[str, str] | str:
+    """The manifest's {file name: sha256}, or why it is not one vitlab wrote."""
+    try:
+        size = os.lstat(manifest).st_size
+        if size > MANIFEST_LIMIT:
+            return f"{MANIFEST_FILE} is {size} bytes, not a manifest vitlab wrote"
+        expected = json.loads(manifest.read_bytes().decode("utf-8"))
+    except (OSError, ValueError, RecursionError):
+        return f"{MANIFEST_FILE} is unreadable"
+    if not isinstance(expected, dict) or not expected:
+        return f"{MANIFEST_FILE} is not an object of file digests"
+    for name, digest in expected.items():
+        if not _PLAIN_NAME.fullmatch(name) or name == MANIFEST_FILE:
+            return f"{MANIFEST_FILE} names {name[:60]!r}, not a file of this checkpoint"
+        if not isinstance(digest, str) or not _SHA256.fullmatch(digest):
+            return f"{MANIFEST_FILE} holds a digest for {name} that is not a SHA-256"
+    return expected
+
+
 def verified(file: Path) -> Path:
     """`file` (a checkpoint's weights) after checking its directory's digests; one line if damaged."""
     file = Path(file)
-    if (file.parent / MANIFEST_FILE).is_file() or file.name == MODEL_FILE:
+    if (file.parent / MANIFEST_FILE).exists() or (file.parent / MANIFEST_FILE).is_symlink() \
+            or file.name == MODEL_FILE:
         why = damage(file.parent)
         if why is not None:
             raise VitlabError(f"checkpoint '{file.parent}' is damaged: {why}; use another checkpoint of the run "
@@ -148,7 +223,7 @@ def candidates(checkpoints: Path) -> list[Path]:
     checkpoints = Path(checkpoints)
     found = [checkpoints / "last", checkpoints / "last.old", *sorted(checkpoints.glob(".last.tmp-*")),
              checkpoints / "best", checkpoints / "best.old", *sorted(checkpoints.glob(".best.tmp-*"))]
-    return [c for c in found if c.is_dir() and any(c.iterdir())]
+    return [c for c in found if c.is_symlink() or (c.exists() and not c.is_dir()) or (c.is_dir() and any(c.iterdir()))]
 
 
 def newest_intact(checkpoints: Path) -> tuple[Path | None, list[str]]:
@@ -158,7 +233,7 @@ def newest_intact(checkpoints: Path) -> tuple[Path | None, list[str]]:
     for c in candidates(checkpoints):
         if c.name.startswith(".") and not (c / MANIFEST_FILE).is_file():
             continue  # an unfinished temporary: not a checkpoint yet
-        why = damage(c)
+        why = damage(c, need_state=True)
         if why is None:
             try:
                 step = load_trainer_state(c)["step"]
@@ -174,14 +249,14 @@ def newest_intact(checkpoints: Path) -> tuple[Path | None, list[str]]:
 def remove_stale_temporaries(checkpoints: Path, keep: Path | None = None) -> None:
     """Temporaries left by a kill mid-save (the one a resume started from is kept until replaced)."""
     for tmp in Path(checkpoints).glob(".*.tmp-*"):
-        if keep is None or tmp.resolve() != Path(keep).resolve():
-            shutil.rmtree(tmp, ignore_errors=True)
+        if keep is None or tmp.is_symlink() or tmp.absolute() != Path(keep).absolute():
+            remove(tmp, ignore_errors=True)
 
 
 def existing(path: Path) -> Path | None:
     """`path` if complete, else its `.old` twin left by a kill mid-swap, else None."""
     for p in (Path(path), Path(path).with_name(Path(path).name + ".old")):
-        if (p / MODEL_FILE).is_file():
+        if not p.is_symlink() and (p / MODEL_FILE).is_file():
             return p
     return None
 
@@ -191,6 +266,14 @@ def resolve_checkpoint(path: str | Path) -> Path:
     p = Path(path).expanduser()
     if p.is_file() and p.suffix == ".safetensors":
         return p
+    if p.exists() and not p.is_dir():
+        raise VitlabError(f"'{p}' is not a checkpoint: pass a run directory, a checkpoint directory or a "
+                          f"model.safetensors file")
+    links = [c for c in (p / "checkpoints", p / "checkpoints" / "best", p / "checkpoints" / "last")
+             if c.is_symlink()]
+    if links:
+        raise VitlabError(f"'{links[0]}' is a symbolic link; vitlab reads a run's checkpoints only inside its "
+                          f"directory and does not follow links there")
     candidates = [p, p / "checkpoints" / "best", p / "checkpoints" / "last"]
     for c in candidates:
         found = existing(c)
@@ -210,4 +293,8 @@ def load_weights(file: Path) -> dict[str, torch.Tensor]:
 
 
 def load_trainer_state(ckpt_dir: Path) -> dict[str, Any]:
+    """The trainer state, unpickled with torch's weights_only loader (no code runs); a plain file only."""
+    kind = _kind(Path(ckpt_dir) / STATE_FILE)
+    if kind is not None:
+        raise VitlabError(f"{Path(ckpt_dir) / STATE_FILE} is {kind}")
     return torch.load(Path(ckpt_dir) / STATE_FILE, map_location="cpu", weights_only=True)

@@ -15,6 +15,7 @@ from ..errors import VitlabError
 from ..objective import as_output
 from ..resolve import build
 from .build import rebuild_model
+from ..untrusted import load_yaml
 from .checkpoint import EMA_FILE, load_weights, read_metadata, resolve_checkpoint, verified
 from .distributed import all_reduce_sum
 from .segmentation import confusion, iou_dice
@@ -91,11 +92,16 @@ def load_checkpoint(path: str | Path, use_ema: bool = True) -> tuple[nn.Module, 
                           f"or empty); pass another checkpoint") from None
     if "model_name" not in meta:
         raise VitlabError(f"'{file}' has no vitlab metadata; use vitlab.load_pretrained() for foreign weights")
-    import yaml
-    cfg = build(yaml.safe_load(meta["config"]))
-    model = rebuild_model(meta["model_name"], json.loads(meta["model_args"]), cfg)
+    stored = load_yaml(meta.get("config", ""), f"the config stored in '{file}'")
+    if not isinstance(stored, dict):
+        raise VitlabError(f"the config stored in '{file}' is not a mapping; it is not a checkpoint vitlab wrote")
+    cfg = build(stored)
+    name, args, extra = _model_metadata(file, meta)
     ema = file.with_name(EMA_FILE)
-    weights = load_weights(ema if use_ema and ema.is_file() else file)
+    source = ema if use_ema and ema.is_file() and not ema.is_symlink() else file
+    _check_fits(source, name, args, cfg, adapter=file.name == "adapter.safetensors")
+    model = rebuild_model(name, args, cfg)
+    weights = load_weights(source)
     if file.name == "adapter.safetensors":  # the adapter alone: the base comes from the run's pretrained file
         if not cfg.model.pretrained:
             raise VitlabError(f"'{file}' holds a LoRA adapter but its run names no model.pretrained base; "
@@ -111,8 +117,68 @@ def load_checkpoint(path: str | Path, use_ema: bool = True) -> tuple[nn.Module, 
         except RuntimeError as exc:
             raise VitlabError(f"'{file}' does not fit the model its metadata names ({meta['model_name']}): "
                               f"{str(exc).splitlines()[0]}") from None
-    extra = {k: json.loads(v) for k, v in meta.items() if k not in ("model_name", "model_args", "config")}
     return model.eval(), cfg, extra
+
+
+MAX_MODEL_NUMBER = 1 << 16  # no size argument (width, heads, image size...) of a real model is larger
+MAX_DEPTH = 1024  # blocks in all (each is modules to build, even on the meta device: ~3 s per thousand)
+MAX_LIST = 256
+
+
+def _model_metadata(file: Path, meta: dict[str, str]) -> tuple[str, dict, dict]:
+    """(model name, its arguments, the other metadata) of a weights file, refused with one line when they are
+    not what vitlab writes: not JSON, not a mapping, or holding numbers no model could be built with."""
+    bad = f"'{file}' holds checkpoint metadata vitlab did not write"
+    try:
+        args = json.loads(meta["model_args"])
+        extra = {k: json.loads(v) for k, v in meta.items() if k not in ("model_name", "model_args", "config")}
+    except (KeyError, ValueError, RecursionError):
+        raise VitlabError(f"{bad} (model_args or another entry is not JSON)") from None
+    if not isinstance(args, dict) or not isinstance(meta["model_name"], str):
+        raise VitlabError(f"{bad} (model_args is not a mapping)")
+    if not isinstance(extra.get("dataset_info", {}), dict):
+        raise VitlabError(f"{bad} (dataset_info is not a mapping)")
+
+    def numbers(value):
+        if isinstance(value, (list, tuple)):
+            for v in value:
+                yield from numbers(v)
+        elif isinstance(value, dict):
+            for v in value.values():
+                yield from numbers(v)
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            yield value
+
+    for key, value in args.items():
+        found = list(numbers(value))
+        for x in found:
+            if not abs(x) <= MAX_MODEL_NUMBER:  # also NaN
+                raise VitlabError(f"{bad}: model argument {key}={x!r} is beyond any model vitlab builds "
+                                  f"(at most {MAX_MODEL_NUMBER}); refusing to build it")
+        if "depth" in key and sum(found) > MAX_DEPTH or isinstance(value, list) and len(value) > MAX_LIST:
+            raise VitlabError(f"{bad}: model argument {key} asks for more blocks than vitlab builds (at most "
+                              f"{MAX_DEPTH} in all); refusing to build it")
+    return meta["model_name"], args, extra
+
+
+def _check_fits(file: Path, name: str, args: dict, cfg: Config, adapter: bool) -> None:
+    """Build the architecture the metadata names on the meta device (no memory) and compare its parameter
+    names and shapes with the file's header before allocating anything: metadata naming a model larger than
+    the weights it comes with is refused in seconds instead of building it."""
+    from safetensors import safe_open
+
+    with torch.device("meta"):
+        skeleton = rebuild_model(name, args, cfg)
+    expected = {k: tuple(v.shape) for k, v in skeleton.state_dict().items()}
+    with safe_open(str(file), framework="pt") as f:
+        stored = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    wrong = [k for k in (stored if adapter else expected) if stored.get(k) != expected.get(k)]
+    if wrong and not adapter:
+        raise VitlabError(f"'{file}' does not fit the model its metadata names ({name}): {wrong[0]} is "
+                          f"{stored.get(wrong[0], 'missing')} in the file, {expected.get(wrong[0], 'absent')} in "
+                          f"the model")
+    if wrong:
+        raise VitlabError(f"'{file}' does not fit its run's model: unexpected {wrong[:4]}")
 
 
 @torch.no_grad()

@@ -6,6 +6,12 @@
 4. saved: `checkpoints/{last,best}` (atomic, see `checkpoint`), every epoch and mid-epoch on request;
 5. finished: results.json, and a LoRA run's adapter and merged weights.
 Stopping on a signal is `signals`; what a checkpoint's trainer state holds is `save_state` / `load_state`.
+
+A run directory is not trusted: vitlab never follows a symbolic link there (its own files, `checkpoints/`,
+`tb/`, `.lock`), reads and hashes nothing outside it, and never replaces an earlier run's files by starting
+over: without --reload a directory holding any of them is refused, and with --reload a run that evidently
+saved checkpoints which are gone (results.json, or an epoch in metrics.jsonl) is refused too, instead of
+quietly restarting it.
 """
 from __future__ import annotations
 
@@ -19,6 +25,7 @@ from typing import Any
 
 from ..config import Config, LoraConfig
 from ..errors import VitlabError
+from ..untrusted import regular
 from ..layers.lora import adapter_state_dict, merged_state_dict
 from . import checkpoint as ckpt
 from .distributed import all_gather_object, full_state, load_full_state
@@ -27,12 +34,36 @@ from .rng import rng_state, seed_all, set_rng_state
 from .runlock import RunLock
 
 
+# what a run writes at its top level: any of them means an earlier run (or its remains) is there
+RUN_FILES = ("results.json", "metrics.jsonl", "train.log", "config.yaml", "adapter.safetensors",
+             "merged.safetensors")
+RUN_FOLDERS = ("checkpoints", "tb")
+
+
+def check_run_files(path: Path) -> None:
+    """One line when the run directory holds a symbolic link, folder, FIFO or device where vitlab reads or
+    writes its own files (appending train.log through a link would write outside the directory)."""
+    if not path.is_dir():
+        return
+    for name in (*RUN_FILES, ".lock", *RUN_FOLDERS):
+        p = path / name
+        if p.is_symlink():
+            raise VitlabError(f"'{p}' is a symbolic link; vitlab does not follow links in a run directory: "
+                              f"remove it, or pass --savefile NAME for a new run")
+        if name in RUN_FOLDERS:
+            if p.exists() and not p.is_dir():
+                raise VitlabError(f"'{p}' is not a folder; remove it, or pass --savefile NAME for a new run")
+        elif p.exists():
+            regular(p, "run file")
+
+
 class RunDirectory:
     """Claims `path` for this process (rank 0 writes; other ranks only read checkpoints)."""
 
     def __init__(self, path: Path, writer: bool):
         self.path, self.checkpoints = path, path / "checkpoints"
         self._created = next((p for p in [path, *path.parents][::-1] if not p.exists()), None)
+        check_run_files(path)  # before the lock: `.lock` is opened for writing
         self.lock = RunLock(path) if writer else None  # one writer per run directory
 
     def release(self) -> None:
@@ -59,16 +90,37 @@ class RunDirectory:
     def to_resume(self, reload: bool) -> tuple[Path | None, list[str]]:
         """(the checkpoint `--reload` continues from, the damaged ones it passed over): the newest whose digests
         verify (last, last.old, a complete temporary, best). A run without --reload must be new."""
-        if ckpt.candidates(self.checkpoints) and not reload:
+        earlier = [n for n in RUN_FILES if (self.path / n).exists()]
+        if (ckpt.candidates(self.checkpoints) or earlier) and not reload:
             raise VitlabError(f"'{self.path}' already holds a run; pass --reload to resume it, "
-                              f"or --savefile NAME for a new run")
+                              f"or --savefile NAME for a new run (it has {', '.join(earlier) or 'checkpoints'})")
         if not reload:
             return None, []
         last, skipped = ckpt.newest_intact(self.checkpoints)
         if last is None and skipped:
             raise VitlabError(f"no intact checkpoint to resume in '{self.checkpoints}': {'; '.join(skipped)}; "
                               f"start a new run with --savefile NAME")
+        lost = self._saved_before() if last is None else None
+        if lost:
+            raise VitlabError(f"'{self.path}' holds a run that saved checkpoints ({lost}) but none is left in "
+                              f"'{self.checkpoints}'; vitlab will not start it over in place: pass --savefile "
+                              f"NAME for a new run (or remove the old run's files)")
         return last, skipped
+
+    def _saved_before(self) -> str | None:
+        """Evidence that a checkpoint once existed here: a finished run's results.json, or an epoch record in
+        metrics.jsonl (every epoch ends with a save). None for a run killed before its first save."""
+        if (self.path / "results.json").exists():
+            return "results.json"
+        metrics = self.path / "metrics.jsonl"
+        if metrics.is_file():
+            tail = b""
+            with open(metrics, "rb") as f:
+                for block in iter(lambda: f.read(1 << 20), b""):
+                    if b'{"kind": "epoch"' in tail + block:
+                        return "epochs in metrics.jsonl"
+                    tail = block[-16:]
+        return None
 
     def tidy(self, resumed_from: Path | None) -> None:
         """Holding the lock: set a damaged `last` aside (the next save must not turn it into `last.old` in place
@@ -76,8 +128,8 @@ class RunDirectory:
         last = self.checkpoints / "last"
         if resumed_from is not None and last.is_dir() and last != resumed_from and ckpt.damage(last) is not None:
             damaged = last.with_name("last.damaged")
-            if damaged.exists():
-                shutil.rmtree(damaged)
+            if damaged.exists() or damaged.is_symlink():
+                ckpt.remove(damaged)
             os.replace(last, damaged)
         ckpt.remove_stale_temporaries(self.checkpoints, keep=resumed_from)
 
@@ -112,13 +164,19 @@ def truncate_metrics(path: Path, epoch: int, step: int) -> None:
     if not path.is_file():
         return
     kept = []
-    for line in path.read_text().splitlines():
+    for raw in path.read_bytes().splitlines():
         try:
+            line = raw.decode("utf-8")
             record = json.loads(line)
-        except ValueError:  # a line torn by a kill mid-write
+        except (ValueError, RecursionError):  # a line torn by a kill mid-write, or garbage
+            continue
+        if not isinstance(record, dict):
+            continue
+        at_epoch, at_step = record.get("epoch", 0), record.get("step", step + 1)
+        if not isinstance(at_epoch, int) or not isinstance(at_step, int):
             continue
         batch_record = record.get("kind") in ("train_batch", "val_batch")
-        if record.get("epoch", 0) <= epoch or (batch_record and record.get("step", step + 1) <= step):
+        if at_epoch <= epoch or (batch_record and at_step <= step):
             kept.append(line)
     atomic_write(path, "".join(line + "\n" for line in kept))
 
@@ -152,6 +210,11 @@ def load_state(t, path: Path) -> None:
     """Trainer `t` continues from checkpoint `path`: weights, optimizer, schedule, scaler, EMA, position and
     RNG states (each rank its own; another world size draws fresh per-rank streams)."""
     state = ckpt.load_trainer_state(path)
+    needed = ("epoch", "step", "best_val_loss", "optimizer", "scheduler", "scaler", "rng", "config")
+    if not isinstance(state, dict) or any(k not in state for k in needed) or not isinstance(state["config"], dict) \
+            or not isinstance(state["rng"], list):
+        raise VitlabError(f"{path / ckpt.STATE_FILE} is not a trainer state vitlab wrote; start a new run with "
+                          f"--savefile NAME")
     _check_same_run(state["config"], t.cfg.to_dict(), path)
     load_full_state(t.model, t.optimizer, ckpt.load_weights(path / ckpt.MODEL_FILE), state["optimizer"])
     t.scheduler.load_state_dict(state["scheduler"])

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import fcntl
 import os
+import stat
 from pathlib import Path
 
 from ..errors import VitlabError
@@ -16,7 +17,15 @@ class RunLock:
     def __init__(self, run_dir: Path):
         self.path = Path(run_dir) / ".lock"
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.file = open(self.path, "a+")
+        try:  # never through a link (truncating what it points at), never a FIFO (blocking)
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, 0o644)
+        except OSError as exc:
+            raise VitlabError(f"'{self.path}' cannot be the run's lock ({exc.strerror}: a symbolic link?); remove "
+                              f"it, or pass --savefile NAME for a new run") from None
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            os.close(fd)
+            raise VitlabError(f"'{self.path}' is not a regular file; remove it, or pass --savefile NAME")
+        self.file = os.fdopen(fd, "a+")
         try:
             fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
