@@ -94,6 +94,9 @@ def test_hub_errors_are_one_line_exit_2_without_the_token(hub, monkeypatch, tmp_
     token = {"no_token": None, "bad_token": "hf_WRONGSECRET"}.get(case, TOKEN)
     use_env(monkeypatch, repo={"no_repo": None, "no_such_repo": "alice/other"}.get(case, "alice/vits"), token=token)
     hub.down = case == "down"
+    if hub.down:  # huggingface_hub retries a refused connection with back-off (23 s of sleeping): skip the waits
+        import huggingface_hub.utils._http as hf_http
+        monkeypatch.setattr(hf_http.time, "sleep", lambda seconds: None)
     (tmp_path / "f.txt").write_text("x")
     code, out, err = run_cli(["upload", "f.txt", "dir"], capsys)
     assert code == 2 and message in err and err.count("\n") == 1 and "Traceback" not in err
