@@ -80,7 +80,7 @@ def measure_one(kind: str, depth: int, width: int, batch: int, device: str, step
     loss.backward()
     opt.zero_grad(set_to_none=True)
     if kind == "bdia":
-        tokens = model.patch_embed.num_patches + model.num_prefix_tokens
+        tokens = model.tokenizer.num_tokens + model.num_prefix_tokens
         saved += (depth - 1) * -(-(batch * tokens * width) // 8)
 
     times = []

@@ -77,7 +77,8 @@ def test_a_tokenizer_returns_tokens_with_their_boxes_and_the_blocks_never_ask_wh
         assert torch.equal(area, torch.full((2,), 256.0))  # the boxes tile the image
         with torch.no_grad():  # forward = head(norm(blocks(embed(tokens)))), with the tokens' boxes
             z = model.norm(model.forward_blocks(model.embed_tokens(tokens)))
-            torch.testing.assert_close(model.forward_head(z, tokens), model(x))
+            torch.testing.assert_close(model.forward_head(z, tokens=tokens), model(x))
+            assert model.forward_head(z, True).shape == (2, 32)  # timm's positional pre_logits
 
 
 def test_segment_head_paints_each_patch_its_own_prediction():
@@ -99,8 +100,13 @@ def test_old_spellings_keep_working():
     assert model_args("vit_micro_patch4_32", patch_embed="conv")["tokenizer"] == "conv"
     assert model_args("vit_micro_patch4_32", stem="conv")["tokenizer"] == "conv"
     assert model_args("vit_micro_patch4_32", task="segment")["head"] == "segment"
+    assert model_args("vit_small", patch_embed="spt")["tokenizer"] == "spt_paper"  # what the old name meant
     saved = dict(patch_embed="spt", tokenizer="patch", task="classify")  # a vit_small run from before
-    assert model_args("vit_small", **saved)["tokenizer"] == "spt_paper"
+    with pytest.raises(VitlabError, match="shifted-patch tokenizer's old layout"):  # refused, never garbage
+        model_args("vit_small", **saved)
+    saved = dict(patch_embed="patch", tokenizer="patch", task="classify")  # arguments added since: that time's
+    assert model_args("gdt_vit_base_256", **saved)["stage_encoder"] == "vit"
+    assert model_args("vit_small", **saved)["norm_eps"] == 1e-6
     saved = dict(patch_embed="patch", tokenizer="quadtree", tokens=52, task="segment")
     args = model_args("vit_micro_patch4_32", img_size=64, **saved)
     assert args["tokenizer"] == "quadtree" and args["head"] == "segment" and "patch_embed" not in args
@@ -126,3 +132,15 @@ def test_norm_eps_reaches_every_layer_norm_and_the_originals_presets_use_theirs(
     assert {m.eps for m in build("vit").modules() if isinstance(m, torch.nn.LayerNorm)} == {1e-6}  # timm's
     for name in ("vit_small", "vit_small_bdia", "gdt_vit_base_256"):
         assert model_args(name)["norm_eps"] == 1e-5
+
+
+def test_parts_refuse_what_they_cannot_do_in_one_line(tmp_path, capsys):
+    from conftest import QUICK, run_cli
+
+    with pytest.raises(VitlabError, match="norm_eps must be positive"):
+        build("vit", norm_eps=0.0)
+    with pytest.raises(VitlabError, match="set model.tokenizer=quadtree or drop them"):
+        build("vit", tokens=10)
+    code, _, err = run_cli(["train", *QUICK, "model.head=segment", f"output.dir={tmp_path}"], capsys)
+    assert code == 2 and "one class per image" in err and err.count("\n") == 1
+    assert not any(tmp_path.rglob("*.yaml"))  # refused before the run directory is written

@@ -74,7 +74,8 @@ def segments(model) -> bool:
 
 def forward_head(model, feats, x, **kw):
     """`forward_head` with the token boxes a segmentation head paints into."""
-    return model.forward_head(feats, model.tokenize(x), **kw) if segments(model) else model.forward_head(feats, **kw)
+    tokens = model.tokenize(x) if segments(model) else None
+    return model.forward_head(feats, tokens=tokens, **kw)
 
 
 cases = pytest.mark.parametrize("case", CASES, ids=map(case_id, CASES))

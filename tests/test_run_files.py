@@ -497,3 +497,25 @@ def test_predict_gives_the_same_answer_for_8_16_bit_and_float_images(run, tmp_pa
     assert code == 0, err
     answers = [line.split(": ", 1)[1] for line in stdout.splitlines()]
     assert len(answers) == 4 and len(set(answers)) == 1, stdout
+
+
+def test_atomic_writes_never_write_through_a_planted_temporary_link(tmp_path):
+    """A hostile run directory may plant links at the temporary names a writer would use; the writers create
+    their temporary file exclusively (random name, O_EXCL), so the link's target is never touched."""
+    import torch
+
+    from vitlab.names import atomic_write
+    from vitlab.train.checkpoint import save_weights
+
+    victim = tmp_path / "victim.txt"
+    victim.write_text("keep")
+    run = tmp_path / "run"
+    run.mkdir()
+    for name in ("results.json", "metrics.jsonl", "model.safetensors"):
+        for tmp in (f".{name}.tmp", f".{name}.{os.getpid()}.tmp"):
+            (run / tmp).symlink_to(victim)
+    atomic_write(run / "results.json", "{}")
+    atomic_write(run / "metrics.jsonl", "")
+    save_weights(run / "model.safetensors", {"w": torch.zeros(2)}, {"format": "pt"})
+    assert victim.read_text() == "keep" and (run / "results.json").read_text() == "{}"
+    assert not (run / "results.json").is_symlink() and not (run / "model.safetensors").is_symlink()

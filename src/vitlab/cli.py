@@ -222,6 +222,9 @@ def cmd_predict(args) -> int:
     model, _, extra = load_checkpoint(args.checkpoint)
     info = DatasetInfo(**extra["dataset_info"])
     a = model.vitlab_args
+    if a.get("head") == "segment":
+        raise VitlabError(f"'{args.checkpoint}' segments (a mask per image); `vitlab evaluate` scores it and "
+                          f"`vitlab plot --checkpoint` draws its masks")
     tf = build_transform(info, a["img_size"], a["in_chans"], "none", train=False)
     # any photo size: photo datasets' transform already resizes and crops; the others resize to the model's
     # input like evaluation resizes the dataset's images (bilinear, antialiased)
@@ -383,25 +386,32 @@ COMMANDS = {"train": cmd_train, "evaluate": cmd_evaluate, "predict": cmd_predict
             "report": cmd_report, "upload": cmd_upload, "download": cmd_download}
 
 
+def _shown(message: object) -> str:
+    """An error line as printed: the Hub token redacted (in any escaped form), control characters escaped.
+    Only `vitlab.hub` reads the token, so where it was never imported there is nothing to redact."""
+    hub = sys.modules.get("vitlab.hub")
+    return printable(hub.redact(str(message)) if hub else message)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     try:
         args = parse(argv)
         return COMMANDS[args.command](args)
     except VitlabError as exc:  # one line, whatever names it quotes (vitlab.names.printable)
-        print(f"vitlab: error: {_rank_prefix()}{printable(exc)}", file=sys.stderr)
-        return exc.exit_code
-    except OSError as exc:  # the filesystem: a path that is a file, read-only, missing, or a full disk
-        print(f"vitlab: error: {_rank_prefix()}{printable(describe_os_error(exc))}", file=sys.stderr)
-        return 2
-    except TrainingStopped as exc:  # a signal: the checkpoint is written; not an error
-        print(f"vitlab: {_rank_prefix()}{exc}", file=sys.stderr)
+        print(f"vitlab: error: {_rank_prefix()}{_shown(exc)}", file=sys.stderr)
         return exc.exit_code
     except BrokenPipeError:  # `vitlab collect ... | head`: the reader left; stop quietly like other tools
         import os
 
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 141
+    except OSError as exc:  # the filesystem: a path that is a file, read-only, missing, or a full disk
+        print(f"vitlab: error: {_rank_prefix()}{_shown(describe_os_error(exc))}", file=sys.stderr)
+        return 2
+    except TrainingStopped as exc:  # a signal: the checkpoint is written; not an error
+        print(f"vitlab: {_rank_prefix()}{exc}", file=sys.stderr)
+        return exc.exit_code
     except KeyboardInterrupt:
         print("vitlab: interrupted; the last checkpoint is intact (resume with --reload)", file=sys.stderr)
         return 130

@@ -13,6 +13,7 @@ from __future__ import annotations
 import errno
 import os
 import re
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -90,15 +91,16 @@ def atomic_write(path: str | Path, data: str | bytes, mode: int | None = None) -
     path = Path(path)
     if path.is_dir():
         raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), str(path))
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    # mkstemp creates a new file exclusively (O_EXCL): a planted link at a guessable name is never written through
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    tmp = Path(name)
     try:
-        with open(tmp, "wb") as f:
+        with os.fdopen(fd, "wb") as f:
             f.write(data.encode() if isinstance(data, str) else data)
             f.flush()
             os.fsync(f.fileno())
-        if mode is not None:
-            tmp.chmod(mode)
-        os.replace(tmp, path)
+        tmp.chmod(0o644 if mode is None else mode)  # mkstemp's 0600 would hide reports from other users
+        os.replace(tmp, path)  # replaces a link at `path` itself, never its target
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise

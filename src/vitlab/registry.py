@@ -92,9 +92,22 @@ OLD_TOKENIZER_KEYS, OLD_TOKENIZER_VALUES = ("stem", "patch_embed"), {"spt": "spt
 IMPLIED = {"tokenizer": "patch", "tokens": None, "quadtree_sizes": None, "quadtree_score": "edge", "head": "classify"}
 
 
+#: arguments added since runs recorded `task` and `patch_embed`, at the value such runs were built with
+#: (presets of the original projects now default to their originals' values)
+SAVED_BEFORE = {"norm_eps": 1e-6, "stage_encoder": "vit"}
+
+
 def _current_spelling(overrides: dict[str, Any]) -> dict[str, Any]:
     """Old argument spellings -> today's: `task` -> `head`; `patch_embed` / `stem` -> `tokenizer` (a run
-    saved both `patch_embed` and `tokenizer`: the one that is not the plain patch grid wins)."""
+    saved both `patch_embed` and `tokenizer`: the one that is not the plain patch grid wins). A run saved
+    before the rename (its full arguments name both `task` and `patch_embed`) gets the values of that time
+    for arguments added since, so it rebuilds the model it trained."""
+    if "task" in overrides and "patch_embed" in overrides:
+        if overrides["patch_embed"] == "spt":
+            raise VitlabError("this run was saved with the shifted-patch tokenizer's old layout (before vitlab's "
+                              "tokenizer change), which its weights were trained for and which no longer "
+                              "exists; retrain it, or evaluate it with vitlab at commit fd50023")
+        overrides = {**SAVED_BEFORE, **overrides}
     out = {ARG_ALIASES.get(k, k): v for k, v in overrides.items() if k not in OLD_TOKENIZER_KEYS}
     for key in OLD_TOKENIZER_KEYS:
         old = overrides.get(key)
@@ -148,7 +161,8 @@ def model_args(name: str, **overrides: Any) -> dict[str, Any]:
     params = builder_parameters(entry.builder)
     overrides = _current_spelling({k: v for k, v in overrides.items() if v is not None})
     for key in list(overrides):
-        if key not in params and key in IMPLIED and overrides[key] == IMPLIED[key]:
+        if key not in params and (key in IMPLIED and overrides[key] == IMPLIED[key] or
+                                  key in SAVED_BEFORE and overrides[key] == SAVED_BEFORE[key]):
             del overrides[key]
         elif key not in params:
             raise VitlabError(f"model '{entry.name}' has no argument '{key}'{did_you_mean(key, params)}")

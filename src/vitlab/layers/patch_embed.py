@@ -120,8 +120,8 @@ class ShiftedPatchEmbed(TokenGrid):
 
     so every token already sees its neighbours' border pixels (a wider receptive field for small images).
     `shifts` picks the copies (`SPT_SHIFTS`): "axis", one pixel right, left, down and up, as vit-pytorch's
-    `vit_for_small_dataset.SPT` (what `vit_small` users know; `model.patch_embed=spt`), or "diagonal", half a
-    patch on the four diagonals, the paper's form (`model.patch_embed=spt_paper`; at patch size 1, one pixel).
+    `vit_for_small_dataset.SPT` (what `vit_small` users know; `model.tokenizer=spt`), or "diagonal", half a
+    patch on the four diagonals, the paper's form (`model.tokenizer=spt_paper`; at patch size 1, one pixel).
 
     A patch is flattened as both originals' `Rearrange('b c (h p1) (w p2) -> b (h w) (p1 p2 c)')`: row, column,
     then channel (copy-major: channel index = copy * C + c), so `norm` and `proj` take their weights as they
@@ -155,6 +155,6 @@ class ShiftedPatchEmbed(TokenGrid):
         return self.proj(self.norm(x))  # (B, N, D)
 
 
-#: patch embeddings by the name `model.patch_embed` takes
+#: the grid tokenizers by the name `model.tokenizer` takes
 PATCH_EMBEDS = {"patch": PatchEmbed, "conv": ConvStem, "spt": ShiftedPatchEmbed,
                 "spt_paper": partial(ShiftedPatchEmbed, shifts="diagonal")}

@@ -46,7 +46,16 @@ class GDTViT(VisionTransformer):
         super().__init__(img_size=img_size, patch_size=patch_size, in_chans=in_chans, embed_dim=embed_dim,
                          leaf_pos=leaf_pos, tokenizer=tokenizer, **kwargs)
         self.token_plan = self.patch_embed.plan
-        self._register_load_state_dict_pre_hook(_stages_moved)  # the private name also exists on torch 2.4
+        self._register_load_state_dict_pre_hook(self._upgrade_on_load)  # the private name exists on torch 2.4
+
+    @staticmethod
+    def upgrade_keys(state: dict) -> dict:
+        """Checkpoints from before the tokenizer owned the tree kept its stages at the model's top level."""
+        return {("patch_embed." + k if k.startswith("stages.") else k): v for k, v in state.items()}
+
+    def _upgrade_on_load(self, state_dict: dict, prefix: str, *args: Any) -> None:
+        for key in [k for k in state_dict if k.startswith(prefix + "stages.")]:
+            state_dict[prefix + "patch_embed." + key[len(prefix):]] = state_dict.pop(key)
 
     def grow(self, x: torch.Tensor) -> Tree:
         """Each image's quadtree: leaves, selections and gates (for plots and tests)."""
@@ -55,13 +64,9 @@ class GDTViT(VisionTransformer):
     def forward_with_tree(self, x: torch.Tensor) -> tuple[torch.Tensor, Tree]:
         """(logits, the quadtree the tokens came from)."""
         tokens = self.tokenize(x)
-        return self.forward_head(self.norm(self.forward_blocks(self.embed_tokens(tokens))), tokens), tokens.tree
+        return self.forward_head(self.norm(self.forward_blocks(self.embed_tokens(tokens))), tokens=tokens), tokens.tree
 
 
-def _stages_moved(state_dict: dict, prefix: str, *args: Any) -> None:
-    """Checkpoints from before the tokenizer owned the tree kept its stages at the model's top level."""
-    for key in [k for k in state_dict if k.startswith(prefix + "stages.")]:
-        state_dict[prefix + "patch_embed." + key[len(prefix):]] = state_dict.pop(key)
 
 
 def _register() -> None:

@@ -293,7 +293,7 @@ class ResViT(VisionTransformer):
         trace, tokens = _Trace(), self.tokenize(x)
         for h in self._layers(self.embed_tokens(tokens), trace):
             pass
-        return self.forward_head(self.norm(h), tokens), trace
+        return self.forward_head(self.norm(h), tokens=tokens), trace
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(logits, keep bits (B, dynamic layers, tokens) as bool): which tokens ran in each dynamic layer."""

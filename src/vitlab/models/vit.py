@@ -91,6 +91,11 @@ class VisionTransformer(nn.Module):
             raise VitlabError("global_pool='token' pools the class token, which class_token=False removes; "
                               "set model.global_pool=avg or model.class_token=true")
         _choose("head", head, HEADS)
+        if not norm_eps > 0:
+            raise VitlabError(f"model.norm_eps must be positive (timm's 1e-6, torch's 1e-5), got {norm_eps}")
+        if tokenizer != "quadtree" and (tokens is not None or quadtree_sizes is not None):
+            raise VitlabError("model.tokens and model.quadtree_sizes shape the content quadtree; set "
+                              "model.tokenizer=quadtree or drop them")
         self.num_classes, self.global_pool, self.embed_dim = num_classes, global_pool, embed_dim
         self.num_heads, self.drop_path_rate = num_heads, drop_path_rate
         self.num_prefix_tokens = 1 if class_token else 0
@@ -192,6 +197,12 @@ class VisionTransformer(nn.Module):
             nn.init.trunc_normal_(self.size_embed.weight, std=0.02)
         self.patch_embed.init_late()
 
+    @staticmethod
+    def upgrade_keys(state: dict) -> dict:
+        """State-dict keys (or key -> shape) written by older vitlab versions -> today's; a family that moved
+        weights overrides it (checkpoint checks compare files through it)."""
+        return state
+
     def set_progress(self, step: int, total_steps: int) -> None:
         """Called by the trainer before every training batch; families with schedules that follow training
         (see `vitlab.objective`) override it."""
@@ -232,15 +243,16 @@ class VisionTransformer(nn.Module):
         """(B, C, H, W) -> normalised tokens (B, prefix + T, num_features)."""
         return self.norm(self.forward_blocks(self.embed(x)))
 
-    def forward_head(self, z: torch.Tensor, tokens: TokenSet | None = None, pre_logits: bool = False) -> torch.Tensor:
+    def forward_head(self, z: torch.Tensor, pre_logits: bool = False, tokens: TokenSet | None = None) -> torch.Tensor:
         """Normalised tokens -> logits (B, classes) or, with the segmentation head, per-pixel logits
-        (B, classes, H, W) painted from `tokens`' boxes; with `pre_logits`, the pooled, normalised features."""
+        (B, classes, H, W) painted from `tokens`' boxes; with `pre_logits`, the pooled, normalised features
+        (timm's signature: `forward_head(x, pre_logits)`)."""
         y = self.head_drop(self.fc_norm(self.readout.pool(z)))
         return y if pre_logits else self.readout.decode(self.head(y), tokens)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         tokens = self.tokenize(x)
-        return self.forward_head(self.norm(self.forward_blocks(self.embed_tokens(tokens))), tokens)
+        return self.forward_head(self.norm(self.forward_blocks(self.embed_tokens(tokens))), tokens=tokens)
 
     def forward_intermediates(self, x: torch.Tensor, indices: int | Sequence[int] | None = None,
                               intermediates_only: bool = False):

@@ -45,6 +45,9 @@ def _segmentation_args(cfg: Config, data: DataBundle) -> dict[str, Any]:
     """A dataset of masks asks for a per-pixel head; joint augmentation of image and mask is not built."""
     info = data.info
     if info.task != "segment":
+        if cfg.model.args.get("head") == "segment":
+            raise VitlabError(f"model.head=segment predicts a mask per image, but {info.name} has one class per "
+                              f"image; use a segmentation dataset (e.g. mnist_canvas_seg) or drop model.head")
         return {}
     if cfg.model.args.get("head") not in (None, "segment"):  # `model.task`, its old spelling, is renamed on resolving
         raise VitlabError(f"{info.name} holds masks; drop model.head or set model.head=segment")

@@ -103,9 +103,15 @@ def _write_files(tmp: Path, model, metadata: dict[str, str], trainer_state, ema)
 
 def save_weights(file: Path, weights: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
     """One safetensors file, written to a temporary sibling and renamed into place."""
-    tmp = file.with_name(f".{file.name}.tmp")
-    save_file({k: v.contiguous() for k, v in weights.items()}, tmp, metadata=metadata)
-    os.replace(tmp, file)
+    fd, name = tempfile.mkstemp(prefix=f".{file.name}.", suffix=".tmp", dir=file.parent)  # exclusive: no link
+    os.close(fd)
+    try:
+        save_file({k: v.contiguous() for k, v in weights.items()}, name, metadata=metadata)
+        os.chmod(name, 0o644)
+        os.replace(name, file)
+    except BaseException:
+        Path(name).unlink(missing_ok=True)
+        raise
 
 
 def remove(path: Path, ignore_errors: bool = False) -> None:

@@ -171,7 +171,7 @@ def _check_fits(file: Path, name: str, args: dict, cfg: Config, adapter: bool) -
         skeleton = rebuild_model(name, args, cfg)
     expected = {k: tuple(v.shape) for k, v in skeleton.state_dict().items()}
     with safe_open(str(file), framework="pt") as f:
-        stored = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+        stored = skeleton.upgrade_keys({k: tuple(f.get_slice(k).get_shape()) for k in f.keys()})
     wrong = [k for k in (stored if adapter else expected) if stored.get(k) != expected.get(k)]
     if wrong and not adapter:
         raise VitlabError(f"'{file}' does not fit the model its metadata names ({name}): {wrong[0]} is "

@@ -25,6 +25,7 @@ from typing import Any
 
 from ..config import Config, LoraConfig
 from ..errors import VitlabError
+from ..names import atomic_write
 from ..untrusted import regular
 from ..layers.lora import adapter_state_dict, merged_state_dict
 from . import checkpoint as ckpt
@@ -151,12 +152,6 @@ class RunDirectory:
             ckpt.save_weights(self.path / "merged.safetensors", merged_state_dict(eval_model),
                               {**metadata, "config": plain})
         atomic_write(self.path / "results.json", json.dumps(results, indent=2) + "\n")
-
-
-def atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def truncate_metrics(path: Path, epoch: int, step: int) -> None:
