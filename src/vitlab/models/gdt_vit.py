@@ -12,7 +12,6 @@ instead of a 12 GiB relative-index buffer; the configured depth and heads honour
 """
 from __future__ import annotations
 
-from functools import partial
 from typing import Any, Literal, Sequence
 
 import torch
@@ -37,12 +36,14 @@ class GDTViT(VisionTransformer):
         """patch_size: the size t every leaf is resized to (the original's target_leaf_size);
         stages: (patch_in, patch_out, ratio) per level; max_seq_len: the original's per-stage M, checked
         against the plan; stage_encoder: `vit` (our pre-norm blocks) or `torch` (the original's layers)."""
-        tokenizer = partial(LearnedQuadtreeTokenizer, stages=stages, stage_depth=stage_depth,
-                            make_block=lambda i: self._build_block(i, embed_dim, self.num_heads, 0.0),
-                            num_heads=kwargs.get("num_heads", 12), mlp_ratio=kwargs.get("mlp_ratio", 4.0),
-                            norm_eps=kwargs.get("norm_eps", 1e-6),
-                            max_seq_len=max_seq_len, scorer=scorer, stage_encoder=stage_encoder,
-                            eval_gumbel=eval_gumbel, tau=tau, antialias=antialias)
+        def tokenizer(*grid_args: Any) -> LearnedQuadtreeTokenizer:  # called by the ViT once its settings are set
+            return LearnedQuadtreeTokenizer(
+                *grid_args, stages=stages, stage_depth=stage_depth,
+                make_block=lambda i: self._build_block(i, embed_dim, self.num_heads, 0.0),
+                num_heads=self.num_heads, mlp_ratio=self.block_args["mlp_ratio"], norm_eps=self.norm_eps,
+                max_seq_len=max_seq_len, scorer=scorer, stage_encoder=stage_encoder, eval_gumbel=eval_gumbel,
+                tau=tau, antialias=antialias)
+
         super().__init__(img_size=img_size, patch_size=patch_size, in_chans=in_chans, embed_dim=embed_dim,
                          leaf_pos=leaf_pos, tokenizer=tokenizer, **kwargs)
         self.token_plan = self.patch_embed.plan
@@ -54,8 +55,9 @@ class GDTViT(VisionTransformer):
         return {("patch_embed." + k if k.startswith("stages.") else k): v for k, v in state.items()}
 
     def _upgrade_on_load(self, state_dict: dict, prefix: str, *args: Any) -> None:
-        for key in [k for k in state_dict if k.startswith(prefix + "stages.")]:
-            state_dict[prefix + "patch_embed." + key[len(prefix):]] = state_dict.pop(key)
+        old = [k for k in state_dict if k.startswith(prefix + "stages.")]
+        moved = {k[len(prefix):]: state_dict.pop(k) for k in old}
+        state_dict.update({prefix + k: v for k, v in self.upgrade_keys(moved).items()})
 
     def grow(self, x: torch.Tensor) -> Tree:
         """Each image's quadtree: leaves, selections and gates (for plots and tests)."""
