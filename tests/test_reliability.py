@@ -347,3 +347,137 @@ def test_a_full_disk_during_a_save_says_so_and_keeps_the_last_checkpoint(tmp_pat
     assert ckpt.newest_intact(tmp_path)[0] == path and not list(tmp_path.glob(".last.tmp-*"))
 
 
+
+
+# -- signals outside the training loop: during start-up and after the loop (issue 29) ---------------------------
+def catches(pid, sig):
+    """Whether process `pid` has a handler for `sig` installed (/proc/PID/status, SigCgt): `vitlab train` installs
+    one for SIGTERM at the start of its `main`, before its heavy imports, data and model."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except FileNotFoundError:
+        return False
+    mask = next(line.split()[1] for line in status.splitlines() if line.startswith("SigCgt:"))
+    return bool(int(mask, 16) >> (sig - 1) & 1)
+
+
+def start_up_then(sig, tmp_path, env_extra=None):
+    """`vitlab train` in its own process, sent `sig` as soon as its handler is installed (still importing: the
+    data, model and loop come seconds later); (exit code, stderr)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from conftest import ROOT
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_") and k not in ("RANK", "WORLD_SIZE")}
+    env.update(PYTHONPATH=str(ROOT / "src"), OMP_NUM_THREADS="1", **(env_extra or {}))
+    proc = subprocess.Popen([sys.executable, "-m", "vitlab", "train", "--output", str(tmp_path), "--savefile", "r",
+                             *QUICK, "train.epochs=1"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            text=True)
+    deadline = time.time() + 120
+    while not catches(proc.pid, signal.SIGTERM) and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.005)
+    proc.send_signal(sig)
+    err = proc.communicate(timeout=120)[1]
+    return proc.returncode, err
+
+
+def test_sigterm_during_start_up_exits_75_with_one_line_and_leaves_nothing(tmp_path):
+    import signal
+    code, err = start_up_then(signal.SIGTERM, tmp_path)
+    assert code == 75, err
+    assert err.strip().splitlines() == [
+        "vitlab: stopped by SIGTERM during start-up, before training began: nothing was lost; "
+        "run the same command again"]
+    assert not (tmp_path / "vitlab" / "r").exists()  # nothing that would refuse the same command (or --reload)
+
+
+def test_sigusr1_during_start_up_requeues_the_slurm_job(tmp_path):
+    import os
+    import signal
+    stub = tmp_path / "bin"
+    stub.mkdir()
+    (stub / "scontrol").write_text(f'#!/bin/sh\necho "$@" >> {tmp_path / "scontrol.args"}\n')
+    (stub / "scontrol").chmod(0o755)
+    code, err = start_up_then(signal.SIGUSR1, tmp_path / "out",
+                              {"SLURM_JOB_ID": "4242", "PATH": f"{stub}:{os.environ['PATH']}"})
+    assert code == 75, err
+    assert err.strip().splitlines() == [
+        "vitlab: stopped by SIGUSR1 (preemption) during start-up, before training began: nothing was lost; "
+        "requeued SLURM job 4242"]
+    assert (tmp_path / "scontrol.args").read_text() == "requeue 4242\n"
+    assert not (tmp_path / "out" / "vitlab" / "r").exists()
+
+
+def signal_at(monkeypatch, module, name, sig):
+    """Send `sig` to this process when `module.name` is called (then call it): a signal on cue, in process."""
+    import os
+    real = getattr(module, name)
+
+    def send(*a, **k):
+        os.kill(os.getpid(), sig)
+        return real(*a, **k)
+    monkeypatch.setattr(module, name, send)
+
+
+@pytest.mark.parametrize("sig, code", [("SIGTERM", 75), ("SIGINT", 130), ("SIGUSR1", 75)])
+def test_a_signal_after_the_run_files_are_written_still_leaves_no_run(tmp_path, capsys, monkeypatch, sig, code):
+    """The last step of start-up writes config.yaml, train.log and metrics.jsonl; a stop there removes them (a
+    run directory with them is refused without --reload). SIGUSR1 under SLURM without `scontrol` on PATH: the
+    failed requeue is said in the same line."""
+    import signal
+
+    from vitlab.train import summary
+    signal_at(monkeypatch, summary, "opening_lines", getattr(signal, sig))
+    monkeypatch.setenv("SLURM_JOB_ID", "4242")
+    monkeypatch.setenv("PATH", str(tmp_path / "nothing"))
+    before = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)}
+    got, out, err = run_cli(["train", "--output", tmp_path, "--savefile", "r", *QUICK, "train.epochs=1"], capsys)
+    assert got == code, err
+    assert len(err.strip().splitlines()) == 1 and f"stopped by {sig}" in err and "before training began" in err
+    assert ("scontrol requeue 4242 failed (FileNotFoundError); run the same command again" in err) == \
+        (sig == "SIGUSR1")
+    assert not (tmp_path / "vitlab").exists()
+    assert {s: signal.getsignal(s) for s in before} == before  # main() puts the caller's handlers back
+
+
+def test_a_signal_after_the_loop_keeps_the_checkpoint_and_reload_finishes(tmp_path, capsys, monkeypatch):
+    import signal
+
+    from vitlab.train import summary
+    signal_at(monkeypatch, summary, "results", signal.SIGTERM)  # testing done, results.json not yet written
+    argv = ["train", "--output", tmp_path, "--savefile", "r", *QUICK, "train.epochs=1"]
+    code, out, err = run_cli(argv, capsys)
+    assert code == 75 and err.strip().splitlines() == [
+        "vitlab: stopped by SIGTERM after training, before the run was finished (test, results.json, export): "
+        "checkpoints/last holds the trained weights; finish it with --reload"]
+    run = tmp_path / "vitlab" / "r"
+    assert not (run / "results.json").exists() and (run / "checkpoints" / "last" / "model.safetensors").is_file()
+    monkeypatch.undo()
+    code, out, err = run_cli([*argv, "--reload"], capsys)
+    assert code == 0, err
+    assert json.loads((run / "results.json").read_text())["epochs"] == 1
+
+
+def test_a_second_signal_during_the_save_is_not_caught_again():
+    """The first stop signal in the loop asks for a save; a second one of the kind acts as if no handler were
+    there (SIGTERM ends the process mid-save, the save is atomic), not as the handler `vitlab train` had before
+    the loop."""
+    import signal
+
+    from vitlab import cli
+    from vitlab.train.signals import stop_signals
+    restore = cli._catch_startup_signals()
+    try:
+        startup = signal.getsignal(signal.SIGTERM)
+        noted = []
+        with stop_signals(noted.append):
+            signal.getsignal(signal.SIGTERM)(signal.SIGTERM, None)  # the first signal
+            assert noted == [signal.SIGTERM] and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+            signal.getsignal(signal.SIGINT)(signal.SIGINT, None)
+            assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+        assert signal.getsignal(signal.SIGTERM) == startup  # after the loop: the command's handler again
+    finally:
+        restore()

@@ -8,12 +8,16 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import signal
 import sys
 from pathlib import Path
 
-from .compat import BOOL_WORDS, flag_bool
 from .errors import TrainingStopped, VitlabError
 from .names import atomic_write, printable
+
+# `vitlab.compat` (and the data and model modules it imports) is imported inside the functions that use it, so
+# that `vitlab train` catches stop signals before its heavy imports (see `_catch_startup_signals`).
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str):  # argparse prints usage + error; we print one line
@@ -24,6 +28,8 @@ def parse(argv: list[str]) -> argparse.Namespace:
     """Parse `argv`; `key=value` overrides may come before, between or after the flags (argparse alone takes
     positionals in one run, so `train a=1 --reload b=2` would reject `b=2`)."""
     # `--upload` alone means true; a value after it is read only when it is a boolean word (`--upload true`)
+    from .compat import BOOL_WORDS
+
     argv = [*argv]
     for i, a in enumerate(argv):
         if a == "--upload" and (i + 1 == len(argv) or argv[i + 1].lower() not in BOOL_WORDS):
@@ -121,6 +127,8 @@ def _parser() -> argparse.ArgumentParser:
 def _add_train(t: argparse.ArgumentParser) -> None:
     """`vitlab train`: plain flags (each sets the config key in its `dest`), then the original projects' flags
     (translated by `compat`), then `key=value` overrides."""
+    from .compat import flag_bool
+
     t.add_argument("--config", help="YAML config file (e.g. configs/quickstart.yaml)")
     t.add_argument("--reload", action="store_true", help="resume the run from its last checkpoint")
     t.add_argument("--local", action="store_true", help="train in this one process even under torchrun/srun "
@@ -360,8 +368,6 @@ def cmd_download(args) -> int:
 
 def _rank_prefix() -> str:
     """'[rank 3] ' inside a multi-process launch, so a failing rank is identifiable; '' otherwise."""
-    import os
-
     rank, world = os.environ.get("RANK", os.environ.get("SLURM_PROCID")), os.environ.get("WORLD_SIZE",
                                                                                          os.environ.get("SLURM_NTASKS"))
     return f"[rank {rank}] " if rank is not None and world not in (None, "1") else ""
@@ -395,6 +401,15 @@ def _shown(message: object) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    restore = _catch_startup_signals() if argv[:1] == ["train"] else None
+    try:
+        return _main(argv)
+    finally:
+        if restore is not None:
+            restore()
+
+
+def _main(argv: list[str]) -> int:
     try:
         args = parse(argv)
         return COMMANDS[args.command](args)
@@ -402,8 +417,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"vitlab: error: {_rank_prefix()}{_shown(exc)}", file=sys.stderr)
         return exc.exit_code
     except BrokenPipeError:  # `vitlab collect ... | head`: the reader left; stop quietly like other tools
-        import os
-
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 141
     except OSError as exc:  # the filesystem: a path that is a file, read-only, missing, or a full disk
@@ -412,9 +425,92 @@ def main(argv: list[str] | None = None) -> int:
     except TrainingStopped as exc:  # a signal: the checkpoint is written; not an error
         print(f"vitlab: {_rank_prefix()}{exc}", file=sys.stderr)
         return exc.exit_code
+    except _StopSignal as stop:  # a signal before the training loop took over its handling, or after it
+        return _stopped(stop.signum)
     except KeyboardInterrupt:
         print("vitlab: interrupted; the last checkpoint is intact (resume with --reload)", file=sys.stderr)
         return 130
+
+
+# -- stop signals outside the training loop --------------------------------------------------------------------
+# The trainer handles SIGTERM, SIGINT and SIGUSR1 while it trains (`vitlab.train.signals`: finish the step, save,
+# exit 0, or 75 and a SLURM requeue for SIGUSR1). `vitlab train` catches them from its first instant too, so a
+# signal during start-up (imports, data, model, process group) or after the loop (test, results.json, export)
+# ends the command with one line instead of killing it silently; a SLURM job preempted while starting is
+# requeued like one preempted while training.
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
+PREEMPTED_EXIT = 75  # as vitlab.train.signals.PREEMPTED_EXIT (EX_TEMPFAIL: not finished, run it again)
+
+
+class _StopSignal(BaseException):
+    """Raised in the main thread by the handler `_catch_startup_signals` installs. A BaseException: no `except
+    Exception` on its way swallows it, and `RunDirectory.undone_on_failure` removes what the start wrote."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _catch_startup_signals():
+    """Install the command-level handler for the stop signals; returns what puts the previous ones back. Only
+    the main thread can install handlers: elsewhere (a notebook thread calling `main`) this does nothing."""
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return lambda: None
+    pid = os.getpid()
+
+    def handler(signum, frame):
+        if os.getpid() != pid:  # a forked child (a data-loader worker) ends as it would have without us
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+            return
+        raise _StopSignal(signum)
+
+    previous = {sig: signal.getsignal(sig) for sig in STOP_SIGNALS}
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, handler)
+    stop = sys.modules.get("vitlab.train.signals")
+    if stop is not None:  # an earlier run in this process
+        stop.training_began = False
+
+    def restore() -> None:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+    return restore
+
+
+def _stopped(signum: int) -> int:
+    """The one line and exit code of a stop outside the training loop: 75 (130 for SIGINT); a SIGUSR1 on rank 0
+    requeues the SLURM job as it does during training."""
+    for sig in STOP_SIGNALS:  # a second signal acts as usual
+        signal.signal(sig, signal.default_int_handler if sig == signal.SIGINT else signal.SIG_DFL)
+    name = signal.Signals(signum).name + (" (preemption)" if signum == signal.SIGUSR1 else "")
+    main_rank = os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")) == "0"
+    requeued = _requeue_slurm_job() if signum == signal.SIGUSR1 and main_rank else ""
+    again = "" if requeued.startswith("; requeued") else "; run the same command again"
+    stop = sys.modules.get("vitlab.train.signals")
+    if stop is not None and stop.training_began:
+        message = (f"stopped by {name} after training, before the run was finished (test, results.json, export): "
+                   f"checkpoints/last holds the trained weights{requeued}; finish it with --reload")
+    else:
+        message = f"stopped by {name} during start-up, before training began: nothing was lost{requeued}{again}"
+    print(f"vitlab: {_rank_prefix()}{message}", file=sys.stderr)
+    return 130 if signum == signal.SIGINT else PREEMPTED_EXIT
+
+
+def _requeue_slurm_job() -> str:
+    """`vitlab.train.signals.requeue_slurm_job`, without importing the `vitlab.train` package (the trainer and
+    everything it imports) when a signal came before it was: signals.py needs only the standard library."""
+    stop = sys.modules.get("vitlab.train.signals")
+    if stop is None:
+        import importlib.util
+
+        spec = importlib.util.spec_from_file_location("_vitlab_stop_signals",
+                                                      Path(__file__).with_name("train") / "signals.py")
+        stop = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(stop)
+    return stop.requeue_slurm_job()
 
 
 if __name__ == "__main__":

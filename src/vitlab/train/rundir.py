@@ -66,6 +66,8 @@ class RunDirectory:
         self._created = next((p for p in [path, *path.parents][::-1] if not p.exists()), None)
         check_run_files(path)  # before the lock: `.lock` is opened for writing
         self.lock = RunLock(path) if writer else None  # one writer per run directory
+        # what was here when this process took the lock: a failed start removes only what it added itself
+        self._found = {n for n in (*RUN_FILES, *RUN_FOLDERS) if (path / n).exists() or (path / n).is_symlink()}
 
     def release(self) -> None:
         """Give up the lock (the process's exit does too)."""
@@ -74,10 +76,19 @@ class RunDirectory:
 
     @contextlib.contextmanager
     def undone_on_failure(self):
-        """A start refused inside this block leaves the run directory as it found it."""
+        """A start refused or stopped (a signal during start-up) inside this block leaves the run directory as
+        it found it: the run files it had written so far (config.yaml, train.log, metrics.jsonl, tb/) are
+        removed, files that were there before are not touched, so the same command can simply run again."""
         try:
             yield
         except BaseException:
+            if self.lock is not None and not self.lock.file.closed:  # held: nobody else writes here
+                for name in (*RUN_FILES, *RUN_FOLDERS):
+                    p = self.path / name
+                    if name not in self._found and not p.is_symlink() and p.is_dir():
+                        shutil.rmtree(p, ignore_errors=True)
+                    elif name not in self._found and (p.exists() or p.is_symlink()):
+                        p.unlink(missing_ok=True)
             self.release()
             if self.lock is not None and self._created is not None and \
                     {p.name for p in self.path.iterdir()} <= {".lock"}:

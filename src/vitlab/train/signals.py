@@ -12,21 +12,28 @@ from typing import Callable
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
 PREEMPTED_EXIT = 75  # EX_TEMPFAIL: stopped by SIGUSR1 (preemption / time limit), checkpoint saved, resume later
+# Whether a training loop has taken over the stop signals in this process: `vitlab train` (the CLI) catches them
+# from its first instant and, for a signal it catches, says "before training began" or "after training" by this.
+training_began = False
 
 
 @contextlib.contextmanager
 def stop_signals(note: Callable[[int], None]):
     """While inside, each stop signal calls `note(signum)` (the loop stops after the current optimizer step);
-    a second signal of the same kind acts as if no handler were installed. Only the main thread can catch
-    signals: elsewhere this does nothing."""
+    a second signal of the same kind acts as if no handler were installed at all (SIGTERM and SIGUSR1 end the
+    process, SIGINT raises KeyboardInterrupt; the save under way is atomic, the previous checkpoint stays),
+    whatever handler was there before. Only the main thread can catch signals: elsewhere this does nothing."""
+    global training_began
     if threading.current_thread() is not threading.main_thread():
         yield
         return
     previous = {sig: signal.getsignal(sig) for sig in STOP_SIGNALS}
+    training_began = True
 
     def handler(signum, frame):
         note(signum)
-        signal.signal(signum, previous[signum])  # the next one is not caught
+        # the next one is not caught (not by the handler `vitlab train` had before the loop either)
+        signal.signal(signum, signal.default_int_handler if signum == signal.SIGINT else signal.SIG_DFL)
 
     for sig in STOP_SIGNALS:
         signal.signal(sig, handler)
