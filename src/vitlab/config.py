@@ -184,6 +184,16 @@ def all_keys(cfg: Config | None = None) -> list[str]:
     return keys
 
 
+def _short(value: Any, limit: int = 80) -> str:
+    """repr(value) cut to `limit` characters (a message names a value, it does not print a whole file)."""
+    import reprlib
+
+    r = reprlib.Repr()
+    r.maxstring, r.maxother, r.maxlist, r.maxdict, r.maxlevel = limit, limit, 8, 8, 3
+    text = r.repr(value) if isinstance(value, (list, tuple, dict, set)) else repr(value)
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
 def _type_name(tp: Any) -> str:
     origin = typing.get_origin(tp)
     if origin is Literal:
@@ -214,8 +224,8 @@ def coerce(value: Any, tp: Any, key: str) -> Any:
     elif origin is Literal:
         if value in typing.get_args(tp):
             return value
-        raise VitlabError(f"config key '{key}' must be {_type_name(tp)}, got {value!r}"
-                          f"{did_you_mean(str(value), map(str, typing.get_args(tp)))}")
+        raise VitlabError(f"config key '{key}' must be {_type_name(tp)}, got {_short(value)}"
+                          f"{did_you_mean(str(value)[:100], map(str, typing.get_args(tp)))}")
     elif origin is tuple:
         args = typing.get_args(tp)
         if isinstance(value, (list, tuple)) and len(value) == len(args):
@@ -244,7 +254,7 @@ def coerce(value: Any, tp: Any, key: str) -> Any:
         return str(value)  # output.savefile=7 names run "7"
     elif isinstance(tp, type) and isinstance(value, tp):
         return value
-    raise VitlabError(f"config key '{key}' must be {_type_name(tp)}, got {value!r} ({type(value).__name__})")
+    raise VitlabError(f"config key '{key}' must be {_type_name(tp)}, got {_short(value, 200)} ({type(value).__name__})")
 
 
 #: values renamed to say what they are; the old spellings stay accepted
@@ -262,12 +272,12 @@ def _apply(cfg: Config, key: str, value: Any) -> None:
     for part in parts[:-1]:
         sub = getattr(target, part, None) if part in {f.name for f in dataclasses.fields(target)} else None
         if not dataclasses.is_dataclass(sub):
-            raise VitlabError(f"unknown config key '{key}'{did_you_mean(key, all_keys())}")
+            raise VitlabError(f"unknown config key {_short(key)}{did_you_mean(key[:100], all_keys())}")
         target = sub
     names = {f.name: f for f in dataclasses.fields(target)}
     leaf = parts[-1]
     if leaf not in names or dataclasses.is_dataclass(getattr(target, leaf)) or leaf == "args":
-        raise VitlabError(f"unknown config key '{key}'{did_you_mean(key, all_keys())}")
+        raise VitlabError(f"unknown config key {_short(key)}{did_you_mean(key[:100], all_keys())}")
     hints = typing.get_type_hints(type(target))
     setattr(target, leaf, coerce(value, hints[leaf], key))
 
@@ -282,12 +292,19 @@ def _flatten(tree: dict[str, Any], prefix: str = "") -> Iterable[tuple[str, Any]
 
 
 def parse_override(text: str) -> tuple[str, Any]:
-    """'optim.lr=3e-4' -> ('optim.lr', 0.0003); the value is read as YAML (numbers, bools, null, lists)."""
+    """'optim.lr=3e-4' -> ('optim.lr', 0.0003); the value is read as YAML (numbers, bools, null, lists), bounded
+    as a file is (size, nesting, alias expansion, repeated keys: one line each); text that is not YAML is a
+    string."""
+    import yaml
+
+    from .untrusted import parse_yaml
+
     if "=" not in text:
-        raise VitlabError(f"override '{text}' is not of the form section.key=value (e.g. optim.lr=3e-4)")
+        raise VitlabError(f"override {_short(text)} is not of the form section.key=value (e.g. optim.lr=3e-4)")
     key, raw = text.split("=", 1)
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        value = parse_yaml(raw, f"the value of override {_short(key.strip())}", unique_keys=True) \
+            if raw.strip() else ""
     except yaml.YAMLError:
         value = raw
     return key.strip(), as_number(value)
@@ -304,16 +321,32 @@ def as_number(value: Any) -> Any:
 
 
 def read_yaml(path: str | Path) -> dict[str, Any]:
+    """A config (or sweep spec) file as a mapping; one line for a file that is missing, not a regular file
+    (a folder, FIFO, device), over the size any config has, not UTF-8, not YAML, nested or aliased beyond
+    bounds, naming a key twice, or not a mapping."""
+    import yaml
+
+    from .untrusted import YAML_MAX_CHARS, parse_yaml, read_bytes
+
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise VitlabError(f"config file '{path}' not found; pass an existing YAML file (e.g. configs/quickstart.yaml)")
+    if path.is_file() and path.stat().st_size > YAML_MAX_CHARS:
+        raise VitlabError(f"config file '{path}' is {path.stat().st_size / (1 << 20):.1f} MiB, more than the "
+                          f"{YAML_MAX_CHARS >> 20} MiB vitlab reads (a config is a few KiB); pass the right file")
+    data = read_bytes(path, "config file", limit=YAML_MAX_CHARS)
     try:
-        tree = yaml.safe_load(path.read_text()) or {}
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise VitlabError(f"config file '{path}' is not UTF-8 text (byte {exc.start} cannot be decoded); save it "
+                          f"as UTF-8") from None
+    try:
+        tree = parse_yaml(text, f"config file '{path}'", unique_keys=True) or {}
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark else ""
-        raise VitlabError(f"config file '{path}' is not valid YAML{where}: "
-                          f"{getattr(exc, 'problem', None) or exc}; fix the syntax") from None
+        problem = getattr(exc, "problem", None) or (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise VitlabError(f"config file '{path}' is not valid YAML{where}: {problem}; fix the syntax") from None
     if not isinstance(tree, dict):
         raise VitlabError(f"config file '{path}' must be a mapping of sections (model:, data:, ...), "
                           f"not a {type(tree).__name__}")
@@ -328,7 +361,7 @@ def build_config(tree: dict[str, Any] | None = None, overrides: Iterable[tuple[s
     for name in sections & set(tree or {}):
         if tree[name] is not None and not isinstance(tree[name], dict):
             raise VitlabError(f"config section '{name}' must be a mapping of keys (in YAML, '{name}:' then indented "
-                              f"'key: value' lines), got {tree[name]!r}")
+                              f"'key: value' lines), got {_short(tree[name])}")
     for key, value in _flatten({k: v for k, v in (tree or {}).items() if v is not None or k not in sections}):
         _apply(cfg, key, as_number(value))
     for key, value in overrides:
@@ -383,5 +416,72 @@ def validate(cfg: Config) -> None:
                        ("optim.base_batch_size", cfg.optim.base_batch_size)):
         if value is not None and value <= 0:
             raise VitlabError(f"config key '{key}' must be positive, got {value}")
+    _check_bounds(cfg)
     safe_name(cfg.task_name, "task_name", example="cifar10_vit")  # each one folder: the run stays in output.dir
     safe_name(cfg.output.savefile, "output.savefile (--savefile)")
+
+
+#: seeds seed NumPy too, whose seeds are 32-bit (rng.seed_all wraps seed + rank past the top)
+SEED_RANGE = (0, 2 ** 32 - 1)
+#: learning rates, weight decay and per-parameter lr multipliers above this are no recipe's (LARS's largest
+#: learning rates are ~30) and, far above it, leave float32 (3.4e38) inside the optimizer: an overflow, not a run
+MAX_RATE = 1e6
+#: train.dist_timeout in seconds: at least one (a collective takes that long to start), at most a week
+DIST_TIMEOUT_RANGE = (1.0, 7 * 24 * 3600.0)
+
+
+def _check_bounds(cfg: Config) -> None:
+    """Values each section accepts by type but nothing can run with: seeds outside NumPy's range, rates beyond
+    float32 or any recipe, negative LoRA scales, collectives that would wait for ages, unavailable devices."""
+    lo, hi = SEED_RANGE
+    for key, value in (("train.seed", cfg.train.seed), ("data.split_seed", cfg.data.split_seed)):
+        if not lo <= value <= hi:
+            raise VitlabError(f"config key '{key}' must be in [0, 2**32 - 1] (NumPy's seed range), got {value}")
+    rates = {"optim.lr": cfg.optim.lr, "optim.weight_decay": cfg.optim.weight_decay,
+             "optim.min_lr": cfg.optim.min_lr,
+             **{f"optim.lr_scale['{k}']": v for k, v in cfg.optim.lr_scale.items()}}
+    for key, value in rates.items():
+        if value > MAX_RATE:
+            raise VitlabError(f"config key '{key}' is {value:g}, above {MAX_RATE:g}, which no recipe uses and which "
+                              f"overflows float32 in the optimizer; use a value like 1e-3 (lr) or 0.05 (weight decay)")
+    for key, value in cfg.optim.lr_scale.items():
+        if value < 0:
+            raise VitlabError(f"config key 'optim.lr_scale' must map names to multipliers >= 0, got {key}: {value}; "
+                              f"0 freezes those parameters, 1 is the plain lr")
+    if cfg.optim.momentum > 1:
+        raise VitlabError(f"config key 'optim.momentum' must be in [0, 1], got {cfg.optim.momentum:g} "
+                          f"(0.9 is usual)")
+    if cfg.lora.alpha is not None and cfg.lora.alpha <= 0:
+        raise VitlabError(f"config key 'lora.alpha' must be positive (the update is scaled by alpha / rank), got "
+                          f"{cfg.lora.alpha:g}; leave it unset for alpha = rank")
+    lo, hi = DIST_TIMEOUT_RANGE
+    if not lo <= cfg.train.dist_timeout <= hi:
+        raise VitlabError(f"config key 'train.dist_timeout' must be {lo:g} to {hi:g} seconds (a week), got "
+                          f"{cfg.train.dist_timeout:g}; the default is 600")
+    _check_device(cfg.train.device)
+
+
+def _check_device(spec: str) -> None:
+    """train.device names a device kind vitlab trains on: auto, cpu, cuda, cuda:N, or mps where this PyTorch
+    has it. Whether cuda:N exists is checked when training starts (the config may be written for another
+    machine); mps, which no launch can add, is checked here."""
+    import re
+
+    if not isinstance(spec, str) or not re.fullmatch(r"auto|cpu|cuda(:\d{1,4})?|mps(:0)?", spec):
+        raise VitlabError(f"train.device {_short(spec)} is not supported; use auto, cpu, cuda or cuda:N (this "
+                          f"machine has {available_devices()})")
+    if spec.startswith("mps"):
+        import torch
+
+        if not torch.backends.mps.is_available():
+            raise VitlabError(f"train.device '{spec}' is not available here (no Apple-silicon GPU in this PyTorch); "
+                              f"this machine has {available_devices()}: use train.device=auto")
+
+
+def available_devices() -> str:
+    """The devices this process can train on, in words: 'cpu' or 'cpu, cuda:0, cuda:1'."""
+    import torch
+
+    cuda = [f"cuda:{i}" for i in range(torch.cuda.device_count())] if torch.cuda.is_available() else []
+    mps = ["mps"] if torch.backends.mps.is_available() else []
+    return ", ".join(["cpu", *cuda, *mps])

@@ -6,7 +6,9 @@ or expanding a YAML alias bomb.
 - `inside(root, path)`: `path` resolved (symbolic links followed) must stay under `root`.
 - `regular(path, what)`: an existing regular file (not a folder, FIFO, device or socket), optionally not a
   symbolic link and at most `limit` bytes; `read_bytes` / `read_text` read one that way, without blocking.
-- `load_yaml(text, what)`: yaml.safe_load with the text's size, nesting and alias-expanded node count bounded.
+- `load_yaml(text, what)`: yaml.safe_load with the text's size, nesting and alias-expanded node count bounded
+  (and, with `unique_keys`, a repeated mapping key refused); `parse_yaml` the same leaving YAML's syntax errors
+  to the caller.
 - `open_image(path, channels)`: a PIL image in "RGB" or "L" with pixel count and file kind checked first, and
   16-bit / 32-bit / float images scaled to 8 bits (not clipped to white).
 """
@@ -15,6 +17,8 @@ from __future__ import annotations
 import os
 import stat
 from pathlib import Path
+
+import yaml
 
 from .errors import VitlabError
 
@@ -85,37 +89,63 @@ def read_text(path: str | Path, what: str = "file", limit: int = 64 * MiB, allow
                           f"wrote") from None
 
 
-def load_yaml(text: str, what: str = "stored config", max_nodes: int = YAML_MAX_NODES):
+def load_yaml(text: str, what: str = "stored config", max_nodes: int = YAML_MAX_NODES, unique_keys: bool = False):
     """yaml.safe_load of text vitlab did not write itself, refusing what would take unbounded time or memory:
     text over YAML_MAX_CHARS, nesting deeper than Python's recursion allows, and aliases that expand to more
-    than `max_nodes` nodes (a "billion laughs" document is a few hundred bytes)."""
-    import yaml
+    than `max_nodes` nodes (a "billion laughs" document is a few hundred bytes). `unique_keys`: a mapping that
+    repeats a key is refused too (YAML would keep the last silently). Every refusal is one line."""
+    try:
+        return parse_yaml(text, what, max_nodes, unique_keys)
+    except yaml.YAMLError as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise VitlabError(f"{what} is not plain YAML vitlab can read ({first})") from None
 
+
+def parse_yaml(text: str, what: str = "stored config", max_nodes: int = YAML_MAX_NODES, unique_keys: bool = False):
+    """`load_yaml` with YAML's own errors (yaml.YAMLError: bad syntax, a foreign tag) left to the caller, for
+    callers that word them themselves (a config file's line, an override read as a plain string); the bounds
+    are still one-line VitlabErrors."""
     if len(text) > YAML_MAX_CHARS:
         raise VitlabError(f"{what} is {len(text)} characters, more than vitlab reads ({YAML_MAX_CHARS})")
-    loader = yaml.SafeLoader(text)
+    loader = (_UniqueKeyLoader if unique_keys else yaml.SafeLoader)(text)
+    loader.what = what
     try:
         node = loader.get_single_node()
         if node is None:
             return None
         if _expanded_size(node, {}, max_nodes) > max_nodes:
             raise VitlabError(f"{what} expands to more than {max_nodes} values through YAML aliases (an alias "
-                              f"bomb?); it is not a config vitlab wrote")
+                              f"bomb?); refusing to expand it")
         return loader.construct_document(node)
-    except yaml.YAMLError as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise VitlabError(f"{what} is not plain YAML vitlab can read ({first})") from None
     except RecursionError:
         raise VitlabError(f"{what} is nested too deeply to be a config") from None
     finally:
         loader.dispose()
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """SafeLoader refusing a mapping that names a key twice (keys a `<<` merge brings may still be overridden)."""
+
+    what = "YAML"
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            seen: dict = {}
+            for key_node, _ in node.value:
+                if not isinstance(key_node, yaml.ScalarNode) or key_node.tag == "tag:yaml.org,2002:merge":
+                    continue
+                key, line = self.construct_object(key_node, deep=False), key_node.start_mark.line + 1
+                if key in seen:
+                    where = f"lines {seen[key]} and {line}" if seen[key] != line else f"both on line {line}"
+                    raise VitlabError(f"{self.what} names key {str(key)[:80]!r} twice ({where}); YAML would "
+                                      f"silently keep only the last: delete one")
+                seen[key] = line
+        return super().construct_mapping(node, deep=deep)
+
+
 def _expanded_size(node, memo: dict[int, int], cap: int) -> int:
     """Nodes in the document with every alias expanded (each shared node counted once per use), stopping past
     `cap`; memoised, so a bomb costs as much as its text."""
-    import yaml
-
     if id(node) in memo:
         return memo[id(node)]
     n = 1

@@ -10,6 +10,9 @@ import torch
 
 
 def seed_all(seed: int) -> None:
+    """torch, Python and NumPy from one seed; NumPy's are 32-bit, so seed + rank past 2**32 - 1 wraps (the
+    config keeps train.seed itself in range)."""
+    seed %= 2 ** 32
     torch.manual_seed(seed)
     random.seed(seed)
     np.random.seed(seed)
