@@ -49,13 +49,89 @@ def test_detect_torchrun_slurm_and_local():
     sl = detect(environ={"SLURM_PROCID": "5", "SLURM_NTASKS": "8", "SLURM_LOCALID": "1",
                          "SLURM_NTASKS_PER_NODE": "4", "SLURM_JOB_NODELIST": "gpu[07-08]", "SLURM_JOB_ID": "4242"})
     assert sl == DistEnv(5, 8, 1, 4, "slurm", "gpu07", slurm_port("4242"))
-    both = detect(environ={"RANK": "0", "WORLD_SIZE": "2", "SLURM_PROCID": "7", "SLURM_NTASKS": "16"})
+    both = detect(environ={"RANK": "0", "WORLD_SIZE": "2", "MASTER_ADDR": "n1", "MASTER_PORT": "29500",
+                           "SLURM_PROCID": "7", "SLURM_NTASKS": "16"})
     assert both.launcher == "torchrun" and both.world_size == 2  # `srun torchrun`: torchrun's ranks win
     assert detect(environ={}) == DistEnv()
     local = detect(local=True, environ={"SLURM_PROCID": "2", "SLURM_NTASKS": "4", "SLURM_JOB_NODELIST": "a1"})
     assert (local.launcher, local.world_size, local.rank) == ("none", 1, 2)
     with pytest.raises(VitlabError, match="WORLD_SIZE"):
         detect(environ={"RANK": "0", "WORLD_SIZE": "two"})
+
+
+TORCHRUN = {"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": "29500"}
+SRUN = {"SLURM_PROCID": "1", "SLURM_NTASKS": "2", "SLURM_LOCALID": "1", "SLURM_NTASKS_PER_NODE": "2",
+        "SLURM_JOB_NODELIST": "localhost", "SLURM_JOB_ID": "4242"}
+#: partial or impossible launch environments (issue 29): (label, variables, what the one line names)
+PARTIAL_LAUNCHES = [
+    ("rank and world size alone", {"RANK": "0", "WORLD_SIZE": "2"}, "MASTER_ADDR and MASTER_PORT are not"),
+    ("world size 1 alone", {"RANK": "0", "WORLD_SIZE": "1"}, "nowhere to meet"),
+    ("no port", {**TORCHRUN, "MASTER_PORT": ""}, "MASTER_PORT is not"),
+    ("rank = world size", {**TORCHRUN, "RANK": "2"}, "RANK=2 is not a rank of WORLD_SIZE=2 (0 to 1)"),
+    ("negative rank", {**TORCHRUN, "RANK": "-1"}, "RANK=-1 is not a rank"),
+    ("world size 0", {**TORCHRUN, "RANK": "0", "WORLD_SIZE": "0"}, "WORLD_SIZE=0: a job has at least one process"),
+    ("negative world size", {**TORCHRUN, "RANK": "0", "WORLD_SIZE": "-2"}, "WORLD_SIZE=-2"),
+    ("port not a number", {**TORCHRUN, "MASTER_PORT": "http"}, "MASTER_PORT='http' is not an integer"),
+    ("port 0", {**TORCHRUN, "MASTER_PORT": "0"}, "MASTER_PORT=0 is not a TCP port (1 to 65535)"),
+    ("port 70000", {**TORCHRUN, "MASTER_PORT": "70000"}, "MASTER_PORT=70000 is not a TCP port"),
+    ("local rank = local world", {**TORCHRUN, "LOCAL_RANK": "2"}, "LOCAL_RANK=2 is not a local rank"),
+    ("local world > world", {**TORCHRUN, "LOCAL_WORLD_SIZE": "3"}, "LOCAL_WORLD_SIZE=3 must be 1 to WORLD_SIZE=2"),
+    ("huge rank", {**TORCHRUN, "RANK": "9" * 30}, "is not a rank"),
+    ("srun without a node list", {k: v for k, v in SRUN.items() if k != "SLURM_JOB_NODELIST"},
+     "SLURM_JOB_NODELIST is not"),
+    ("srun rank = tasks", {**SRUN, "SLURM_PROCID": "2"}, "SLURM_PROCID=2 is not a rank of SLURM_NTASKS=2"),
+    ("srun 0 tasks", {**SRUN, "SLURM_PROCID": "0", "SLURM_NTASKS": "0"}, "SLURM_NTASKS=0"),
+    ("srun local id = tasks per node", {**SRUN, "SLURM_LOCALID": "5"}, "SLURM_LOCALID=5 is not a local rank"),
+    ("srun port 0", {**SRUN, "MASTER_PORT": "0"}, "MASTER_PORT=0 is not a TCP port"),
+    ("srun node list range", {**SRUN, "SLURM_JOB_NODELIST": "gpu[a-b]"}, "not N or N-M"),
+    ("srun node list huge range", {**SRUN, "SLURM_JOB_NODELIST": "n[0-999999999]"}, "not N or N-M"),
+    ("srun node list empty", {**SRUN, "SLURM_JOB_NODELIST": ","}, "names no host"),
+]
+
+
+@pytest.mark.parametrize("label, environ, needle", PARTIAL_LAUNCHES, ids=[c[0] for c in PARTIAL_LAUNCHES])
+def test_a_partial_launch_environment_is_one_line(label, environ, needle, monkeypatch):
+    monkeypatch.setenv("PATH", "")  # no scontrol: the node list is parsed here
+    with pytest.raises(VitlabError) as e:
+        detect(environ=environ)
+    assert needle in str(e.value) and "\n" not in str(e.value)
+    assert "torchrun" in str(e.value) or "srun" in str(e.value)
+
+
+def test_what_partial_launches_border_on_is_accepted():
+    assert detect(environ=TORCHRUN) == DistEnv(1, 2, 1, 2, "torchrun", "127.0.0.1", 29500)
+    # --local needs only the rank: the launch's other variables may be anything
+    assert detect(local=True, environ={"RANK": "0", "WORLD_SIZE": "2"}) == DistEnv()
+    assert detect(local=True, environ={"SLURM_PROCID": "3", "SLURM_NTASKS": "0"}).rank == 3
+    one = detect(environ={"SLURM_PROCID": "0", "SLURM_NTASKS": "1", "SLURM_JOB_ID": "7"})  # one task, no list
+    assert (one.world_size, one.master_addr) == (1, "127.0.0.1")
+    uneven = detect(environ={**SRUN, "SLURM_NTASKS": "5", "SLURM_NTASKS_PER_NODE": "2(x2),1",
+                             "MASTER_ADDR": "head"})  # nodes with different task counts; an explicit address
+    assert (uneven.local_world_size, uneven.master_addr) == (2, "head")
+    big_job = detect(environ={**SRUN, "SLURM_NTASKS_PER_NODE": "8"})  # the job's count, larger than the step's
+    assert big_job.local_world_size == 2
+
+
+def test_an_unbounded_dist_timeout_is_one_line_not_an_overflow():
+    from vitlab.train.distributed import process_group
+    for bad in (1e308, float("nan"), 0.0, -5.0):
+        with pytest.raises(VitlabError, match="train.dist_timeout"):
+            with process_group(DistEnv(0, 1, launcher="slurm", master_port=free_port()), torch.device("cpu"), bad):
+                pass
+
+
+def test_a_partial_launch_is_refused_by_the_cli_before_anything_is_written(tmp_path):
+    """In a real process: one line, exit 2, no run directory, and no wait for a peer that cannot come (before,
+    `RANK=2 WORLD_SIZE=2` with an address waited for the rendezvous until killed)."""
+    env = clean_env(RANK=2, WORLD_SIZE=2, MASTER_ADDR="127.0.0.1", MASTER_PORT=free_port())
+    done = subprocess.run([sys.executable, *train_args(tmp_path, "partial", 32)], env=env, cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.strip().splitlines() == [
+        "vitlab: error: [rank 2] RANK=2 is not a rank of WORLD_SIZE=2 (0 to 1); launch with torchrun, which sets "
+        "them consistently, or unset them to train in one process (or pass --local)"]
+    assert not any(tmp_path.iterdir())
 
 
 def test_expand_nodelist_and_port():

@@ -49,34 +49,87 @@ class DistEnv:
 
 def _int(environ: Mapping[str, str], key: str, default: int | None = None) -> int:
     value = environ.get(key)
-    if value is None:
+    if value is None or not value.strip():
         if default is None:
             raise VitlabError(f"environment variable {key} is missing; launch with torchrun or srun")
         return default
     try:
-        return int(value.split("(")[0])  # SLURM_TASKS_PER_NODE-style values look like "4(x2)"
+        # SLURM_TASKS_PER_NODE-style values: "4(x2)", and "2(x3),1" when nodes run different counts (the most)
+        return max(int(part.split("(")[0]) for part in value.split(","))
     except ValueError:
-        raise VitlabError(f"environment variable {key}={value!r} is not an integer") from None
+        raise VitlabError(f"environment variable {key}={value[:40]!r} is not an integer; torchrun and srun set it "
+                          f"to one: launch with them, or unset it") from None
+
+
+_ONE_PROCESS = "or unset them to train in one process (or pass --local)"
 
 
 def detect(local: bool = False, environ: Mapping[str, str] | None = None) -> DistEnv:
-    """The launch this process belongs to; `local=True` (the `--local` flag) forces a single process."""
+    """The launch this process belongs to; `local=True` (the `--local` flag) forces a single process.
+
+    A launch environment that cannot be one (a rank outside the world, no address to meet at, a port that is
+    not one) is one line here, before anything is built or written, never a traceback from torch.distributed
+    or a rendezvous that waits for peers who will never come."""
     env = os.environ if environ is None else environ
     if "RANK" in env and "WORLD_SIZE" in env:  # torchrun, or any launcher that speaks its protocol
-        world = _int(env, "WORLD_SIZE")
-        return _local_or(local, DistEnv(
-            rank=_int(env, "RANK"), world_size=world, local_rank=_int(env, "LOCAL_RANK", 0),
+        world, rank = _int(env, "WORLD_SIZE"), _int(env, "RANK")
+        if local:
+            return _local_or(local, DistEnv(rank=rank, world_size=world))
+        missing = [k for k in ("MASTER_ADDR", "MASTER_PORT") if not env.get(k, "").strip()]
+        if missing:
+            raise VitlabError(f"RANK and WORLD_SIZE are set but {' and '.join(missing)} "
+                              f"{'is' if len(missing) == 1 else 'are'} not, so the processes have nowhere to meet: "
+                              f"launch with torchrun (it sets all of them), {_ONE_PROCESS}")
+        return _checked(DistEnv(
+            rank=rank, world_size=world, local_rank=_int(env, "LOCAL_RANK", 0),
             local_world_size=_int(env, "LOCAL_WORLD_SIZE", world), launcher="torchrun",
-            master_addr=env.get("MASTER_ADDR", "127.0.0.1"), master_port=_int(env, "MASTER_PORT", 29500)))
+            master_addr=env["MASTER_ADDR"].strip(), master_port=_int(env, "MASTER_PORT")),
+            ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_PORT"), "torchrun")
     if "SLURM_PROCID" in env:
         world = _int(env, "SLURM_STEP_NUM_TASKS", _int(env, "SLURM_NTASKS", 1))
-        nodes = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST") or "127.0.0.1"
-        return _local_or(local, DistEnv(
-            rank=_int(env, "SLURM_PROCID"), world_size=world, local_rank=_int(env, "SLURM_LOCALID", 0),
-            local_world_size=_int(env, "SLURM_STEP_TASKS_PER_NODE", _int(env, "SLURM_NTASKS_PER_NODE", world)),
-            launcher="slurm", master_addr=env.get("MASTER_ADDR") or slurm_hostnames(nodes)[0],
-            master_port=_int(env, "MASTER_PORT", slurm_port(env.get("SLURM_JOB_ID", "0")))))
+        rank = _int(env, "SLURM_PROCID")
+        if local:
+            return _local_or(local, DistEnv(rank=rank, world_size=world))
+        nodes = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST")
+        addr = env.get("MASTER_ADDR", "").strip()
+        if not addr and not nodes and world > 1:
+            raise VitlabError(f"SLURM_PROCID and a task count of {world} are set but SLURM_JOB_NODELIST is not, so "
+                              f"there is no host to meet at: launch with srun (it sets all of them), set "
+                              f"MASTER_ADDR, {_ONE_PROCESS}")
+        return _checked(DistEnv(
+            rank=rank, world_size=world, local_rank=_int(env, "SLURM_LOCALID", 0),
+            # a job's tasks per node may exceed a smaller step's; the count only shares the CPU threads
+            local_world_size=min(world, _int(env, "SLURM_STEP_TASKS_PER_NODE", _int(env, "SLURM_NTASKS_PER_NODE",
+                                                                                   world))),
+            launcher="slurm", master_addr=addr or _first_host(nodes or "127.0.0.1"),
+            master_port=_int(env, "MASTER_PORT", slurm_port(env.get("SLURM_JOB_ID", "0")))),
+            ("SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID", "SLURM_NTASKS_PER_NODE", "MASTER_PORT"), "srun")
     return DistEnv()
+
+
+def _checked(e: DistEnv, names: tuple[str, str, str, str, str], launcher: str) -> DistEnv:
+    """`e` if it can be a launch: ranks inside their worlds, a TCP port; else one line naming the variables."""
+    rank, world, local_rank, local_world, port = names
+    fix = f"launch with {launcher}, which sets them consistently, {_ONE_PROCESS}"
+    if e.world_size < 1:
+        raise VitlabError(f"{world}={e.world_size}: a job has at least one process; {fix}")
+    if not 0 <= e.rank < e.world_size:
+        raise VitlabError(f"{rank}={e.rank} is not a rank of {world}={e.world_size} (0 to {e.world_size - 1}); {fix}")
+    if not 1 <= e.local_world_size <= e.world_size:
+        raise VitlabError(f"{local_world}={e.local_world_size} must be 1 to {world}={e.world_size}; {fix}")
+    if not 0 <= e.local_rank < e.local_world_size:
+        raise VitlabError(f"{local_rank}={e.local_rank} is not a local rank of {local_world}={e.local_world_size} "
+                          f"(0 to {e.local_world_size - 1}); {fix}")
+    if not 1 <= e.master_port <= 65535:
+        raise VitlabError(f"{port}={e.master_port} is not a TCP port (1 to 65535); {fix}")
+    return e
+
+
+def _first_host(nodelist: str) -> str:
+    hosts = slurm_hostnames(nodelist)
+    if not hosts:
+        raise VitlabError(f"SLURM node list {nodelist[:60]!r} names no host; launch with srun, or set MASTER_ADDR")
+    return hosts[0]
 
 
 def _local_or(local: bool, env: DistEnv) -> DistEnv:
@@ -108,6 +161,9 @@ def expand_nodelist(nodelist: str) -> list[str]:
             continue
         for part in ranges.split(","):
             lo, _, hi = part.partition("-")
+            if not lo.isdigit() or not (hi or lo).isdigit() or int(hi or lo) - int(lo) > 100_000:
+                raise VitlabError(f"SLURM node list {nodelist[:60]!r} has a range {part[:20]!r} that is not "
+                                  f"N or N-M; launch with srun, or set MASTER_ADDR")
             for i in range(int(lo), int(hi or lo) + 1):
                 hosts.append(f"{prefix}{i:0{len(lo)}d}")
     return hosts
@@ -143,6 +199,9 @@ def process_group(env: DistEnv, device: torch.device, timeout_s: float) -> Itera
     if env.launcher == "none":
         yield None
         return
+    if not 0 < timeout_s <= 10 ** 8:  # timedelta overflows beyond ~10**14 s; the config allows a week
+        raise VitlabError(f"train.dist_timeout={timeout_s!r} seconds cannot bound a collective; use 1 to 604800 "
+                          f"(the default is 600)")
     if device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ:  # share the cores (torchrun sets 1)
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(env.local_world_size, 1)))
     backend = "nccl" if device.type == "cuda" else "gloo"
