@@ -342,9 +342,64 @@ def test_a_full_disk_during_a_save_says_so_and_keeps_the_last_checkpoint(tmp_pat
         raise RuntimeError("[enforce fail at inline_container.cc:626] . unexpected pos 64 vs 0\nmore lines")
     monkeypatch.setattr(ckpt.torch, "save", full)
     monkeypatch.setattr(shutil, "disk_usage", lambda p: namedtuple("U", "total used free")(10, 10, 0))
-    with pytest.raises(VitlabError, match="no space left on the device"):
+    with pytest.raises(VitlabError, match="no space left on device; the previous checkpoints are intact"):
         ckpt.save_checkpoint(path, {"w": torch.zeros(2)}, {}, {"step": 2})
     assert ckpt.newest_intact(tmp_path)[0] == path and not list(tmp_path.glob(".last.tmp-*"))
+
+
+FULL_DISK = {  # how each writer reports a full disk (the safetensors one was a 28-line traceback, issue 29)
+    "safetensors": lambda: __import__("safetensors").SafetensorError(
+        "Error while serializing: I/O error: No space left on device (os error 28)"),
+    "OSError": lambda: OSError(28, "No space left on device"),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(FULL_DISK))
+def test_a_full_disk_during_the_weights_write_is_one_line_naming_the_path(tmp_path, monkeypatch, kind):
+    from vitlab.train import checkpoint as ckpt
+    path = tmp_path / "checkpoints" / "last"
+    ckpt.save_checkpoint(path, {"w": torch.ones(2)}, {}, {"step": 1})
+    before = {f.name: f.read_bytes() for f in path.iterdir()}
+
+    def full(*a, **k):
+        raise FULL_DISK[kind]()
+    monkeypatch.setattr(ckpt, "save_file", full)
+    with pytest.raises(VitlabError) as e:
+        ckpt.save_checkpoint(path, {"w": torch.zeros(2)}, {}, {"step": 2})
+    assert str(e.value) == (f"could not write checkpoint '{path}': no space left on device; the previous "
+                            f"checkpoints are intact (free space, then --reload)")
+    assert {f.name: f.read_bytes() for f in path.iterdir()} == before and not list(path.parent.glob(".last.*"))
+    with pytest.raises(VitlabError, match="no checkpoint was saved before it"):  # the first save of a run
+        ckpt.save_checkpoint(tmp_path / "other" / "best", {"w": torch.zeros(2)}, {}, {"step": 2})
+    with pytest.raises(VitlabError) as e:  # a LoRA run's adapter / merged weights at the end
+        ckpt.save_weights(tmp_path / "adapter.safetensors", {"w": torch.zeros(2)}, {})
+    assert f"could not write '{tmp_path / 'adapter.safetensors'}': no space left on device" in str(e.value)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoints", "other"]  # no temporary left
+
+
+def test_a_full_disk_mid_training_is_one_line_and_reload_continues(tmp_path, capsys, monkeypatch):
+    """Through the CLI: the disk fills at epoch 2's save; one line, exit 2; epoch 1's `last` verifies and
+    --reload (space freed) finishes the run."""
+    from vitlab.train import checkpoint as ckpt
+    real, calls = ckpt.save_file, []
+
+    def fills_up(*a, **k):
+        calls.append(1)
+        if len(calls) > 2:  # epoch 1: best and last; epoch 2: full
+            raise FULL_DISK["safetensors"]()
+        return real(*a, **k)
+    monkeypatch.setattr(ckpt, "save_file", fills_up)
+    argv = ["train", "--output", tmp_path, "--savefile", "r", *QUICK, "train.epochs=2"]
+    code, out, err = run_cli(argv, capsys)
+    run = tmp_path / "vitlab" / "r"
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert err.startswith(f"vitlab: error: could not write checkpoint '{run / 'checkpoints'}/") and err.endswith(
+        "': no space left on device; the previous checkpoints are intact (free space, then --reload)\n")
+    assert ckpt.newest_intact(run / "checkpoints")[0] is not None
+    monkeypatch.undo()
+    code, out, err = run_cli([*argv, "--reload"], capsys)
+    assert code == 0, err
+    assert json.loads((run / "results.json").read_text())["epochs"] == 2
 
 
 

@@ -378,7 +378,7 @@ def describe_os_error(exc: OSError) -> str:
     import errno
     where = f" '{exc.filename}'" if exc.filename else ""
     if exc.errno == errno.ENOSPC:
-        return f"no space left on the device writing{where}; free some space (checkpoints are intact: --reload)"
+        return f"no space left on device writing{where}; free some space (checkpoints are intact: --reload)"
     fix = {errno.EACCES: "choose a location you can write to (--output / --out)",
            errno.EROFS: "choose a location you can write to (--output / --out)",
            errno.ENOTDIR: "a file is in the way of a folder; choose another --output / --out",

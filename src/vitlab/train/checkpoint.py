@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, safe_open, save_file
 from torch import nn
 
@@ -68,12 +69,12 @@ def save_checkpoint(path: Path, model: nn.Module | dict[str, torch.Tensor], meta
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
     try:
         _write_files(tmp, model, metadata, trainer_state, ema)
-    except (OSError, RuntimeError) as exc:  # torch.save reports a full disk as a RuntimeError
+    except (OSError, RuntimeError, SafetensorError) as exc:  # torch.save: a full disk is a RuntimeError
+        why = write_failure(exc, path.parent)  # before the temporary goes: its bytes are what filled the disk
         shutil.rmtree(tmp, ignore_errors=True)
-        full = getattr(exc, "errno", None) == errno.ENOSPC or shutil.disk_usage(path.parent).free < (1 << 20)
-        why = "no space left on the device" if full else (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise VitlabError(f"could not write checkpoint '{path}': {why}; the previous checkpoint is intact "
-                          f"(free space, then --reload)") from None
+        kept = ("the previous checkpoints are intact (free space, then --reload)" if candidates(path.parent) else
+                "no checkpoint was saved before it (free space, then start again; --savefile NAME for a new run)")
+        raise VitlabError(f"could not write checkpoint '{path}': {why}; {kept}") from None
     try:
         old = path.with_name(path.name + ".old")
         if path.exists() or path.is_symlink():  # the current one becomes .old (an .old from a crash goes first)
@@ -101,14 +102,34 @@ def _write_files(tmp: Path, model, metadata: dict[str, str], trainer_state, ema)
         _fsync(f)
 
 
+def write_failure(exc: BaseException, folder: Path) -> str:
+    """Why writing into `folder` failed, as a phrase: 'no space left on device' for a full disk however the
+    writer reports it (OSError ENOSPC; safetensors' SafetensorError 'os error 28'; torch.save's RuntimeError
+    'unexpected pos' with the disk nearly full), else the error's first line."""
+    text = str(exc).strip()
+    full = getattr(exc, "errno", None) == errno.ENOSPC or "os error 28" in text or "No space left" in text
+    if not full and isinstance(exc, RuntimeError):
+        try:
+            full = shutil.disk_usage(folder).free < (1 << 20)
+        except OSError:
+            pass
+    return "no space left on device" if full else (text.splitlines() or [type(exc).__name__])[0][:200]
+
+
 def save_weights(file: Path, weights: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
-    """One safetensors file, written to a temporary sibling and renamed into place."""
+    """One safetensors file, written to a temporary sibling and renamed into place; a full disk (or another
+    write error) is one line, and whatever was at `file` before stays."""
     fd, name = tempfile.mkstemp(prefix=f".{file.name}.", suffix=".tmp", dir=file.parent)  # exclusive: no link
     os.close(fd)
     try:
         save_file({k: v.contiguous() for k, v in weights.items()}, name, metadata=metadata)
         os.chmod(name, 0o644)
         os.replace(name, file)
+    except (OSError, SafetensorError) as exc:
+        why = write_failure(exc, file.parent)
+        Path(name).unlink(missing_ok=True)
+        raise VitlabError(f"could not write '{file}': {why}; the run's checkpoints are intact (free space, then "
+                          f"--reload finishes the run)") from None
     except BaseException:
         Path(name).unlink(missing_ok=True)
         raise
