@@ -392,8 +392,16 @@ def validate(cfg: Config) -> None:
         value = getattr(cfg.data, key.split(".")[1])
         if not 0 <= value < 1:
             raise VitlabError(f"config key '{key}' must be in [0, 1), got {value}")
-    if cfg.data.num_workers < 0:
-        raise VitlabError(f"config key 'data.num_workers' must be >= 0, got {cfg.data.num_workers}")
+    if not 0 <= cfg.data.num_workers <= MAX_WORKERS:
+        raise VitlabError(f"config key 'data.num_workers' must be 0 to {MAX_WORKERS} (loader processes per rank; "
+                          f"0 loads in the training process), got {cfg.data.num_workers}")
+    for key in ("data.synthetic_size", "data.synthetic_classes"):
+        value = getattr(cfg.data, key.split(".")[1])
+        if value < 1:
+            raise VitlabError(f"config key '{key}' must be positive, got {value}")
+    if cfg.lora.rank > MAX_LORA_RANK:
+        raise VitlabError(f"config key 'lora.rank' is {cfg.lora.rank}, above any layer's width ({MAX_LORA_RANK}); "
+                          f"4 to 16 is usual")
     at_least_zero = {"optim.weight_decay": cfg.optim.weight_decay, "optim.momentum": cfg.optim.momentum,
                      "optim.min_lr": cfg.optim.min_lr, "optim.clip_grad": cfg.optim.clip_grad,
                      "optim.dice_weight": cfg.optim.dice_weight,
@@ -426,6 +434,10 @@ SEED_RANGE = (0, 2 ** 32 - 1)
 #: learning rates, weight decay and per-parameter lr multipliers above this are no recipe's (LARS's largest
 #: learning rates are ~30) and, far above it, leave float32 (3.4e38) inside the optimizer: an overflow, not a run
 MAX_RATE = 1e6
+#: DataLoader worker processes per rank: more than any machine has cores for
+MAX_WORKERS = 256
+#: a LoRA update's rank is at most its layer's width (checked per layer when the adapters are added)
+MAX_LORA_RANK = 1 << 16
 #: train.dist_timeout in seconds: at least one (a collective takes that long to start), at most a week
 DIST_TIMEOUT_RANGE = (1.0, 7 * 24 * 3600.0)
 

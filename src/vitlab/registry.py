@@ -171,12 +171,113 @@ def model_args(name: str, **overrides: Any) -> dict[str, Any]:
     args.update(entry.defaults)
     args.update(overrides)
     args = {k: list(v) if isinstance(v, tuple) else v for k, v in args.items()}  # JSON/YAML-friendly
+    check_sizes(args)
     img, patch = args.get("img_size"), args.get("patch_size")
     if img is not None and patch is not None and img % patch:
         raise VitlabError(f"image size {img} is not divisible by patch size {patch}; "
                           f"set model.img_size/data.img_size to a multiple of {patch} "
                           f"(e.g. {max(patch, img // patch * patch)}) or choose another patch_size")
     return args
+
+
+#: bounds on a model's sizes, checked from its arguments before anything is built (`check_sizes`): training,
+#: evaluating a checkpoint (whose metadata may be forged) and `vitlab models` share them
+MAX_MODEL_NUMBER = 1 << 16  # no size argument (width, heads, classes...) of a real model is larger
+MAX_IMG_SIZE = 8192  # px per side: 64 M pixels, about the most vitlab decodes of one image
+MAX_DEPTH = 1024  # blocks in all (each is modules to build, even on the meta device: ~3 s per thousand)
+MAX_LIST = 256  # entries of a per-stage list
+MAX_TOKENS = 1 << 16  # a 256 x 256 grid; attention over more is > 4e9 scores per head and image
+MAX_PARAMS = 10 ** 10  # 40 GB of float32 weights before gradients and optimizer state (ViT-22B is 2.2e10)
+#: arguments that are sizes: positive integers
+SIZE_ARGS = ("img_size", "patch_size", "in_chans", "num_classes", "embed_dim", "num_heads", "head_dim",
+             "stage_depth", "tokens", "router_hdim", "low_rank_dim", "bits")
+
+
+def _positive_int(key: str, value: Any, what: str = "a positive integer") -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise VitlabError(f"model.{key} must be {what}, got {value!r}")
+    if value > MAX_MODEL_NUMBER:
+        raise VitlabError(f"model.{key}={value} is beyond any model vitlab builds (at most {MAX_MODEL_NUMBER}); "
+                          f"lower it")
+    return value
+
+
+def check_sizes(args: dict[str, Any]) -> None:
+    """One line, before anything is built, for model sizes that cannot build or fit: a size that is not a
+    positive integer (num_heads=0, patch_size=0, embed_dim=0), mlp_ratio <= 0, more blocks than MAX_DEPTH,
+    an image larger than MAX_IMG_SIZE, more tokens than MAX_TOKENS, or more parameters than MAX_PARAMS by a
+    cheap estimate (blocks x (4 + 2 mlp_ratio) x width^2 + position table + patch projection + head)."""
+    img = args.get("img_size")
+    if isinstance(img, int) and img > MAX_IMG_SIZE:
+        raise VitlabError(f"model.img_size={img} is larger than the {MAX_IMG_SIZE} px vitlab trains on (each image "
+                          f"would be {img * img / 1e9:.1f} G pixels); lower model.img_size (or data.img_size)")
+    for key in SIZE_ARGS:
+        if args.get(key) is not None:
+            _positive_int(key, args[key])
+    depth = args.get("depth", 0)
+    if depth is not None and (isinstance(depth, bool) or not isinstance(depth, int) or depth < 0):
+        raise VitlabError(f"model.depth must be an integer >= 0 (blocks), got {depth!r}")
+    lists = {k: args[k] for k in ("widths", "depths", "stages") if isinstance(args.get(k), (list, tuple))}
+    for key, value in lists.items():
+        if len(value) > MAX_LIST:
+            raise VitlabError(f"model.{key} has {len(value)} entries, more than the {MAX_LIST} stages vitlab builds")
+    for w in lists.get("widths", []):
+        _positive_int("widths", w, "a list of positive integers")
+    for d in lists.get("depths", []):
+        if isinstance(d, bool) or not isinstance(d, int) or not 0 <= d <= MAX_DEPTH:
+            raise VitlabError(f"model.depths must be a list of integers >= 0 (blocks per stage), got {d!r}")
+    stages = lists.get("stages", [])
+    for stage in stages:
+        if not isinstance(stage, (list, tuple)) or len(stage) != 3:
+            raise VitlabError(f"model.stages must be a list of (patch_in, patch_out, ratio) triples, got {stage!r}")
+        _positive_int("stages", stage[0], "a list of (patch_in, patch_out, ratio) with positive patch sizes")
+        _positive_int("stages", stage[1], "a list of (patch_in, patch_out, ratio) with positive patch sizes")
+    ratio = args.get("mlp_ratio", 4.0)
+    if ratio is not None and not (isinstance(ratio, (int, float)) and not isinstance(ratio, bool) and 0 < ratio):
+        raise VitlabError(f"model.mlp_ratio must be positive (the MLP is mlp_ratio x embed_dim wide; 4 is usual), "
+                          f"got {ratio!r}")
+    ratio = float(ratio or 4.0)
+    blocks = (depth or 0) + sum(lists.get("depths", [])) + (args.get("stage_depth") or 0) * len(stages)
+    if blocks > MAX_DEPTH:
+        raise VitlabError(f"the model asks for {blocks} blocks, more than the {MAX_DEPTH} vitlab builds; lower "
+                          f"model.depth" + ("s" if "depths" in lists else ""))
+    patch = args.get("patch_size")
+    tokens = _tokens(args)
+    if tokens > MAX_TOKENS:
+        raise VitlabError(f"img_size {img} in patches of {patch} makes {tokens:,} tokens per image, more than the "
+                          f"{MAX_TOKENS:,} vitlab attends over; raise model.patch_size or lower the image size")
+    widths = lists.get("widths") or [args.get("embed_dim") or 0]
+    if widths[0] and int(min(widths) * ratio) < 1:
+        raise VitlabError(f"model.mlp_ratio={ratio:g} makes an MLP of {int(min(widths) * ratio)} units at width "
+                          f"{min(widths)}; raise it (4 is usual)")
+    depths = lists.get("depths") or [blocks]
+    params = sum(d * (4 + 2 * ratio) * w * w for w, d in zip(widths, depths))
+    width, last = widths[0], widths[-1]
+    params += blocks * 2 * width * ((args.get("router_hdim") or 0) + (args.get("low_rank_dim") or 0))
+    params += tokens * width + (patch or 0) ** 2 * (args.get("in_chans") or 3) * width
+    params += last * (args.get("num_classes") or 0)
+    if params > MAX_PARAMS:
+        raise VitlabError(f"these model sizes make ~{params:.2g} parameters, more than the {MAX_PARAMS:.0e} vitlab "
+                          f"builds ({4 * params / 1e9:.0f} GB of weights alone); lower model.embed_dim"
+                          f"{'/widths' if 'widths' in lists else ''} or depth")
+
+
+def _tokens(args: dict[str, Any]) -> int:
+    """Tokens per image, from the sizes alone: the patch grid; a content quadtree's budget; GDT's plan
+    (unsplit patches of each stage plus the last stage's children)."""
+    img, patch = args.get("img_size"), args.get("patch_size")
+    stages = args.get("stages")
+    if img and stages:
+        n, total = (img // stages[0][0]) ** 2, 0
+        for p_in, p_out, ratio in stages:
+            ratio = ratio if isinstance(ratio, (int, float)) and 0 <= ratio <= 1 else 1.0
+            k = int(n * ratio)
+            total += n - k
+            n = k * (p_in // p_out) ** 2 if p_out <= p_in else k
+        return total + n
+    if args.get("tokenizer") == "quadtree" and args.get("tokens"):
+        return args["tokens"]
+    return (img // patch) ** 2 if img and patch else 0
 
 
 def create_model(name: str, **overrides: Any) -> nn.Module:

@@ -96,16 +96,24 @@ def apply_lora(model: nn.Module, rank: int, alpha: float | None = None, dropout:
     """Add adapters to every Linear whose path ends in a target's suffix; returns their module names."""
     if rank <= 0:
         raise VitlabError(f"lora.rank must be positive, got {rank}")
+    if alpha is not None and not alpha > 0:
+        raise VitlabError(f"lora.alpha must be positive (the update is scaled by alpha / rank), got {alpha}; leave "
+                          f"it unset for alpha = rank")
     unknown = [t for t in targets if t not in TARGETS]
     if unknown:
         raise VitlabError(f"unknown lora.targets {unknown}; choose from {', '.join(TARGETS)}")
+    found = [(name, module, parts) for target in targets for suffix, parts in [TARGETS[target]]
+             for name, module in model.named_modules() if name.endswith(suffix) and type(module) is nn.Linear]
+    for name, module, parts in found:  # checked before any layer changes: a refusal leaves the model as it was
+        width = min(module.in_features, module.out_features // parts)
+        if rank > width:
+            raise VitlabError(f"lora.rank={rank} is above the rank of {name} ({module.in_features} inputs, "
+                              f"{module.out_features // parts} outputs per part): a low-rank update is at most "
+                              f"{width}; lower lora.rank (4 to 16 is usual)")
     wrapped = []
-    for target in targets:
-        suffix, parts = TARGETS[target]
-        for name, module in model.named_modules():
-            if name.endswith(suffix) and type(module) is nn.Linear:
-                LoRALinear.wrap(module, rank, float(alpha or rank), dropout, parts, init)
-                wrapped.append(name)
+    for name, module, parts in found:
+        LoRALinear.wrap(module, rank, float(alpha or rank), dropout, parts, init)
+        wrapped.append(name)
     if not wrapped:
         raise VitlabError(f"lora.targets {list(targets)} match no Linear layer of this model")
     return wrapped

@@ -37,8 +37,11 @@ def resolve_img_size(cfg: Config) -> int:
 
 
 def build_data_for(cfg: Config) -> DataBundle:
-    """The configured dataset, at the size and channels the model reads."""
-    return build_data(cfg.data, img_size=resolve_img_size(cfg), in_chans=cfg.model.args.get("in_chans"))
+    """The configured dataset, at the size and channels the model reads; the model's sizes are checked first
+    (`registry.check_sizes`), so an image size no model can take is refused before any image is resized."""
+    img_size = resolve_img_size(cfg)
+    model_args(cfg.model.name, **{**cfg.model.args, "img_size": img_size})
+    return build_data(cfg.data, img_size=img_size, in_chans=cfg.model.args.get("in_chans"))
 
 
 def _segmentation_args(cfg: Config, data: DataBundle) -> dict[str, Any]:
