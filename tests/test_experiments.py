@@ -112,7 +112,12 @@ def test_second_call_skips_finished_and_resumes_unfinished(tmp_path, monkeypatch
     fake_run(root / "depth-2")  # finished
     (root / "depth-3" / "checkpoints" / "last").mkdir(parents=True)  # interrupted after an epoch
     calls = []
-    monkeypatch.setattr(sw.subprocess, "call", lambda cmd: calls.append(cmd) or 0)
+
+    def trains(cmd):  # a training that finishes: its run holds results.json
+        calls.append(cmd)
+        fake_run(root / next(a for a in cmd if a.startswith("output.savefile=")).split("=", 1)[1])
+        return 0, None
+    monkeypatch.setattr(sw, "_train", trains)
     code, out, _ = run_cli(["sweep", spec, "--output", root], capsys)
     assert code == 0
     assert "[1/3] depth-2: finished, skipped" in out and "[2/3] depth-3: resuming" in out
@@ -121,10 +126,68 @@ def test_second_call_skips_finished_and_resumes_unfinished(tmp_path, monkeypatch
         ROOT / "configs" / "quickstart.yaml")]] * 2
     assert [next(a for a in c if a.startswith("output.savefile=")) for c in calls] == [
         "output.savefile=depth-3", "output.savefile=depth-4"]
-    monkeypatch.setattr(sw.subprocess, "call", lambda cmd: 1)
-    fake_run(root / "depth-3")
+    monkeypatch.setattr(sw, "_train", lambda cmd: (1, None))
+    (root / "depth-4" / "results.json").unlink()
     code, _, err = run_cli(["sweep", spec, "--output", root], capsys)
     assert code == 2 and "run 'depth-4' failed (exit 1)" in err
+
+
+@pytest.mark.parametrize("code, received, exit_code, needle", [
+    (0, None, 75, "was stopped by a signal before it finished"),  # SIGTERM to the training: saved, exit 0
+    (75, None, 75, "was stopped by a signal before it finished"),  # SIGUSR1: saved, requeued, exit 75
+    (130, None, 130, "was stopped by a signal before it finished"),
+    (-9, None, 137, "was killed by SIGKILL before it finished"),
+    (0, 15, 75, "sweep sw stopped by SIGTERM at run 'depth-2' (1 of 2)"),  # the sweep's own, passed on
+    (0, 2, 130, "sweep sw stopped by SIGINT at run 'depth-2' (1 of 2)"),
+])
+def test_a_stopped_or_killed_training_is_never_taken_as_done(tmp_path, monkeypatch, capsys, code, received,
+                                                             exit_code, needle):
+    """A point is done only when its run wrote results.json; a stop ends the sweep in one line with a code a
+    wrapper reads as 'not finished' (the next point does not start), and the next call resumes the point."""
+    spec = write_spec(tmp_path, "name: sw\ngrid: {model.depth: [2, 3]}\n")
+    root = tmp_path / "sw"
+    calls = []
+    monkeypatch.setattr(sw, "_train", lambda cmd: calls.append(cmd) or (code, received))
+    got, out, err = run_cli(["sweep", spec, "--output", root], capsys)
+    assert got == exit_code and len(calls) == 1, err
+    assert err.strip().splitlines() == [f"vitlab: {err.strip().removeprefix('vitlab: ')}"] and needle in err
+    assert "call the sweep again: finished runs are skipped, this one resumes from its last checkpoint" in err
+    assert "trained or resumed now" not in out
+
+
+def test_sigterm_to_a_sweeps_training_stops_the_sweep_and_the_point_resumes(tmp_path, capsys):
+    """Real processes: the training of the first point gets SIGTERM (saves, exits 0 without results.json); the
+    sweep does not start the next point, exits 75 with one line, and a dry run shows the point to resume."""
+    import os
+    import signal
+    import sys
+    import time
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(f"base: {ROOT / 'configs' / 'quickstart.yaml'}\nname: sw\n"
+                    f"set: {{{', '.join(q.replace('=', ': ') for q in QUICK if 'depth' not in q)}, train.epochs: 200, "
+                    "train.log_every: 2}\ngrid: {model.depth: [1, 2]}\n")
+    root = tmp_path / "sw"
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": "1"}
+    sweep = subprocess.Popen([sys.executable, "-m", "vitlab", "sweep", str(spec), "--output", str(root)], env=env,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics = root / "depth-1" / "metrics.jsonl"
+    deadline = time.time() + 240
+    while not (metrics.exists() and metrics.stat().st_size > 2000) and time.time() < deadline:
+        assert sweep.poll() is None, sweep.communicate()
+        time.sleep(0.05)
+    children = Path(f"/proc/{sweep.pid}/task/{sweep.pid}/children").read_text().split()
+    assert len(children) == 1
+    os.kill(int(children[0]), signal.SIGTERM)  # the training, not the sweep
+    out, err = sweep.communicate(timeout=120)
+    assert sweep.returncode == 75, err
+    assert err.strip().splitlines()[-1] == (
+        "vitlab: sweep sw stopped: run 'depth-1' (1 of 2) was stopped by a signal before it finished; call the "
+        "sweep again: finished runs are skipped, this one resumes from its last checkpoint")
+    assert "stopped by SIGTERM at epoch" in err and "Traceback" not in err  # the training's own line above it
+    assert "[2/2]" not in out and not (root / "depth-2").exists()
+    assert (root / "depth-1" / "checkpoints" / "last").is_dir() and not (root / "depth-1" / "results.json").exists()
+    code, out, _ = run_cli(["sweep", spec, "--output", root, "--dry-run"], capsys)
+    assert code == 0 and [line.split()[0] for line in out.splitlines()] == ["resume", "new"]
 
 
 def test_sweep_over_a_model_argument_trains_for_real_then_skips(tmp_path, capsys):

@@ -150,7 +150,10 @@ def _slug(value: Any) -> str:
 
 
 def run_local(sweep: Sweep, root: Path) -> list[tuple[Point, str]]:
-    """Run the unfinished points one after another; returns (point, what happened)."""
+    """Run the unfinished points one after another; returns (point, what happened). A point counts as done only
+    when its run wrote results.json: a training stopped by a signal (it exits 0 or 75 with its checkpoint
+    saved), killed, or failing ends the sweep here with one line (TrainingStopped / VitlabError), and the next
+    call resumes that point."""
     outcome = []
     for i, point in enumerate(sweep.points, 1):
         status = point.status(root)
@@ -158,12 +161,73 @@ def run_local(sweep: Sweep, root: Path) -> list[tuple[Point, str]]:
               + {"finished": "finished, skipped", "resume": "resuming", "new": "training"}[status], flush=True)
         if status != "finished":
             cmd = [sys.executable, "-m", "vitlab", "train", *sweep.train_args(point, root)]
-            code = subprocess.call(cmd)
-            if code != 0:
-                raise VitlabError(f"run '{point.name}' failed (exit {code}); fix it and call the sweep again: "
-                                  f"finished runs are skipped, this one resumes")
+            code, received = _train(cmd)
+            _check_point(sweep, point, root, i, code, received)
         outcome.append((point, status))
     return outcome
+
+
+def _train(cmd: list[str]) -> tuple[int, int | None]:
+    """Run one point's training in its own process group and wait for it: (its exit code, the stop signal this
+    sweep received meanwhile, or None). SIGTERM, SIGINT and SIGUSR1 sent to the sweep (`kill`, Ctrl-C, SLURM)
+    are passed on to the training, once each, which saves and stops as it does alone; a terminal's Ctrl-C
+    reaches the training only this way, so never twice (a second one would kill it mid-save)."""
+    import signal
+    import threading
+
+    group = {"process_group": 0} if sys.version_info >= (3, 11) else {"start_new_session": True}
+    proc = subprocess.Popen(cmd, **group)
+    if threading.current_thread() is not threading.main_thread():
+        return proc.wait(), None
+    received: list[int] = []
+
+    def forward(signum, frame):
+        received.append(signum)
+        if proc.poll() is None:
+            proc.send_signal(signum)
+
+    stops = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
+    previous = {sig: signal.signal(sig, forward) for sig in stops}
+    try:
+        code = proc.wait()  # a handler that returns does not interrupt the wait (PEP 475)
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+    return code, (received[0] if received else None)
+
+
+def _check_point(sweep: Sweep, point: Point, root: Path, i: int, code: int, received: int | None) -> None:
+    """Raise unless the point's run finished and the sweep may go on to the next one."""
+    import signal
+
+    from ..errors import TrainingStopped
+    finished = point.status(root) == "finished"
+    where = f"run '{point.name}' ({i} of {len(sweep.points)})"
+    again = "call the sweep again: finished runs are skipped, this one resumes from its last checkpoint"
+    if code == 0 and finished and received is None:
+        return
+    if received is not None:
+        why = f"sweep {sweep.name} stopped by {signal.Signals(received).name} at {where}"
+    elif code < 0:
+        why = f"sweep {sweep.name} stopped: {where} was killed by {_signal_name(-code)} before it finished"
+    elif code in (0, 75, 130):  # stopped by a signal sent to the training: saved, not finished
+        why = f"sweep {sweep.name} stopped: {where} was stopped by a signal before it finished"
+    else:
+        raise VitlabError(f"run '{point.name}' failed (exit {code}); fix it and call the sweep again: "
+                          f"finished runs are skipped, this one resumes")
+    if finished:
+        why += " (that run had finished)"
+    # not done: a wrapper reads 75 as 'run again' (SIGINT keeps 130, a kill the shell's 128+N)
+    exit_code = 130 if received == signal.SIGINT or code == 130 else 128 - code if code < 0 else 75
+    raise TrainingStopped(f"{why}; {again}", exit_code)
+
+
+def _signal_name(signum: int) -> str:
+    import signal
+    try:
+        return signal.Signals(signum).name
+    except ValueError:
+        return f"signal {signum}"
 
 
 def _pending(sweep: Sweep, root: Path) -> list[Point]:
