@@ -1,9 +1,18 @@
 """Hub upload / download / train --upload against huggingface_hub with its HTTP layer faked (tests/fake_hub.py):
 the exact files and paths sent, the settings' sources, one-line errors, and the token kept out of every output."""
+import logging
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
 import pytest
 
-from conftest import QUICK, run_cli
+from conftest import QUICK, ROOT, run_cli
 from fake_hub import FakeHub
+from vitlab.errors import VitlabError
 from vitlab.hub import hub_target, parse_repository, read_settings
 
 TOKEN = "hf_GOODTOKEN123"
@@ -90,7 +99,8 @@ def test_download_file_and_folder(hub, monkeypatch, tmp_path, capsys):
     ("bad_token", "the Hub refused access to model repository alice/vits (HTTP 401)"),
     ("no_such_repo", "model repository alice/other was not found"),
 ])
-def test_hub_errors_are_one_line_exit_2_without_the_token(hub, monkeypatch, tmp_path, capsys, case, message):
+def test_hub_errors_are_one_line_exit_2_without_the_token(hub, monkeypatch, tmp_path, capsys, caplog, case,
+                                                          message):
     token = {"no_token": None, "bad_token": "hf_WRONGSECRET"}.get(case, TOKEN)
     use_env(monkeypatch, repo={"no_repo": None, "no_such_repo": "alice/other"}.get(case, "alice/vits"), token=token)
     hub.down = case == "down"
@@ -102,6 +112,74 @@ def test_hub_errors_are_one_line_exit_2_without_the_token(hub, monkeypatch, tmp_
     assert code == 2 and message in err and err.count("\n") == 1 and "Traceback" not in err
     if token:
         assert token not in out + err
+    # huggingface_hub's own log lines (its handler writes to the terminal, past capsys): none about retries
+    assert not [r for r in caplog.records if r.name.startswith("huggingface_hub") and r.levelno >= logging.WARNING]
+    if hub.down:
+        assert "6 tries" in err  # the five retries, folded into the one line
+
+
+def _closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_hub_down_is_one_line_in_a_real_process(tmp_path):
+    """Nothing listening at HF_ENDPOINT, as a real process: huggingface_hub's retry warnings (two lines per
+    retry, through its own stderr handler) are folded into vitlab's one line; its back-off sleeps skipped."""
+    (tmp_path / "f.txt").write_text("x")
+    boot = ("import sys, time; time.sleep = lambda s: None; from vitlab.cli import main; "
+            "sys.exit(main(sys.argv[1:]))")
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("HF_")},
+           "HF_ENDPOINT": f"http://127.0.0.1:{_closed_port()}", "HF_REPOSITORY": "alice/vits", "HF_TOKEN": TOKEN,
+           "PYTHONPATH": str(ROOT / "src")}
+    for argv in (["upload", "f.txt", "dir"], ["download", "vit", "dl"]):
+        p = subprocess.run([sys.executable, "-c", boot, *argv], cwd=tmp_path, env=env, capture_output=True,
+                           text=True, timeout=120)
+        assert p.returncode == 2 and p.stderr.count("\n") == 1, p.stderr
+        assert p.stderr.startswith("vitlab: error: cannot reach the Hugging Face Hub at http://127.0.0.1:")
+        assert "6 tries" in p.stderr and TOKEN not in p.stdout + p.stderr
+    assert not (tmp_path / "dl").exists()
+
+
+def test_upload_reads_each_file_once_for_the_token(hub, monkeypatch, tmp_path, capsys):
+    """The folder's listing and the commit gate share one scan per file (a multi-GB checkpoint is read for the
+    token once, not twice); a file written after its scan is scanned again at the gate and refused."""
+    import vitlab.hub as vh
+    use_env(monkeypatch)
+    monkeypatch.setattr(vh, "RACY_NS", 0)  # these files were written just now; see the racy case below
+    reads: list[str] = []
+    holds = vh._holds
+    monkeypatch.setattr(vh, "_holds", lambda f, secret: reads.append(Path(f).name) or holds(f, secret))
+    run = tmp_path / "run_01"
+    (run / "checkpoints").mkdir(parents=True)
+    for name, data in (("train.log", b"log"), ("results.json", b"{}"), ("checkpoints/model.safetensors", b"w" * 9)):
+        (run / name).write_bytes(data)
+    time.sleep(0.02)  # past the file system's timestamp tick
+    code, _, err = run_cli(["upload", run, "."], capsys)
+    assert code == 0, err
+    assert sorted(reads) == ["model.safetensors", "results.json", "train.log"]
+    reads.clear()
+    code, _, err = run_cli(["upload", run / "train.log", "x"], capsys)  # a single file: once too
+    assert code == 0 and reads == ["train.log"], err
+
+    # changed between the scan and the gate: its signature (size, mtime, ctime) differs, so it is read again
+    reads.clear()
+    scanned: dict = {}
+    files, _ = vh._folder_files(run, TOKEN, scanned)
+    (run / "train.log").write_text(f"log {TOKEN}")
+    with pytest.raises(VitlabError, match="run_01/train.log: it holds HF_TOKEN"):
+        vh.upload_files({f"run_01/{k}": v for k, v in files.items()}, hub_target(True), "m", scanned)
+    assert sorted(reads) == ["model.safetensors", "results.json", "train.log", "train.log"]
+    assert len(hub.commits) == 2  # the refused commit sent nothing
+
+    # racy: a file changed within RACY_NS before its scan may change again within the same timestamp tick
+    # without its ctime moving, so that scan is not trusted later
+    monkeypatch.setattr(vh, "RACY_NS", 2_000_000_000)
+    (run / "train.log").write_text("log")
+    reads.clear()
+    code, _, err = run_cli(["upload", run / "train.log", "x"], capsys)
+    assert code == 0 and reads == ["train.log", "train.log"], err
 
 
 def test_train_upload_sends_the_run_and_never_writes_the_token(hub, monkeypatch, tmp_path, capsys):

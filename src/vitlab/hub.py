@@ -19,6 +19,7 @@ import shutil
 import socket
 import sys
 import tempfile
+import time
 import urllib.parse
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -184,8 +185,10 @@ def hub_errors(target: HubTarget) -> Iterator[None]:
         return redact(text, {target.token} | _SECRETS if target.token else None)
 
     where = f"{target.repo_type} repository {target.repo_id}"
+    retries: list[str] = []
     try:
-        yield
+        with _quiet_retries(retries):
+            yield
     except VitlabError:
         raise
     except hf_errors.RepositoryNotFoundError as exc:  # the Hub answers 401 for bad tokens and hidden repos alike
@@ -204,11 +207,42 @@ def hub_errors(target: HubTarget) -> Iterator[None]:
     except (ConnectionError, TimeoutError, socket.gaierror, hf_errors.OfflineModeIsEnabled,
             *_transport_errors()) as exc:  # network only: a local disk error must not read as "unreachable"
         reason = clean(str(exc)).splitlines()[0] if str(exc) else type(exc).__name__
-        raise VitlabError(f"cannot reach the Hugging Face Hub at {target.endpoint} ({reason}): check the network "
-                          f"or HF_ENDPOINT") from None
+        tries = f", {len(retries) + 1} tries" if retries else ""
+        raise VitlabError(f"cannot reach the Hugging Face Hub at {target.endpoint} ({reason}{tries}): check the "
+                          f"network or HF_ENDPOINT") from None
     except (ValueError, TypeError, KeyError) as exc:  # the client refusing a name, header or answer
         reason = clean(str(exc)).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise VitlabError(f"the Hub client refused the request for {where} ({reason})") from None
+
+
+_RETRY_WORDS = ("thrown while requesting", "Retrying in", "[Retry ", "Rate limited")
+
+
+@contextmanager
+def _quiet_retries(retries: list[str]) -> Iterator[None]:
+    """huggingface_hub logs every retry of a failed request as a warning of its own (on a refused connection:
+    an error and a "Retrying in 8s [Retry 4/5]" line each time, 11 lines before vitlab's one). Here they are
+    kept in `retries` instead, and the final error says how many tries there were."""
+    try:
+        from huggingface_hub.utils import _http
+        logger = _http.logger
+    except (ImportError, AttributeError):  # another huggingface_hub layout: its messages are left as they are
+        yield
+        return
+
+    def keep(record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if record.levelno <= logging.WARNING and any(w in message for w in _RETRY_WORDS):
+            if "[Retry " in message:  # one per retry ("Retrying in 1s [Retry 1/5].")
+                retries.append(redact(message))
+            return False
+        return True
+
+    logger.addFilter(keep)
+    try:
+        yield
+    finally:
+        logger.removeFilter(keep)
 
 
 def _transport_errors() -> tuple[type[BaseException], ...]:
@@ -239,31 +273,63 @@ def upload(local_path: str | Path, remote_dir: str, target: HubTarget | None = N
     remote = repo_path(remote_dir, "the remote folder")
     name = path.resolve().name if path.name == ".." else path.name  # '.': its files go into remote_dir itself
     dest = "/".join(p for p in (remote, name) if p)
+    scanned: dict[Path, Scanned] = {}
     if path.is_file():
-        why = _private(path, target.token)
+        why = _private(path, target.token, scanned)
         if why:
             raise VitlabError(f"not uploading '{local_path}': {why}")
         _check_regular(path)
-        return upload_files({dest: path}, target, f"vitlab: upload {dest}")
-    files, skipped = _folder_files(path, target.token)
+        return upload_files({dest: path}, target, f"vitlab: upload {dest}", scanned)
+    files, skipped = _folder_files(path, target.token, scanned)
     if skipped:
         print(f"vitlab: not uploading {', '.join(skipped[:5])}" + (f" (+{len(skipped) - 5})" if len(skipped) > 5
               else "") + ": secrets (.env or HF_TOKEN inside) or links leaving the folder", file=sys.stderr)
     if not files:
         raise VitlabError(f"'{local_path}' holds no file to upload" + (" (every file was held back)" if skipped
                                                                        else ""))
-    return upload_files({f"{dest}/{rel}": f for rel, f in files.items()}, target, f"vitlab: upload {dest}/")
+    return upload_files({f"{dest}/{rel}": f for rel, f in files.items()}, target, f"vitlab: upload {dest}/",
+                        scanned)
 
 
 _NEVER_UPLOADED = (".git", ".lock")  # git's folder (as huggingface_hub's upload_folder) and a run's lock
 
 
-def _private(file: Path, token: str | None) -> str | None:
-    """Why `file` must not leave this machine: a .env file, or one holding the token; None if it may."""
+#: A file's identity and state: (device, inode, size, mtime_ns, ctime_ns). Any write changes ctime, which no
+#: user call can set back; within one timestamp tick it may not (coarse kernel clocks), hence RACY_NS below.
+Scanned = tuple[int, int, int, int, int]
+RACY_NS = 2_000_000_000  # a file changed this close before its scan began is scanned again at the commit
+
+
+def _signature(file: Path) -> Scanned | None:
+    try:
+        st = os.stat(file)
+    except OSError:
+        return None
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+
+def _private(file: Path, token: str | None, scanned: dict[Path, Scanned] | None = None) -> str | None:
+    """Why `file` must not leave this machine: a .env file, or one holding the token; None if it may.
+
+    With `scanned`, a file found clean is recorded there with the signature it had before its scan, if the
+    signature was the same after it and the file had not been changed in the RACY_NS before; a later call
+    with the same dict skips the reading when the signature is still that (the file was not written since,
+    so it still holds no token). A multi-GB checkpoint is then read once by the folder's listing, not again
+    at the commit gate."""
     if file.name == ".env" or file.name.startswith(".env."):
         return "it is a .env file (it holds HF_TOKEN and other secrets)"
-    if token and _holds(file, token.encode("utf-8", "surrogateescape")):
+    if not token:
+        return None
+    key = Path(os.path.abspath(file))
+    before = _signature(file)
+    if scanned is not None and before is not None and scanned.get(key) == before:
+        return None
+    started = time.time_ns()
+    if _holds(file, token.encode("utf-8", "surrogateescape")):
         return "it holds HF_TOKEN"
+    if scanned is not None and before is not None and _signature(file) == before \
+            and before[4] < started - RACY_NS and before[3] < started - RACY_NS:
+        scanned[key] = before
     return None
 
 
@@ -287,9 +353,10 @@ def _check_regular(file: Path) -> None:
     regular(file, "file to upload")
 
 
-def _folder_files(folder: Path, token: str | None) -> tuple[dict[str, Path], list[str]]:
+def _folder_files(folder: Path, token: str | None, scanned: dict[Path, Scanned] | None = None
+                  ) -> tuple[dict[str, Path], list[str]]:
     """{path below `folder`: file} to upload, and the files held back (secrets, links leaving the folder,
-    FIFOs and devices)."""
+    FIFOs and devices); the files found clean are recorded in `scanned` (see `_private`)."""
     import stat as st
 
     root, files, skipped = folder.resolve(), {}, []
@@ -307,20 +374,23 @@ def _folder_files(folder: Path, token: str | None) -> tuple[dict[str, Path], lis
             except OSError:  # a dangling link
                 skipped.append(rel)
                 continue
-            if not st.S_ISREG(mode) or (root not in real.parents) or _private(f, token):
+            if not st.S_ISREG(mode) or (root not in real.parents) or _private(f, token, scanned):
                 skipped.append(rel)
                 continue
             files[rel] = f
     return files, skipped
 
 
-def upload_files(files: dict[str, Path], target: HubTarget | None = None,
-                 message: str = "vitlab: upload run") -> list[str]:
-    """One commit of `{path in repo: local file}`; returns the repository paths."""
+def upload_files(files: dict[str, Path], target: HubTarget | None = None, message: str = "vitlab: upload run",
+                 scanned: dict[Path, Scanned] | None = None) -> list[str]:
+    """One commit of `{path in repo: local file}`; returns the repository paths. Every file is checked for
+    the token here (`train --upload` comes only this way); one that `scanned` shows unchanged since an earlier
+    scan found it clean is not read again."""
     from huggingface_hub import CommitOperationAdd
 
     target = target or hub_target(need_token=True)
-    held = [dest for dest, src in files.items() if _private(Path(src), target.token)]
+    scanned = {} if scanned is None else scanned
+    held = [dest for dest, src in files.items() if _private(Path(src), target.token, scanned)]
     if held:
         raise VitlabError(f"not uploading {', '.join(held[:3])}: it holds HF_TOKEN or is a .env file")
     ops = [CommitOperationAdd(path_in_repo=dest, path_or_fileobj=str(src)) for dest, src in files.items()]
