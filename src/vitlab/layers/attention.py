@@ -3,6 +3,8 @@ Self-Attention (Lee et al., arXiv 2112.13492) as a subclass that changes only th
 
 One fused Linear(D, 3D) produces q, k and v; SDPA picks the fastest kernel for the device (flash or
 memory-efficient on CUDA, a fused C++ kernel on CPU). Parameter names (`qkv`, `proj`) match timm.
+Under token merging (`layers/token_merge.py`) the layer shows the merger its keys and adds the proportional
+attention bias log(size) to the scores.
 """
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import VitlabError
+from .token_merge import TokenMerging
 
 
 class Attention(nn.Module):
@@ -29,15 +32,21 @@ class Attention(nn.Module):
         self.proj = nn.Linear(dim, dim)
         self.proj_drop = nn.Dropout(proj_drop) if proj_drop > 0 else nn.Identity()
 
-    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """softmax(q k^T / sqrt(d)) v over (B, H, N, d) tensors."""
-        return F.scaled_dot_product_attention(q, k, v, dropout_p=self.attn_drop if self.training else 0.0)
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+               bias: torch.Tensor | None = None) -> torch.Tensor:
+        """softmax(q k^T / sqrt(d) + bias) v over (B, H, N, d) tensors (bias broadcasts to (B, H, N, N))."""
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=bias,
+                                              dropout_p=self.attn_drop if self.training else 0.0)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, merging: TokenMerging | None = None) -> torch.Tensor:
         B, N, D = x.shape
         qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)  # each (B, H, N, d)
-        x = self.attend(q, k, v).transpose(1, 2).reshape(B, N, D)  # (B, N, H*d)
+        bias = None
+        if merging is not None:
+            merging.observe(k)
+            bias = merging.attn_bias(q.dtype)
+        x = self.attend(q, k, v, bias).transpose(1, 2).reshape(B, N, D)  # (B, N, H*d)
         return self.proj_drop(self.proj(x))
 
 
@@ -51,9 +60,12 @@ class LocalitySelfAttention(Attention):
         super().__init__(dim, num_heads, qkv_bias, attn_drop, proj_drop)
         self.log_temperature = nn.Parameter(torch.tensor(math.log(self.head_dim ** -0.5)))
 
-    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+               bias: torch.Tensor | None = None) -> torch.Tensor:
         N = q.shape[-2]
-        off_diagonal = ~torch.eye(N, dtype=torch.bool, device=q.device)  # True: may attend
+        mask = ~torch.eye(N, dtype=torch.bool, device=q.device)  # True: may attend
+        if bias is not None:  # additive: -inf on the diagonal, the bias elsewhere
+            mask = bias.masked_fill(~mask, -torch.inf)
         return F.scaled_dot_product_attention(q * self.log_temperature.exp().to(q.dtype), k, v,
-                                              attn_mask=off_diagonal, scale=1.0,
+                                              attn_mask=mask, scale=1.0,
                                               dropout_p=self.attn_drop if self.training else 0.0)

@@ -3,7 +3,8 @@
     x = x + DropPath(LayerScale(Attn(LN(x))))
     x = x + DropPath(LayerScale(MLP(LN(x))))
 
-Variants swap `attn_layer` / `mlp_layer` instead of copying the block. LN's epsilon is `norm_eps`: 1e-6 (ViT,
+Variants swap `attn_layer` / `mlp_layer` instead of copying the block. Under token merging (ToMe,
+`layers/token_merge.py`) the block merges tokens between the two residuals, where the paper does. LN's epsilon is `norm_eps`: 1e-6 (ViT,
 timm) unless a model reproduces an original that kept torch's 1e-5.
 """
 from __future__ import annotations
@@ -16,6 +17,7 @@ from torch import nn
 from .attention import Attention
 from .drop_path import DropPath
 from .mlp import Mlp
+from .token_merge import TokenMerging
 
 
 def LayerNorm(dim: int, eps: float = 1e-6, **kwargs) -> nn.LayerNorm:
@@ -58,6 +60,10 @@ class Block(nn.Module):
     def mlp_residual(self, x: torch.Tensor) -> torch.Tensor:
         return self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn_residual(x)
+    def forward(self, x: torch.Tensor, merging: TokenMerging | None = None) -> torch.Tensor:
+        if merging is None:
+            x = x + self.attn_residual(x)
+            return x + self.mlp_residual(x)
+        x = x + self.drop_path1(self.ls1(self.attn(self.norm1(x), merging)))
+        x = merging.merge(x)  # (B, N, D) -> (B, N - r, D)
         return x + self.mlp_residual(x)

@@ -24,6 +24,7 @@ from torch import nn
 
 from ..errors import VitlabError
 from .diff_kernels import differential_attention
+from .token_merge import TokenMerging
 
 
 def lambda_init_for(depth: int) -> float:
@@ -63,14 +64,18 @@ class DiffAttention(nn.Module):
         dot2 = (self.lambda_q2.float() * self.lambda_k2.float()).sum()
         return torch.exp(dot1) - torch.exp(dot2) + self.lambda_init
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, merging: TokenMerging | None = None) -> torch.Tensor:
         B, N, D = x.shape
         H, d = self.num_heads, self.head_dim
         q, k, v = self.qkv(x).chunk(3, dim=-1)
         q, k = (t.reshape(B, N, H, 2, d).permute(3, 0, 2, 1, 4) for t in (q, k))  # (2, B, H, N, d): map, head
         v = v.reshape(B, N, H, 2 * d).transpose(1, 2)  # (B, H, N, 2d)
+        bias = None
+        if merging is not None:  # token merging: keys of both maps as the metric, log(size) on both maps
+            merging.observe(k.transpose(0, 1).flatten(1, 2))  # (B, 2H, N, d)
+            bias = merging.attn_bias(q.dtype)
         out = differential_attention(q, k, v, self.lambda_full(), d ** -0.5,
-                                     self.attn_drop if self.training else 0.0)  # (B, H, N, 2d), fp32
+                                     self.attn_drop if self.training else 0.0, bias)  # (B, H, N, 2d), fp32
         out = (self.sub_norm(out) * (1.0 - self.lambda_init)).to(v.dtype)
         out = out.transpose(1, 2).reshape(B, N, D)  # (B, N, H*2d)
         return self.proj_drop(self.proj(out))

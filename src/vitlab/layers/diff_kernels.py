@@ -35,11 +35,11 @@ def _wide(t: torch.Tensor) -> torch.Tensor:
 
 
 def sdpa_differential_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lam: torch.Tensor,
-                                scale: float, dropout_p: float = 0.0) -> torch.Tensor:
+                                scale: float, dropout_p: float = 0.0, bias: torch.Tensor | None = None) -> torch.Tensor:
     _, B, H, N, d = q.shape
     q, k = (F.pad(t.permute(1, 2, 0, 3, 4).reshape(B, 2 * H, N, d), (0, d)) for t in (q, k))  # (B, 2H, N, 2d)
     v = v.repeat_interleave(2, dim=1)  # (B, 2H, N, 2d): maps 2h and 2h+1 read head h's values
-    a = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, scale=scale)
+    a = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout_p, scale=scale)
     a = a.view(B, H, 2, N, 2 * d)  # (B, H, map, N, 2d)
     return _wide(a[:, :, 0]) - lam * _wide(a[:, :, 1])
 
@@ -124,7 +124,8 @@ def tiled_differential_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tens
 
 
 def differential_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lam: torch.Tensor, scale: float,
-                           dropout_p: float = 0.0) -> torch.Tensor:
-    if q.device.type == "cpu" and dropout_p == 0.0 and not FORCE_SDPA:
+                           dropout_p: float = 0.0, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """bias (broadcasting to (B, H, N, N)), added to both maps' scores, takes the SDPA kernel."""
+    if q.device.type == "cpu" and dropout_p == 0.0 and bias is None and not FORCE_SDPA:
         return tiled_differential_attention(q, k, v, lam, scale)
-    return sdpa_differential_attention(q, k, v, lam, scale, dropout_p)
+    return sdpa_differential_attention(q, k, v, lam, scale, dropout_p, bias)

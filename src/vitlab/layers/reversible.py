@@ -161,6 +161,7 @@ class InvertibleStack:
     FSDP's hooks)."""
 
     fsdp_compatible = False
+    merges_tokens = False  # a merge cannot be inverted: the backward could not rebuild the block's input
     draws_per_pass = False  # True: the update rule itself is random in training (BDIA's gammas)
 
     def __init__(self, *args: Any, memory_efficient: bool = True, **kwargs: Any):

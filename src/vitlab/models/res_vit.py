@@ -115,6 +115,7 @@ class _Trace:
 
 class ResViT(VisionTransformer):
     _kind = "resvit"
+    merges_tokens = False  # its routers already choose which tokens each layer runs
     # GFLOPs in run logs and `vitlab models` are the full model's (every token active): counted on the meta
     # device, where data-dependent routing cannot run. Measured FLOPs of routed inference: bench/resvit.py.
     static_flops_args = {"execution": "mask", "routing": "learned"}

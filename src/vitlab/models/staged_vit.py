@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from ..errors import VitlabError
+from ..layers.token_merge import TokenMerging
 from ..registry import register_model
 from .vit import VisionTransformer, drop_path_rates
 
@@ -110,18 +111,27 @@ class StagedViT(VisionTransformer):
             return "tower_vit"
         return "pit_vit" if self.transition == "pool" else "staged_vit"
 
-    def iter_blocks(self, x: torch.Tensor) -> Iterator[torch.Tensor]:
+    def _stages(self, x: torch.Tensor) -> Iterator[tuple[torch.Tensor, TokenMerging | None]]:
+        """Each block's output with its token-merging state. A transition reads its stage's full token grid,
+        so merged tokens are given back first and merging starts afresh in the next stage."""
         transition_after = {end - 1: s for s, end in enumerate(self.stage_ends[:-1])}  # last block of a stage
+        merging = self.new_merging(x)
         for i, block in enumerate(self.blocks):
-            x = block(x)
-            yield x
+            x = block(x, merging)
+            yield x, merging
             if i in transition_after:
+                x = x if merging is None else merging.unmerge(x)
                 x = self.transitions[transition_after[i]](x)  # (B, 1+N_s, W_s) -> (B, 1+N_{s+1}, W_{s+1})
+                merging = self.new_merging(x, i + 1)
+
+    def iter_blocks(self, x: torch.Tensor) -> Iterator[torch.Tensor]:
+        for x, merging in self._stages(x):
+            yield x if merging is None else merging.unmerge(x)
 
     def forward_blocks(self, x: torch.Tensor) -> torch.Tensor:
-        for x in self.iter_blocks(x):
+        for x, merging in self._stages(x):
             pass
-        return x
+        return x if merging is None else merging.unmerge(x)
 
 
 def _register() -> None:

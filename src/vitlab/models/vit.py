@@ -8,7 +8,8 @@ A model is tokenizer -> blocks -> head, each a swappable part chosen by name:
 - `tokenizer` (layers/tokenizer.py): where the tokens x_p E come from, with their boxes: the patch grid, a
   conv stem, shifted patches, a content quadtree (`layers/quadtree.py`) or a learned one (GDT-ViT);
 - blocks: `attn_layer` / `mlp_layer` swap inside the reference `Block`; families change the update rule
-  (`forward_blocks`: reversible, BDIA, momentum, routed) or the stack (`_build_blocks`: stages);
+  (`forward_blocks`: reversible, BDIA, momentum, routed) or the stack (`_build_blocks`: stages); `merge`
+  merges similar tokens inside the blocks (ToMe, `layers/token_merge.py`) and gives them back unmerged;
 - `head`: what the tokens become: class logits (`layers/classifier_head.py`) or a mask painted from each
   token's box (`layers/segment_head.py`).
 
@@ -31,6 +32,7 @@ from ..layers.classifier_head import ClassifierHead
 from ..layers.leaf_positions import LeafPositions
 from ..layers.quadtree import QuadtreeTokenizer
 from ..layers.segment_head import SegmentHead
+from ..layers.token_merge import TokenMerging, merge_schedule
 from ..layers.tokenizer import TokenSet, Tokenizer
 
 #: tokenizers by the name `model.tokenizer` takes (GDT-ViT's learned quadtree comes with its own arguments)
@@ -63,6 +65,7 @@ def drop_path_rates(rate: float, depth: int) -> list[float]:
 class VisionTransformer(nn.Module):
     _kind = "vit"  # the family's part of `architecture`, the one name of what a model is
     fsdp_compatible = True  # families whose backward runs blocks outside autograd's graph set False
+    merges_tokens = True  # families whose update rule is not the plain block stack set False (no `merge`)
 
     def __init__(self, img_size: int = 224, patch_size: int = 16, in_chans: int = 3, num_classes: int = 1000,
                  embed_dim: int = 768, depth: int = 12, num_heads: int = 12, mlp_ratio: float = 4.0,
@@ -76,11 +79,14 @@ class VisionTransformer(nn.Module):
                  tokens: int | None = None, quadtree_sizes: tuple[int, int] | None = None,
                  quadtree_score: Literal["edge", "variance"] = "edge",
                  leaf_pos: Literal["seq", "coords", "grid"] = "coords",
-                 head: Literal["classify", "segment"] = "classify"):
+                 head: Literal["classify", "segment"] = "classify",
+                 merge: int | list[int] | None = None, merge_prop_attn: bool = True):
         """tokenizer: a name, or a callable (img_size, patch_size, in_chans, embed_dim) -> Tokenizer;
         tokens, quadtree_sizes ([root, smallest] px), quadtree_score: the content quadtree's budget and cells;
         leaf_pos: how tokens that are not a fixed grid are placed (`layers/leaf_positions.py`);
-        norm_eps: every LayerNorm's epsilon (timm's 1e-6; torch's default 1e-5 in the original projects)."""
+        norm_eps: every LayerNorm's epsilon (timm's 1e-6; torch's default 1e-5 in the original projects);
+        merge: tokens ToMe merges away in each block (an int: every block; a list: one per block), with
+        proportional attention unless merge_prop_attn is False (ToMe's setting for training from scratch)."""
         # One draw from the global stream seeds the initialisation, so what a subclass builds on top (a wider
         # head, transitions) cannot shift the reference weights it shares (see `init_weights`).
         init_seed = int(torch.randint(2 ** 62, (1,), device="cpu"))
@@ -96,6 +102,11 @@ class VisionTransformer(nn.Module):
         if tokenizer != "quadtree" and (tokens is not None or quadtree_sizes is not None):
             raise VitlabError("model.tokens and model.quadtree_sizes shape the content quadtree; set "
                               "model.tokenizer=quadtree or drop them")
+        if merge and not self.merges_tokens:
+            raise VitlabError(f"model.merge (token merging) runs on the plain block stack (ViT, differential, "
+                              f"LSA/SPT, staged, GDT); {type(self).__name__} has its own update rule: drop "
+                              f"model.merge")
+        self.merge, self.merge_prop_attn = merge_schedule(merge, depth), merge_prop_attn
         self.num_classes, self.global_pool, self.embed_dim = num_classes, global_pool, embed_dim
         self.num_heads, self.drop_path_rate = num_heads, drop_path_rate
         self.num_prefix_tokens = 1 if class_token else 0
@@ -230,14 +241,28 @@ class VisionTransformer(nn.Module):
         """(B, C, H, W) -> [cls; tokens] + positions (B, prefix + T, D)."""
         return self.embed_tokens(self.tokenize(x))
 
+    def new_merging(self, x: torch.Tensor, first_block: int = 0) -> TokenMerging | None:
+        """Token-merging state for tokens x (B, N, D) entering block `first_block`, or None without `merge`."""
+        schedule = self.merge[first_block:]
+        if not any(schedule):
+            return None
+        return TokenMerging(schedule, x.shape[1], self.num_prefix_tokens, self.merge_prop_attn)
+
     def iter_blocks(self, x: torch.Tensor) -> Iterator[torch.Tensor]:
-        """Each block's output tokens in turn (what `forward_intermediates` probes)."""
+        """Each block's output tokens in turn (what `forward_intermediates` probes), in the input's layout
+        (merged tokens are given back to each token they stand for)."""
+        merging = self.new_merging(x)
         for block in self.blocks:
-            x = block(x)
-            yield x
+            x = block(x, merging)
+            yield x if merging is None else merging.unmerge(x)
 
     def forward_blocks(self, x: torch.Tensor) -> torch.Tensor:
-        return self.blocks(x)
+        merging = self.new_merging(x)
+        if merging is None:
+            return self.blocks(x)
+        for block in self.blocks:
+            x = block(x, merging)  # (B, N_k, D), N_k = N - r_1 - ... - r_k
+        return merging.unmerge(x)  # (B, N, D): the head reads the layout it was built for
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """(B, C, H, W) -> normalised tokens (B, prefix + T, num_features)."""
