@@ -63,6 +63,36 @@ TRAIN = [  # (label, extra arguments to `vitlab train` on top of QUICK)
     ("resume with another model", ["model.depth=3", "--output", ".", "--reload"]),
     ("resume a locked run", ["--output", ".", "--savefile", "locked", "--reload"]),
     ("resume with nothing intact", ["--output", ".", "--savefile", "damaged", "--reload"]),
+    # issue 29: sizes that cannot build or fit (a hang, an OOM kill or a traceback before), checked before building
+    ("depth a billion", ["model.depth=1000000000"]), ("img size 100000", ["model.img_size=100000"]),
+    ("data img size 100000", ["data.img_size=100000"]), ("four million tokens", ["model.img_size=4096"]),
+    ("1e11 parameters", ["model.embed_dim=40000"]), ("heads zero", ["model.num_heads=0"]),
+    ("width zero", ["model.embed_dim=0"]), ("patch zero", ["model.patch_size=0"]),
+    ("mlp ratio negative", ["model.mlp_ratio=-1"]), ("mlp ratio of no units", ["model.mlp_ratio=0.001"]),
+    ("depth negative", ["model.depth=-1"]),
+    ("staged width zero", ["model.name=staged_vit_patch4_32", "model.depth=null", "model.widths=[64,0]", "model.depths=[1,1]"]),
+    ("gdt stage patch zero", ["model.name=gdt_vit_base_256", "model.stages=[[0,16,0.25]]"]),
+    ("lr 1e308", ["optim.lr=1e308"]), ("weight decay 1e308", ["optim.weight_decay=1e308"]),
+    ("lr yaml nan", ["optim.lr=.nan"]), ("lr yaml inf", ["optim.lr=.inf"]), ("momentum 2", ["optim.momentum=2"]),
+    ("seed negative", ["train.seed=-1"]), ("seed 2**64", ["train.seed=18446744073709551616"]),
+    ("split seed negative", ["data.split_seed=-1"]), ("device mps", ["train.device=mps"]),
+    ("device xpu", ["train.device=xpu"]), ("device gpu7", ["train.device=gpu7"]),
+    ("lora alpha negative", ["lora.alpha=-1"]), ("lora alpha negative with a rank", ["lora.rank=4", "lora.alpha=-2"]),
+    ("lr scale negative", ["optim.lr_scale={lora_: -1}"]), ("lora rank above the width", ["lora.rank=100"]),
+    ("lora rank a billion", ["lora.rank=1000000000"]), ("timeout 1e30", ["train.dist_timeout=1e30"]),
+    ("workers 100000", ["data.num_workers=100000"]),
+    ("synthetic size negative", ["data.dataset=synthetic", "data.synthetic_size=-5"]),
+    ("config repeats a key", ["--config", "dup.yaml"]), ("config repeats a key in a flow", ["--config", "dup_flow.yaml"]),
+    ("config not utf-8", ["--config", "latin1.yaml"]), ("config nested 5000 deep", ["--config", "deep.yaml"]),
+    ("config alias bomb", ["--config", "bomb.yaml"]), ("config a fifo", ["--config", "fifo"]),
+    ("config a device", ["--config", "/dev/zero"]), ("config a folder", ["--config", "emptyfolder"]),
+    ("config over 4 MiB", ["--config", "huge.yaml"]),
+    ("override alias bomb", ["optim.lr_scale=" + "{a: &a [x, x, x, x, x, x, x, x, x], " + ", ".join(
+        f"{chr(98 + i)}: &{chr(98 + i)} [" + ", ".join([f"*{chr(97 + i)}"] * 9) + "]" for i in range(9)) + "}"]),
+    ("override nested 5000 deep", ["optim.betas=" + "[" * 5000 + "]" * 5000]),
+    ("override repeats a key", ["optim.lr_scale={a: 1, a: 2}"]),
+    ("override over 4 MiB", ["optim.lr_scale=" + "x" * (5 << 20)]),
+    ("override key with a newline", ["optim.lr\nx=1"]),
 ]
 
 OTHER = [  # (label, full argument list)
@@ -138,6 +168,35 @@ WORDS = {
     "compare config missing": "config file 'missing.yaml' not found",
     "plot nothing": "required: --out", "plot no runs": "nothing to plot: pass run folders", "report missing run": "does not exist",
     "upload without a repository": "HF_REPOSITORY is not set",
+    "depth a billion": "asks for 1000000000 blocks, more than the 1024",
+    "img size 100000": "model.img_size=100000 is larger than the 8192 px",
+    "data img size 100000": "img_size=100000 is larger than the 8192 px",
+    "four million tokens": "makes 4,194,304 tokens per image, more than the 65,536",
+    "1e11 parameters": "parameters, more than the 1e+10", "heads zero": "model.num_heads must be a positive integer",
+    "width zero": "model.embed_dim must be a positive integer", "patch zero": "model.patch_size must be a positive",
+    "mlp ratio negative": "model.mlp_ratio must be positive", "mlp ratio of no units": "makes an MLP of 0 units",
+    "depth negative": "model.depth must be an integer >= 0", "staged width zero": "model.widths must be a list of positive",
+    "gdt stage patch zero": "model.stages must be a list of (patch_in, patch_out, ratio)",
+    "lr 1e308": "'optim.lr' is 1e+308, above 1e+06", "weight decay 1e308": "'optim.weight_decay' is 1e+308",
+    "lr yaml nan": "must be a finite number", "lr yaml inf": "must be a finite number",
+    "momentum 2": "'optim.momentum' must be in [0, 1]",
+    "seed negative": "'train.seed' must be in [0, 2**32 - 1]", "seed 2**64": "'train.seed' must be in [0, 2**32 - 1]",
+    "split seed negative": "'data.split_seed' must be in", "device mps": "train.device 'mps' is not available here",
+    "device xpu": "train.device 'xpu' is not supported", "device gpu7": "(this machine has cpu",
+    "lora alpha negative": "'lora.alpha' must be positive", "lora alpha negative with a rank": "'lora.alpha' must be",
+    "lr scale negative": "'optim.lr_scale' must map names to multipliers >= 0",
+    "lora rank above the width": "lora.rank=100 is above the rank of blocks.0.attn.qkv",
+    "lora rank a billion": "'lora.rank' is 1000000000", "timeout 1e30": "'train.dist_timeout' must be 1 to 604800",
+    "workers 100000": "'data.num_workers' must be 0 to 256", "synthetic size negative": "'data.synthetic_size'",
+    "config repeats a key": "config file 'dup.yaml' names key 'lr' twice (lines 3 and 4)",
+    "config repeats a key in a flow": "names key 'lr' twice (both on line 1)",
+    "config not utf-8": "config file 'latin1.yaml' is not UTF-8", "config nested 5000 deep": "nested too deeply",
+    "config alias bomb": "alias bomb", "config a fifo": "'fifo' is not a regular file",
+    "config a device": "'/dev/zero' is not a regular file", "config a folder": "'emptyfolder' is a folder",
+    "config over 4 MiB": "more than the 4 MiB", "override alias bomb": "alias bomb",
+    "override nested 5000 deep": "override 'optim.betas' is nested too deeply",
+    "override repeats a key": "names key 'a' twice", "override over 4 MiB": "more than vitlab reads",
+    "override key with a newline": "unknown config key 'optim.lr\\nx'",
 }
 
 
@@ -160,6 +219,15 @@ def workspace(tmp_path_factory):
         (root / "section.yaml").write_text("model: 5\n")
         (root / "badspec.yaml").write_text(f"base: {root / RUN / 'config.yaml'}\ngrids: {{}}\n")
         (root / "emptyfolder").mkdir()
+        (root / "dup.yaml").write_text("optim:\n  name: adamw\n  lr: 0.1\n  lr: 0.2\n")
+        (root / "dup_flow.yaml").write_text("optim: {lr: 0.1, lr: 0.2}\n")
+        (root / "latin1.yaml").write_bytes("task_name: caf\xe9\n".encode("latin-1"))
+        (root / "deep.yaml").write_text("a: " + "[" * 5000 + "]" * 5000 + "\n")
+        (root / "bomb.yaml").write_text("a: &a [x, x, x, x, x, x, x, x, x]\n" + "".join(
+            f"{chr(98 + i)}: &{chr(98 + i)} [" + ", ".join([f"*{chr(97 + i)}"] * 9) + "]\n" for i in range(9)))
+        os.mkfifo(root / "fifo")
+        with open(root / "huge.yaml", "wb") as f:  # sparse: 5 MiB that take no disk
+            f.truncate(5 << 20)
         from safetensors.torch import save_file
         save_file({"fc.weight": torch.zeros(3, 3)}, root / "other.safetensors")
 
@@ -239,3 +307,31 @@ def test_non_finite_numbers_are_rejected_for_every_float_key(value):
             cfg = load_config(None, [f"{key}={value}"])
             if key.startswith("model."):
                 resolve_config(cfg)
+
+
+def test_a_size_that_hung_is_one_line_as_a_real_process(workspace):
+    """model.depth=1e9 ran for hours (building blocks) before the sizes were checked: as a real process it is
+    one line, exit 2, in seconds, with nothing written."""
+    from conftest import run_subprocess
+    before = snapshot(workspace)
+    proc = run_subprocess(["-m", "vitlab", "train", "--output", workspace, *QUICK, "--savefile", "fresh",
+                           "model.depth=1000000000"],
+                          timeout=60)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1 and "more than the 1024" in lines[0], proc.stderr[-2000:]
+    assert "Traceback" not in proc.stdout + proc.stderr
+    assert snapshot(workspace) == before
+
+
+def test_what_the_size_and_file_bounds_border_on_is_accepted(tmp_path):
+    """The other side of issue 29's bounds: every registered model's own sizes, the largest seed, a `<<` merge
+    overriding a key it brings, ordinary aliases and an lr of 1e6 (which trains and diverges: exit 3) load."""
+    from vitlab.config import load_config, read_yaml
+    from vitlab.registry import list_models, model_args
+    for name in list_models():
+        model_args(name)  # registry.check_sizes on the defaults
+    (tmp_path / "merge.yaml").write_text("base: &b {lr: 0.1, name: sgd}\noptim:\n  <<: *b\n  lr: 0.2\n")
+    assert read_yaml(tmp_path / "merge.yaml")["optim"] == {"lr": 0.2, "name": "sgd"}
+    cfg = load_config(None, ["train.seed=4294967295", "optim.lr=1e6", "optim.lr_scale={a: 0}", "lora.alpha=0.5",
+                             "train.dist_timeout=604800", "optim.betas=&x [0.9, 0.99]"])
+    assert cfg.train.seed == 2 ** 32 - 1 and cfg.optim.betas == (0.9, 0.99)

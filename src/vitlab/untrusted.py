@@ -24,6 +24,7 @@ from .errors import VitlabError
 
 MiB = 1 << 20
 YAML_MAX_CHARS = 4 * MiB
+YAML_MAX_DEPTH = 200  # levels of [ / { nesting; vitlab's own configs have 2
 YAML_MAX_NODES = 200_000  # after alias expansion; a resolved config has a few hundred
 IMAGE_MAX_PIXELS = 64_000_000  # 8000 x 8000; predict resizes to the model's input anyway
 IMAGE_MAX_BYTES = 512 * MiB
@@ -107,6 +108,8 @@ def parse_yaml(text: str, what: str = "stored config", max_nodes: int = YAML_MAX
     are still one-line VitlabErrors."""
     if len(text) > YAML_MAX_CHARS:
         raise VitlabError(f"{what} is {len(text)} characters, more than vitlab reads ({YAML_MAX_CHARS})")
+    if text.count("[") + text.count("{") > YAML_MAX_DEPTH and _flow_depth(text) > YAML_MAX_DEPTH:
+        raise VitlabError(f"{what} is nested too deeply to be a config (over {YAML_MAX_DEPTH} levels of [ or {{)")
     loader = (_UniqueKeyLoader if unique_keys else yaml.SafeLoader)(text)
     loader.what = what
     try:
@@ -121,6 +124,34 @@ def parse_yaml(text: str, what: str = "stored config", max_nodes: int = YAML_MAX
         raise VitlabError(f"{what} is nested too deeply to be a config") from None
     finally:
         loader.dispose()
+
+
+def _flow_depth(text: str) -> int:
+    """The deepest nesting of YAML flow collections ([ and {) outside quotes and comments, stopping past
+    YAML_MAX_DEPTH, in one linear pass (PyYAML takes seconds to reach its own recursion limit, ~450 levels).
+    An apostrophe in a plain word hides the rest of its line (an undercount, harmless); brackets inside
+    plain or block scalars count, which no config holds 200 deep."""
+    depth = deepest = 0
+    quote = None
+    for line in text.splitlines():
+        for i, ch in enumerate(line):
+            if quote:
+                if ch == quote and not (quote == '"' and i and line[i - 1] == "\\"):
+                    quote = None
+            elif ch in "[{":
+                depth += 1
+                deepest = max(deepest, depth)
+                if deepest > YAML_MAX_DEPTH:
+                    return deepest
+            elif ch in "]}":
+                depth = max(depth - 1, 0)
+            elif ch in "'\"":
+                quote = ch
+            elif ch == "#" and (i == 0 or line[i - 1] in " \t"):
+                break
+        if quote == "'":
+            quote = None  # a single-quoted scalar may span lines, but an apostrophe in a word must not hide the rest
+    return deepest
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):
