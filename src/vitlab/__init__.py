@@ -1,6 +1,9 @@
-"""vitlab: train, compare and fine-tune Vision Transformer variants."""
+"""vitlab: train, compare and fine-tune Vision Transformer variants.
+
+torch is imported on first use (`create_model`, `vitlab.train`, ...), not with the package: the CLI installs
+its signal handlers before anything slow runs, so a job stopped while starting still exits cleanly.
+"""
 from .errors import VitlabError
-from .registry import create_model, list_models, register_model
 
 __version__ = "0.1.0"
 
@@ -25,6 +28,9 @@ def compare(configs, epochs=None, output="output/compare", **overrides):
 
 
 def __getattr__(name):
+    if name in ("create_model", "list_models", "register_model"):
+        from . import registry
+        return getattr(registry, name)
     if name == "train":  # `vitlab.train(config, **overrides)`: the training package, callable (vitlab.api.train)
         import importlib
         return importlib.import_module(".train", __name__)  # importing sets the attribute: asked once
