@@ -189,8 +189,8 @@ MAX_LIST = 256  # entries of a per-stage list
 MAX_TOKENS = 1 << 16  # a 256 x 256 grid; attention over more is > 4e9 scores per head and image
 MAX_PARAMS = 10 ** 10  # 40 GB of float32 weights before gradients and optimizer state (ViT-22B is 2.2e10)
 #: arguments that are sizes: positive integers
-SIZE_ARGS = ("img_size", "patch_size", "in_chans", "num_classes", "embed_dim", "num_heads", "head_dim",
-             "stage_depth", "tokens", "router_hdim", "low_rank_dim", "bits")
+SIZE_ARGS = ("img_size", "patch_size", "in_chans", "embed_dim", "num_heads", "head_dim", "stage_depth", "tokens",
+             "router_hdim", "low_rank_dim")
 
 
 def _positive_int(key: str, value: Any, what: str = "a positive integer") -> int:
@@ -214,6 +214,11 @@ def check_sizes(args: dict[str, Any]) -> None:
     for key in SIZE_ARGS:
         if args.get(key) is not None:
             _positive_int(key, args[key])
+    classes = args.get("num_classes")
+    if classes is not None and (isinstance(classes, bool) or not isinstance(classes, int) or classes < 0):
+        raise VitlabError(f"model.num_classes must be an integer >= 0 (0: no head, the features), got {classes!r}")
+    if classes:
+        _positive_int("num_classes", classes)
     depth = args.get("depth", 0)
     if depth is not None and (isinstance(depth, bool) or not isinstance(depth, int) or depth < 0):
         raise VitlabError(f"model.depth must be an integer >= 0 (blocks), got {depth!r}")
