@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import VitlabError
-from .tokenizer import TokenSet, Tokenizer, lecun_normal_, project
+from .tokenizer import TokenGroups, TokenSet, Tokenizer, lecun_normal_, project
 
 
 @dataclass
@@ -70,10 +70,18 @@ class QuadtreeTokenizer(Tokenizer):
     so a quadtree whose leaves are all `patch` px is the patch grid. Scores, on the grey image: `edge`, the
     sum of |horizontal| + |vertical| differences inside the cell; `variance`, the sum of squared deviations
     from the cell's mean. Each split adds three leaves, so `tokens` = roots + 3 k exactly: no padding, and the
-    budget is always spent."""
+    budget is always spent.
+
+    Per-image budgets (`threshold`): a leaf splits only while its score is above the threshold, so each image
+    gets as many leaves as its detail needs: a blank image keeps its roots, a busy one gets up to `tokens`
+    (the cap). Scores are sums over the cell, so a cell of any size that holds less than `threshold` of edge
+    (or variance) stays whole. Each image's split count is rounded up to a multiple of `budget_step` (more
+    leaves of the same greedy order), which bounds the number of distinct counts in a batch, and `tokenize`
+    returns the images grouped by count (`TokenGroups`): the model runs each group as a dense batch."""
 
     def __init__(self, img_size: int, patch: int, in_chans: int, embed_dim: int, tokens: int | None, root: int,
-                 min_size: int, score: Literal["edge", "variance"] = "edge"):
+                 min_size: int, score: Literal["edge", "variance"] = "edge", threshold: float | None = None,
+                 budget_step: int = 4):
         super().__init__()
         self.img_size, self.patch_size = img_size, patch
         self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch, stride=patch)
@@ -92,6 +100,12 @@ class QuadtreeTokenizer(Tokenizer):
             raise VitlabError(f"model.tokens={tokens} cannot be a quadtree of {roots} roots of {root} px (each split "
                               f"adds 3 leaves, at most {finest}); choose {roots} + 3k, e.g. "
                               f"{roots + 3 * max(0, (tokens - roots) // 3)}")
+        if threshold is not None and not threshold >= 0:
+            raise VitlabError(f"model.split_threshold must be a score >= 0 (a leaf splits while its score is above "
+                              f"it), got {threshold}")
+        if budget_step < 1:
+            raise VitlabError(f"model.budget_step must be at least 1 split, got {budget_step}")
+        self.threshold, self.budget_step = threshold, budget_step
         self.patch, self.tokens, self.score_kind, self.sizes = patch, tokens, score, levels
         self.num_tokens = tokens
         self.splits = (tokens - roots) // 3
@@ -132,31 +146,75 @@ class QuadtreeTokenizer(Tokenizer):
         lecun_normal_(self.proj.weight)
         nn.init.zeros_(self.proj.bias)
 
-    def tokenize(self, x: torch.Tensor) -> TokenSet:
-        leaves, boxes = self(x)  # (B, T, C*p*p), (B, T, 3)
+    def tokenize(self, x: torch.Tensor) -> TokenSet | TokenGroups:
+        leaf = self.leaves(x)
+        cells = self.resized_cells(x)
+        if self.threshold is None:
+            return self._token_set(cells, leaf, self.tokens)
+        counts = leaf.sum(dim=1)  # (B,) leaves per image
+        groups = []
+        for count in torch.unique(counts).tolist():  # one host sync per batch; a loop over distinct counts
+            rows = (counts == count).nonzero()[:, 0]
+            groups.append((rows, self._token_set(cells[rows], leaf[rows], count)))
+        return TokenGroups(groups, counts)
+
+    def _token_set(self, cells: torch.Tensor, leaf: torch.Tensor, count: int) -> TokenSet:
+        """Images with `count` leaves each: their leaves' pixels from every cell's (B, cells, C*p*p) -> tokens."""
+        index = torch.argsort((~leaf).to(torch.uint8), dim=1, stable=True)[:, :count]  # (B, L) the leaves
+        boxes = self.boxes[index]  # (B, L, 3)
+        leaves = cells.gather(1, index[..., None].expand(-1, -1, cells.shape[-1]))  # (B, L, C*p*p)
         return TokenSet(project(self.proj, leaves), boxes, self.level(boxes))
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, C, H, W) -> leaves resized to patch px (B, tokens, C*p*p) and their boxes (B, tokens, 3) as
-        (x, y, size), in the cell table's order (coarse to fine, raster inside a size)."""
+        (x, y, size), in the cell table's order (coarse to fine, raster inside a size); fixed budget only."""
+        if self.threshold is not None:
+            raise VitlabError("a quadtree with per-image budgets gives each image its own number of leaves; "
+                              "call tokenize (TokenGroups), not forward")
+        index = torch.argsort((~self.leaves(x)).to(torch.uint8), dim=1, stable=True)[:, :self.tokens]
+        cells = self.resized_cells(x)
+        return cells.gather(1, index[..., None].expand(-1, -1, cells.shape[-1])), self.boxes[index]
+
+    def resized_cells(self, x: torch.Tensor) -> torch.Tensor:
+        """Every cell of every size resized to the patch (B, cells, C*p*p), in the cell table's order (cells are
+        few: 4/3 of the finest grid)."""
+        resized = []
+        for s in self.sizes:
+            pixels, coords = patchify(x, s)
+            resized.append(resize_leaves(LeafGroup(pixels, s, coords), self.patch, x.shape[1]))
+        return torch.cat(resized, dim=1)
+
+    def leaves(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, C, H, W) -> which cells are leaves (B, cells) bool. Greedy: split the leaf of highest score, one
+        split per step for the whole batch (a loop over tree steps, not images). With a threshold, image b
+        keeps the first s_b splits, s_b = the steps whose best score was above it (scores only fall along the
+        greedy order: a child's sum is at most its parent's), rounded up to a multiple of `budget_step`."""
         B, cells = len(x), len(self.boxes)
         size = self.boxes[:, 2]
         key = self.cell_scores(x) + 1e-5 * size / self.sizes[0]  # (B, cells): ties go to the larger cell
         key = key.masked_fill(size <= self.sizes[-1], -torch.inf)  # the finest cells do not split
         leaf = torch.zeros(B, cells, dtype=torch.bool, device=x.device)
         leaf[:, :self.roots] = True
-        for _ in range(self.splits):  # one split per step for the whole batch: a loop over tree steps
-            best = torch.where(leaf, key, -torch.inf).argmax(dim=1, keepdim=True)  # (B, 1)
+        root = leaf.clone()
+        split_cells, split_keys = [], []
+        for _ in range(self.splits):
+            best_key, best = torch.where(leaf, key, -torch.inf).max(dim=1, keepdim=True)  # (B, 1)
+            split_cells.append(best)
+            split_keys.append(best_key)
             leaf.scatter_(1, best, False)
             leaf.scatter_(1, self.child_cells[best[:, 0]], True)
-        index = torch.argsort((~leaf).to(torch.uint8), dim=1, stable=True)[:, :self.tokens]  # (B, L) the leaves
-        boxes = self.boxes[index]  # (B, L, 3)
-        resized = []  # every cell of every size, resized to the patch (cells are few: 4/3 of the finest grid)
-        for s in self.sizes:
-            pixels, coords = patchify(x, s)
-            resized.append(resize_leaves(LeafGroup(pixels, s, coords), self.patch, x.shape[1]))
-        leaves = torch.cat(resized, dim=1).gather(1, index[..., None].expand(-1, -1, resized[0].shape[-1]))
-        return leaves, boxes
+        if self.threshold is None or not self.splits:
+            return leaf
+        cells_split = torch.cat(split_cells, dim=1)  # (B, S): the cell split at each step
+        above = (torch.cat(split_keys, dim=1) > self.threshold).long()  # (B, S); once a tree is all finest
+        wanted = above.cummin(dim=1).values.sum(dim=1, keepdim=True)  # cells, later steps are void: a prefix
+        wanted = (torch.ceil(wanted / self.budget_step) * self.budget_step).clamp(max=self.splits)
+        done = torch.arange(self.splits, device=x.device) < wanted  # (B, S): the steps image b keeps
+        # rebuild from the roots with the kept steps (a cell split at a dropped step may repeat: count, then >0)
+        was_split = torch.zeros(B, cells, device=x.device).scatter_add_(1, cells_split, done.float()) > 0
+        made = torch.zeros(B, cells, device=x.device).scatter_add_(
+            1, self.child_cells[cells_split].flatten(1), done.float().repeat_interleave(4, dim=1)) > 0
+        return (root | made) & ~was_split
 
     def level(self, boxes: torch.Tensor) -> torch.Tensor:
         """Each leaf's size class (B, L): 0 for root cells, 1 for their children, ..."""

@@ -13,7 +13,7 @@ Every tokenizer is registered on the model as `patch_embed` (timm's key for the 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
@@ -31,6 +31,31 @@ class TokenSet:
     tree: Any = None
 
 
+@dataclass
+class TokenGroups:
+    """Images whose token counts differ (a content quadtree with per-image budgets), as groups of images with
+    equal counts: `groups` holds (rows, TokenSet) pairs, rows the images' indices in the batch (a long
+    tensor); `counts` (B,) is each image's token count. No token is padded and no image attends to another:
+    the model runs each group as one dense batch (`map`), a loop over distinct counts, not over images."""
+    groups: list[tuple[torch.Tensor, TokenSet]]
+    counts: torch.Tensor
+
+    def map(self, fn: Callable[[TokenSet], torch.Tensor]) -> torch.Tensor:
+        """fn applied to every group, the results (B_g, ...) put back in batch order (B, ...)."""
+        rows = torch.cat([r for r, _ in self.groups])
+        out = torch.cat([fn(t) for _, t in self.groups])
+        return out[torch.argsort(rows)]
+
+    @property
+    def boxes(self) -> list[torch.Tensor]:
+        """Each image's boxes (T_b, 3), in batch order (what a plot of the leaves reads)."""
+        per_image = [None] * len(self.counts)
+        for rows, t in self.groups:
+            for r, b in zip(rows.tolist(), t.boxes):
+                per_image[r] = b
+        return per_image
+
+
 class Tokenizer(nn.Module):
     """The interface. Attributes: img_size (px, square), patch_size (px each token's pixels are resized to
     before the projection), num_tokens (T), sizes (every box size a token can have, largest first),
@@ -42,7 +67,8 @@ class Tokenizer(nn.Module):
     sizes: list[int]
     fixed_layout: bool = False
 
-    def tokenize(self, x: torch.Tensor) -> TokenSet:
+    def tokenize(self, x: torch.Tensor) -> TokenSet | TokenGroups:
+        """Images -> their tokens; TokenGroups when images get different token counts."""
         raise NotImplementedError
 
     def init_weights(self) -> None:

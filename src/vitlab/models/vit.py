@@ -33,7 +33,7 @@ from ..layers.leaf_positions import LeafPositions
 from ..layers.quadtree import QuadtreeTokenizer
 from ..layers.segment_head import SegmentHead
 from ..layers.token_merge import TokenMerging, merge_schedule
-from ..layers.tokenizer import TokenSet, Tokenizer
+from ..layers.tokenizer import TokenGroups, TokenSet, Tokenizer
 
 #: tokenizers by the name `model.tokenizer` takes (GDT-ViT's learned quadtree comes with its own arguments)
 TOKENIZERS = (*PATCH_EMBEDS, "quadtree")
@@ -77,12 +77,15 @@ class VisionTransformer(nn.Module):
                  tokenizer: Literal["patch", "conv", "spt", "spt_paper", "quadtree"] | Callable[..., Tokenizer]
                  = "patch",
                  tokens: int | None = None, quadtree_sizes: tuple[int, int] | None = None,
-                 quadtree_score: Literal["edge", "variance"] = "edge",
+                 quadtree_score: Literal["edge", "variance"] = "edge", split_threshold: float | None = None,
+                 budget_step: int = 4,
                  leaf_pos: Literal["seq", "coords", "grid"] = "coords",
                  head: Literal["classify", "segment"] = "classify",
                  merge: int | list[int] | None = None, merge_prop_attn: bool = True):
         """tokenizer: a name, or a callable (img_size, patch_size, in_chans, embed_dim) -> Tokenizer;
         tokens, quadtree_sizes ([root, smallest] px), quadtree_score: the content quadtree's budget and cells;
+        split_threshold, budget_step: per-image budgets (leaves split while their score is above the threshold,
+        `tokens` the cap; `layers/quadtree.py`);
         leaf_pos: how tokens that are not a fixed grid are placed (`layers/leaf_positions.py`);
         norm_eps: every LayerNorm's epsilon (timm's 1e-6; torch's default 1e-5 in the original projects);
         merge: tokens ToMe merges away in each block (an int: every block; a list: one per block), with
@@ -99,9 +102,10 @@ class VisionTransformer(nn.Module):
         _choose("head", head, HEADS)
         if not norm_eps > 0:
             raise VitlabError(f"model.norm_eps must be positive (timm's 1e-6, torch's 1e-5), got {norm_eps}")
-        if tokenizer != "quadtree" and (tokens is not None or quadtree_sizes is not None):
-            raise VitlabError("model.tokens and model.quadtree_sizes shape the content quadtree; set "
-                              "model.tokenizer=quadtree or drop them")
+        if tokenizer != "quadtree" and (tokens is not None or quadtree_sizes is not None
+                                        or split_threshold is not None):
+            raise VitlabError("model.tokens, model.quadtree_sizes and model.split_threshold shape the content "
+                              "quadtree; set model.tokenizer=quadtree or drop them")
         if merge and not self.merges_tokens:
             raise VitlabError(f"model.merge (token merging) runs on the plain block stack (ViT, differential, "
                               f"LSA/SPT, staged, GDT); {type(self).__name__} has its own update rule: drop "
@@ -118,7 +122,7 @@ class VisionTransformer(nn.Module):
 
         # tokenizer: images -> tokens with their boxes; timm's key `patch_embed` for every kind
         self.patch_embed = self._build_tokenizer(tokenizer, img_size, patch_size, in_chans, embed_dim, tokens,
-                                                 quadtree_sizes, quadtree_score)
+                                                 quadtree_sizes, quadtree_score, split_threshold, budget_step)
         # positions: a learned row per grid cell (fixed layouts); for quadtree leaves, by `leaf_pos`
         fixed = self.patch_embed.fixed_layout
         self.leaf_positions = None if fixed else LeafPositions(leaf_pos, self.patch_embed.sizes, img_size)
@@ -145,7 +149,8 @@ class VisionTransformer(nn.Module):
 
     # -- construction hooks ----------------------------------------------------------------------------
     def _build_tokenizer(self, tokenizer, img_size: int, patch_size: int, in_chans: int, embed_dim: int,
-                         tokens: int | None, quadtree_sizes: tuple[int, int] | None, score: str) -> Tokenizer:
+                         tokens: int | None, quadtree_sizes: tuple[int, int] | None, score: str,
+                         threshold: float | None = None, budget_step: int = 4) -> Tokenizer:
         if callable(tokenizer):
             return tokenizer(img_size, patch_size, in_chans, embed_dim)
         _choose("tokenizer", tokenizer, TOKENIZERS)
@@ -158,7 +163,8 @@ class VisionTransformer(nn.Module):
             raise VitlabError(f"model.tokenizer=quadtree places leaves by a 2-D sinusoidal code, which needs "
                               f"embed_dim divisible by 4, got {embed_dim}")
         root, smallest = quadtree_sizes or (4 * patch_size, patch_size)
-        return QuadtreeTokenizer(img_size, patch_size, in_chans, embed_dim, tokens, root, smallest, score)
+        return QuadtreeTokenizer(img_size, patch_size, in_chans, embed_dim, tokens, root, smallest, score,
+                                 threshold, budget_step)
 
     def _build_head(self, head: str, img_size: int) -> nn.Module:
         """What the tokens become (the Linear `head` after it is sized by it)."""
@@ -224,12 +230,15 @@ class VisionTransformer(nn.Module):
                                              if n.endswith(("pos_embed", "cls_token"))}
 
     # -- forward: tokenizer -> blocks -> head ------------------------------------------------------------
-    def tokenize(self, x: torch.Tensor) -> TokenSet:
-        """(B, C, H, W) -> the tokens (B, T, D) and their boxes."""
+    def tokenize(self, x: torch.Tensor) -> TokenSet | TokenGroups:
+        """(B, C, H, W) -> the tokens (B, T, D) and their boxes (grouped by count under per-image budgets)."""
         return self.patch_embed.tokenize(x)
 
     def embed_tokens(self, t: TokenSet) -> torch.Tensor:
         """[cls; tokens] + positions (B, prefix + T, D)."""
+        if isinstance(t, TokenGroups):
+            raise VitlabError("with per-image budgets (model.split_threshold) images have different token counts, "
+                              "so there is no one (B, T, D) sequence: use forward(x), or leave the threshold unset")
         prefix_pos, slot_pos = self.pos_embed[:, :self.num_prefix_tokens], self.pos_embed[:, self.num_prefix_tokens:]
         where = slot_pos if self.leaf_positions is None else self.leaf_positions.encode(slot_pos, self.size_embed, t)
         x = t.tokens + where
@@ -275,9 +284,15 @@ class VisionTransformer(nn.Module):
         y = self.head_drop(self.fc_norm(self.readout.pool(z)))
         return y if pre_logits else self.readout.decode(self.head(y), tokens)
 
+    def forward_tokens(self, tokens: TokenSet) -> torch.Tensor:
+        """Tokens -> positions and class token -> blocks -> head."""
+        return self.forward_head(self.norm(self.forward_blocks(self.embed_tokens(tokens))), tokens=tokens)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         tokens = self.tokenize(x)
-        return self.forward_head(self.norm(self.forward_blocks(self.embed_tokens(tokens))), tokens=tokens)
+        if isinstance(tokens, TokenGroups):  # per-image budgets: each group of equal counts as a dense batch
+            return tokens.map(self.forward_tokens)
+        return self.forward_tokens(tokens)
 
     def forward_intermediates(self, x: torch.Tensor, indices: int | Sequence[int] | None = None,
                               intermediates_only: bool = False):

@@ -16,10 +16,12 @@ def _show(ax, image: torch.Tensor) -> None:
               cmap="gray" if img.shape[0] == 1 else None)
 
 
-def leaves_figure(images: torch.Tensor, boxes: torch.Tensor, title: str, masks: torch.Tensor | None = None,
-                  preds: torch.Tensor | None = None, classes: int | None = None) -> Figure:
-    """One row per image: the image with its leaves' boxes (B, T, 3) as (x, y, size); with `masks` and `preds`
-    ((B, H, W) class indices) also the true and the predicted mask."""
+def leaves_figure(images: torch.Tensor, boxes: torch.Tensor | list[torch.Tensor], title: str,
+                  masks: torch.Tensor | None = None, preds: torch.Tensor | None = None,
+                  classes: int | None = None) -> Figure:
+    """One row per image: the image with its leaves' boxes ((B, T, 3), or a list of (T_b, 3) under per-image
+    budgets) as (x, y, size); with `masks` and `preds` ((B, H, W) class indices) also the true and the
+    predicted mask."""
     n, cols = len(images), 1 if masks is None else 3
     fig, axes = subplots(n, cols, figsize=(2.4 * cols, 2.4 * n + 0.4), squeeze=False)
     fig.suptitle(title, fontsize=9)
@@ -30,7 +32,7 @@ def leaves_figure(images: torch.Tensor, boxes: torch.Tensor, title: str, masks: 
         for x, y, s in boxes[i].tolist():
             if s > 0:
                 ax.add_patch(Rectangle((x - 0.5, y - 0.5), s, s, fill=False, lw=0.6, ec="tab:orange"))
-        ax.set_title(f"{int((boxes[i, :, 2] > 0).sum())} leaves", fontsize=8)
+        ax.set_title(f"{int((boxes[i][:, 2] > 0).sum())} leaves", fontsize=8)
         if masks is not None:
             for ax, m, name in ((axes[i, 1], masks[i], "true mask"), (axes[i, 2], preds[i], "predicted")):
                 ax.imshow(m.numpy(), cmap="tab20", vmin=0, vmax=vmax, interpolation="nearest")
