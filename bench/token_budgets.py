@@ -1,0 +1,116 @@
+"""Per-image token budgets of the content quadtree (`model.split_threshold`): tokens per image on
+MNIST-on-canvas at several densities, and eval throughput against the fixed budget.
+
+    python bench/token_budgets.py [--data_dir ../shared/data] [--images 512] [--rounds 7]
+
+Canvases of 64 px with 24 px MNIST test digits (normalised with `mnist_canvas`'s statistics, as a trained
+model sees them): blank, one digit (the `mnist_canvas` dataset), three digits, and one digit with clutter
+(eight 8 px fragments cut from other digits). For each threshold it prints mean / min / max leaves per image
+per density (cells 16 -> 4 px, cap 100). Then eval img/s at batch 64 of the same model with the fixed budget
+and with per-image budgets (threshold `--speed-threshold`, cap = the fixed budget) on one-digit canvases, at
+the canvas model's width (D 64, depth 4) and at ViT-S width (D 384, 6 heads, depth 12): rounds alternate
+between the two arms and the ratio is the median of each round's ratio (so a slow spell of a shared machine
+cancels out). Accuracy is not measured here: that needs trained runs (issue 26).
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+import vitlab  # noqa: E402
+from vitlab.data.datasets import DATASETS  # noqa: E402
+
+CANVAS, DIGIT = 64, 24
+
+
+def canvases(data_dir: str, n: int) -> tuple[dict[str, torch.Tensor], float, float]:
+    """Normalised canvases by density, and the normalisation (mean, std) of `mnist_canvas`."""
+    raw = DATASETS["mnist_canvas"](data_dir=data_dir, download=False, canvas_size=CANVAS, canvas_digit_size=DIGIT,
+                                   split_seed=0)
+    test = raw.test.images  # CanvasDigits
+    one = test[torch.arange(n)].float() / 255  # (n, 1, 64, 64): one digit each
+    g = torch.Generator().manual_seed(0)
+    digits = test.digits.float() / 255  # (N, 1, 24, 24)
+
+    def paste(img: torch.Tensor, patch: torch.Tensor) -> None:
+        s = patch.shape[-1]
+        y, x = torch.randint(0, CANVAS - s + 1, (2,), generator=g).tolist()
+        img[:, y:y + s, x:x + s] = torch.maximum(img[:, y:y + s, x:x + s], patch)
+
+    three, clutter = one.clone(), one.clone()
+    for i in range(n):
+        for j in torch.randint(0, len(digits), (2,), generator=g).tolist():
+            paste(three[i], digits[j])
+        for j in torch.randint(0, len(digits), (8,), generator=g).tolist():
+            y, x = torch.randint(0, DIGIT - 8 + 1, (2,), generator=g).tolist()
+            paste(clutter[i], digits[j][:, y:y + 8, x:x + 8])
+    mean, std = raw.info.mean[0], raw.info.std[0]
+    sets = {"blank": torch.zeros_like(one), "1 digit": one, "3 digits": three, "1 digit + clutter": clutter}
+    return {k: (v - mean) / std for k, v in sets.items()}, mean, std
+
+
+def model(width: int, depth: int, heads: int, tokens: int, threshold: float | None) -> torch.nn.Module:
+    torch.manual_seed(0)
+    return vitlab.create_model("vit_tiny_patch16_224", img_size=CANVAS, patch_size=4, in_chans=1, embed_dim=width,
+                               depth=depth, num_heads=heads, num_classes=10, global_pool="avg", class_token=False,
+                               tokenizer="quadtree", tokens=tokens, quadtree_sizes=(16, 4),
+                               split_threshold=threshold).eval()
+
+
+@torch.inference_mode()
+def img_per_s(m: torch.nn.Module, x: torch.Tensor) -> float:
+    start = time.perf_counter()
+    for i in range(0, len(x), 64):
+        m(x[i:i + 64])
+    return len(x) / (time.perf_counter() - start)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--data_dir", default="../shared/data")
+    ap.add_argument("--images", type=int, default=512)
+    ap.add_argument("--rounds", type=int, default=7)
+    ap.add_argument("--thresholds", type=float, nargs="+", default=[8.0, 16.0, 32.0, 64.0])
+    ap.add_argument("--speed-threshold", type=float, default=16.0)
+    ap.add_argument("--fixed", type=int, default=52, help="the fixed budget (make gdt's 52 leaves)")
+    args = ap.parse_args()
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    sets, mean, std = canvases(args.data_dir, args.images)
+    print(f"MNIST-on-canvas {CANVAS} px, {args.images} test images per density, cells 16 -> 4 px, cap 100; "
+          f"normalised with mean {mean:.4f}, std {std:.4f}")
+    print("| threshold | " + " | ".join(sets) + " |")
+    print("|---:|" + "---:|" * len(sets))
+    for t in args.thresholds:
+        tok = model(64, 1, 4, 100, t).tokenizer
+        cells = []
+        for x in sets.values():
+            c = torch.cat([tok.tokenize(x[i:i + 256]).counts for i in range(0, len(x), 256)]).float()
+            cells.append(f"{c.mean():.1f} ({int(c.min())}-{int(c.max())})")
+        print(f"| {t:g} | " + " | ".join(cells) + " |")
+
+    x = sets["1 digit"]
+    for width, depth, heads in ((64, 4, 4), (384, 12, 6)):
+        fixed = model(width, depth, heads, args.fixed, None)
+        adaptive = model(width, depth, heads, args.fixed, args.speed_threshold)
+        counts = torch.cat([adaptive.tokenize(x[i:i + 256]).counts for i in range(0, len(x), 256)]).float()
+        img_per_s(fixed, x[:64]), img_per_s(adaptive, x[:64])  # warm-up
+        ratios, f_s, a_s = [], [], []
+        for _ in range(args.rounds):
+            f_s.append(img_per_s(fixed, x))
+            a_s.append(img_per_s(adaptive, x))
+            ratios.append(a_s[-1] / f_s[-1])
+        print(f"D {width}, depth {depth}: fixed {args.fixed} tokens {statistics.median(f_s):.0f} img/s; per-image "
+              f"budgets (threshold {args.speed_threshold:g}, cap {args.fixed}) mean {counts.mean():.1f} tokens "
+              f"({100 * (1 - counts.mean() / args.fixed):.0f}% fewer) {statistics.median(a_s):.0f} img/s; "
+              f"speed-up {statistics.median(ratios):.2f}x (median of {args.rounds} rounds, "
+              f"{torch.get_num_threads()} threads)")
+
+
+if __name__ == "__main__":
+    main()
