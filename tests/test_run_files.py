@@ -519,3 +519,244 @@ def test_atomic_writes_never_write_through_a_planted_temporary_link(tmp_path):
     save_weights(run / "model.safetensors", {"w": torch.zeros(2)}, {"format": "pt"})
     assert victim.read_text() == "keep" and (run / "results.json").read_text() == "{}"
     assert not (run / "results.json").is_symlink() and not (run / "model.safetensors").is_symlink()
+
+
+# -- run directories read by collect, plot and report (and vitlab.load_run) --------------------------------------
+# A copied run is not trusted: each damage below is applied to one run beside an intact one. "skip": the run is
+# left out with one warning naming the file (alone, it is the one-line error); "values": the run stays, the wrong
+# values are dropped with one warning; "lines": the run stays, its bad metrics lines are dropped with one warning
+# where the metrics are read (report, plot; collect reads them only for unfinished runs); "quiet": no warning.
+def _put(name, data):
+    def damage(run, outside):
+        (run / name).unlink()
+        (run / name).write_bytes(data if isinstance(data, bytes) else data.encode())
+    return damage
+
+
+def _results(**changes):
+    def damage(run, outside):
+        d = json.loads((run / "results.json").read_text())
+        (run / "results.json").write_text(json.dumps({**d, **changes}))
+    return damage
+
+
+def _append(text):
+    def damage(run, outside):
+        with open(run / "metrics.jsonl", "ab") as f:
+            f.write(text if isinstance(text, bytes) else text.encode())
+    return damage
+
+
+def _link(name, target):
+    def damage(run, outside):
+        (run / name).unlink()
+        (run / name).symlink_to(target if target == "/dev/zero" else outside / name)
+    return damage
+
+
+def _special(name, kind):
+    def damage(run, outside):
+        (run / name).unlink()
+        os.mkfifo(run / name) if kind == "fifo" else (run / name).mkdir()
+    return damage
+
+
+def _sparse(name, size):
+    def damage(run, outside):
+        with open(run / name, "wb") as f:
+            f.truncate(size)
+    return damage
+
+
+DAMAGES = {  # name: (damage, expected, words in the warning)
+    "config_list": (_put("config.yaml", "- a\n- b\n"), "skip", "is a list, not a mapping"),
+    "config_string": (_put("config.yaml", "hello\n"), "skip", "is a str, not a mapping"),
+    "config_not_yaml": (_put("config.yaml", "model: [unclosed\n"), "skip", "is not plain YAML"),
+    "config_not_utf8": (_put("config.yaml", b"model:\n  name: \xff\xfe\n"), "skip", "is not UTF-8"),
+    "config_python_tag": (_put("config.yaml", "model: !!python/object/apply:os.system ['touch pwned']\n"), "skip",
+                          "is not plain YAML"),
+    "config_alias_bomb": (_put("config.yaml", BOMB), "skip", "expands to more than"),
+    "config_nested_50000": (_put("config.yaml", "a: " + "[" * 50000), "skip", "config.yaml"),
+    "config_link_out": (_link("config.yaml", "out"), "skip", "is a symbolic link"),
+    "config_link_dev_zero": (_link("config.yaml", "/dev/zero"), "skip", "is a symbolic link"),
+    "config_fifo": (_special("config.yaml", "fifo"), "skip", "not a regular file"),
+    "config_folder": (_special("config.yaml", "dir"), "skip", "is a folder"),
+    "config_model_a_list": (_put("config.yaml", "model: [1, 2]\ntrain: 5\n"), "quiet", ""),
+    "config_html_key": (_put("config.yaml", "model: {name: vit_micro_patch2_8}\n'<img src=x onerror=alert(1)>': "
+                                            "'=cmd|x'\n"), "quiet", ""),
+    "results_list": (_put("results.json", "[1, 2]"), "skip", "holds a JSON list, not an object"),
+    "results_string": (_put("results.json", '"hello"'), "skip", "holds a JSON str"),
+    "results_torn": (_put("results.json", '{"test_top1": 0.5,'), "skip", "is not valid JSON"),
+    "results_not_utf8": (_put("results.json", b'{"model": "\xff\xfe"}'), "skip", "is not UTF-8"),
+    "results_nested_100000": (_put("results.json", "[" * 100000), "skip", "is not valid JSON"),
+    "results_5000_digits": (_put("results.json", '{"params": ' + "9" * 5000 + "}"), "skip", "is not valid JSON"),
+    "results_link_out": (_link("results.json", "out"), "skip", "is a symbolic link"),
+    "results_link_dev_zero": (_link("results.json", "/dev/zero"), "skip", "is a symbolic link"),
+    "results_fifo": (_special("results.json", "fifo"), "skip", "not a regular file"),
+    "results_folder": (_special("results.json", "dir"), "skip", "is a folder"),
+    "results_1gib": (_sparse("results.json", 1 << 30), "skip", "more than the 16 MiB"),
+    "results_strings_lists": (_results(test_top1="high", params="big", epochs=[1], gflops={"a": 1}), "values",
+                              "ignored test_top1, params, epochs, gflops"),
+    "results_nan_inf": (_results(test_top1=float("nan"), params=float("inf"), images_per_second=float("-inf")),
+                        "values", "ignored test_top1, params, images_per_second"),
+    "results_bools": (_results(test_top1=True, params=False), "values", "ignored test_top1, params"),
+    "results_out_of_range": (_results(test_top1=7.0, params=-5, train_memory_mb=10 ** 400), "values",
+                             "ignored test_top1, params, train_memory_mb"),
+    "results_names_not_text": (_results(model=["a"], architecture={"x": 1}), "values", "ignored model, architecture"),
+    "results_html_names": (_results(model="<script>alert(1)</script>", architecture="<b>$\\frac{"), "quiet", ""),
+    "metrics_binary_garbage": (_append(b"\xff\xfe\x00garbage\x01\n" + bytes(range(11, 256)) + b"\n"), "lines",
+                               "skipped 2 damaged lines (first: line 24"),
+    "metrics_not_objects": (_append('[1, 2]\n"x"\n5\nnull\n'), "lines", "skipped 4 damaged lines"),
+    "metrics_strings_lists": (_append('{"kind": "train_batch", "epoch": 1, "step": "x", "loss": "abc"}\n'
+                                      '{"kind": "epoch", "epoch": [1], "val_top1": "x", "val_loss": [2]}\n'
+                                      '{"kind": ["epoch"], "epoch": 1}\n'), "lines", "skipped 3 damaged lines"),
+    "metrics_nested_100000": (_append("[" * 100000 + "\n"), "lines", "skipped 1 damaged line"),
+    "metrics_5000_digits": (_append('{"kind": "train_batch", "epoch": 1, "step": ' + "9" * 5000 + "}\n"), "lines",
+                            "skipped 1 damaged line"),
+    "metrics_not_utf8": (_put("metrics.jsonl", '{"kind": "epoch", "epoch": 1}\n'.encode("utf-16")), "lines",
+                         "skipped 1 damaged line (first: line 1"),
+    "metrics_link_out": (_link("metrics.jsonl", "out"), "lines", "is a symbolic link"),
+    "metrics_link_dev_zero": (_link("metrics.jsonl", "/dev/zero"), "lines", "is a symbolic link"),
+    "metrics_fifo": (_special("metrics.jsonl", "fifo"), "lines", "not a regular file"),
+    "metrics_folder": (_special("metrics.jsonl", "dir"), "lines", "is a folder"),
+    "metrics_torn_last_line": (_append('{"kind": "train_batch", "epoch": 1, "st'), "quiet", ""),
+    "metrics_missing_keys": (_append('{"kind": "train_batch"}\n{"kind": "epoch"}\n{"kind": "val_batch"}\n'), "quiet",
+                             ""),
+    "metrics_nan_inf_values": (_append('{"kind": "train_batch", "epoch": 1, "step": 22, "loss": NaN}\n'
+                                       '{"kind": "epoch", "epoch": 2, "val_top1": Infinity, "val_loss": NaN}\n'),
+                               "quiet", ""),
+}
+# A skipped run is left out by find_runs, the same for every command: report and plot are run on a few of those,
+# on every damage that leaves the run in (their figures read the damaged values), collect on all.
+ANALYSIS = ([(d, "collect") for d in DAMAGES]
+            + [(d, "report") for d, (_, e, _) in DAMAGES.items() if e != "skip" or d in ("config_fifo", "results_list")]
+            + [(d, "plot") for d in DAMAGES if d.startswith(("metrics", "results_n"))])
+
+
+@pytest.fixture(scope="module")
+def run_files(finished):
+    """The finished run's three files an analysis reads (config.yaml, results.json, metrics.jsonl)."""
+    return {n: (finished / n).read_bytes() for n in ("config.yaml", "results.json", "metrics.jsonl")}
+
+
+def _analysis_run(folder: Path, files: dict[str, bytes]) -> Path:
+    folder.mkdir(parents=True)
+    for name, data in files.items():
+        (folder / name).write_bytes(data)
+    return folder
+
+
+def _damaged(tmp_path, run_files, damage):
+    """runs/ok (intact) and runs/bad (damaged), and the intact files a link may point at (outside/)."""
+    outside = _analysis_run(tmp_path / "outside", run_files)
+    _analysis_run(tmp_path / "runs" / "ok", run_files)
+    DAMAGES[damage][0](_analysis_run(tmp_path / "runs" / "bad", run_files), outside)
+    return tmp_path / "runs", outside
+
+
+@pytest.mark.parametrize("damage,command", ANALYSIS, ids=[f"{d}-{c}" for d, c in ANALYSIS])
+def test_damaged_run_files_are_skipped_or_warned_never_a_traceback(run_files, tmp_path, capsys, damage, command):
+    root, outside = _damaged(tmp_path, run_files, damage)
+    before = {p.name: p.read_bytes() for p in outside.iterdir()}
+    out = tmp_path / "made"
+    argv = {"collect": ["collect", root, "--csv", out / "runs.csv"], "report": ["report", root, "--out",
+            out / "r.html"], "plot": ["plot", root, "--out", out]}[command]
+    code, stdout, err = run_cli(argv, capsys)
+    _, expected, words = DAMAGES[damage]
+    assert code == 0 and "Traceback" not in stdout + err, err
+    lines = err.splitlines()
+    warned = expected in ("skip", "values") or (expected == "lines" and command != "collect")
+    assert len(lines) == warned, err
+    if warned:
+        assert lines[0].startswith("vitlab: warning: ") and words in lines[0] and "/bad/" in lines[0], err
+    if command == "collect":
+        table = [line for line in stdout.splitlines() if line.startswith("| ") and "---" not in line]
+        assert [line.split(" | ")[0] for line in table[1:]] == (["| ok"] if expected == "skip" else ["| bad", "| ok"])
+        assert "'=cmd|x" in (out / "runs.csv").read_text() if damage == "config_html_key" else True
+    elif command == "report":
+        page = (out / "r.html").read_text()
+        assert "<script>" not in page and "<img src=x" not in page and "<b>" not in page
+    else:
+        assert (out / "accuracy_per_epoch.png").is_file()
+    assert {p.name: p.read_bytes() for p in outside.iterdir()} == before  # nothing outside touched
+    assert not (tmp_path / "pwned").exists() and not (ROOT / "pwned").exists()
+
+
+@pytest.mark.parametrize("damage", [d for d, (_, e, _) in DAMAGES.items() if e == "skip"])
+def test_a_damaged_run_alone_is_one_line_naming_its_file(run_files, tmp_path, capsys, damage):
+    root, _ = _damaged(tmp_path, run_files, damage)
+    code, stdout, err = run_cli(["collect", root / "bad", "--csv", tmp_path / "runs.csv"], capsys)
+    one_line(code, stdout, err, DAMAGES[damage][2], "/bad/")
+    assert not (tmp_path / "runs.csv").exists()
+    from vitlab.api import TrainedRun
+    with pytest.raises(VitlabError, match="/bad/"):
+        TrainedRun.load(root / "bad")
+
+
+def test_metrics_are_read_with_bounds_and_a_running_runs_torn_line_silently(tmp_path, capsys, monkeypatch):
+    from vitlab.experiments import runs
+    m = tmp_path / "metrics.jsonl"
+    good = '{"kind": "train_batch", "epoch": 1, "step": %d, "loss": 1.0}\n'
+    m.write_text(good % 1 + '{"kind": "x", "pad": "' + "a" * 300 + '"}\n' + good % 2 + '{"kind": "train_batch", "ep')
+    monkeypatch.setattr(runs, "METRICS_MAX_LINE", 100)
+    assert [r["step"] for r in runs.read_jsonl(m)] == [1, 2]  # the overlong line skipped to its end, not split
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "skipped 1 damaged line (first: line 2" in err
+    monkeypatch.setattr(runs, "METRICS_MAX_BYTES", 120)
+    assert [r["step"] for r in runs.read_jsonl(m)] == [1]
+    err = capsys.readouterr().err
+    assert "larger than 0 MiB; only its first" in err and err.count("\n") == 2
+    monkeypatch.undo()
+    m.write_text(good % 1 + good % 2 + '{"kind": "train_batch", "ep')  # a run still writing: no warning
+    assert len(runs.read_jsonl(m)) == 2 and capsys.readouterr().err == ""
+
+
+def test_searching_for_runs_follows_no_link_and_stops(run_files, tmp_path, capsys, monkeypatch):
+    from vitlab.experiments import runs
+    root = tmp_path / "root"
+    _analysis_run(root / "a" / "run", run_files)
+    elsewhere = _analysis_run(tmp_path / "elsewhere" / "run", run_files)
+    (root / "loop").symlink_to(root, target_is_directory=True)  # a folder that holds itself
+    (root / "a" / "up").symlink_to(tmp_path, target_is_directory=True)
+    (root / "linked_run").symlink_to(elsewhere, target_is_directory=True)
+    (root / ".hidden" / "run").mkdir(parents=True)
+    (root / ".hidden" / "run" / "config.yaml").write_text("{}")
+    deep = root.joinpath(*["d"] * 40)
+    deep.mkdir(parents=True)
+    (deep / "config.yaml").write_text("{}")
+    assert [r.path for r in runs.find_runs([root])] == [root / "a" / "run"]
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "did not search more than 32 folders deep" in err
+    assert [r.path for r in runs.find_runs([root / "linked_run"])] == [root / "linked_run"]  # named: the user's
+    for i in range(60):
+        (root / "many" / str(i)).mkdir(parents=True)
+    monkeypatch.setattr(runs, "SCAN_MAX_FOLDERS", 50)
+    runs.find_runs([root])
+    assert "stopped searching" in capsys.readouterr().err
+
+
+def test_trained_run_from_a_damaged_directory(run_files, tmp_path, capsys):
+    from vitlab.api import TrainedRun
+    run = _analysis_run(tmp_path / "r", run_files)
+    _results(model="<script>x</script>", test_top1="0.9")(run, None)
+    _link("metrics.jsonl", "/dev/zero")(run, None)
+    r = TrainedRun.load(run)
+    assert "<script>" not in r._repr_html_() and "test_top1" not in r.results and repr(r).endswith("')")
+    assert r.records("epoch") == [] and list(r.figures()) == ["parameters"]  # no curves: no metrics read
+    err = capsys.readouterr().err
+    assert "ignored test_top1" in err and "is a symbolic link" in err and err.count("\n") == 2
+
+
+def test_damaged_runs_in_a_real_process(run_files, tmp_path):
+    """Every kind of damage at once, as a real process: a report of the intact runs, one warning line per damaged
+    run or file, no traceback, no hang (a FIFO or /dev/zero followed would block or never end)."""
+    kinds = ["config_fifo", "config_link_dev_zero", "results_list", "results_strings_lists", "metrics_fifo",
+             "metrics_link_dev_zero", "metrics_binary_garbage", "metrics_torn_last_line"]
+    outside = _analysis_run(tmp_path / "outside", run_files)
+    _analysis_run(tmp_path / "runs" / "ok", run_files)
+    for kind in kinds:
+        DAMAGES[kind][0](_analysis_run(tmp_path / "runs" / kind, run_files), outside)
+    code, stdout, err = vitlab("report", tmp_path / "runs", "--out", tmp_path / "r.html", timeout=120)
+    assert code == 0 and "Traceback" not in err and "report of 6 runs" in stdout, err
+    lines = err.splitlines()
+    assert len(lines) == 7 and all(line.startswith("vitlab: warning: ") for line in lines), err

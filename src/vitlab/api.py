@@ -73,8 +73,10 @@ class TrainedRun:
 
     def _repr_html_(self) -> str:
         keys = ("model", "dataset", "test_top1", "test_top5", "params", "epochs", "images_per_second")
-        cells = "".join(f"<tr><th>{k}</th><td>{self.results[k]}</td></tr>" for k in keys if k in self.results)
-        return f"<b>vitlab run</b> <code>{self.path}</code><table>{cells}</table>"
+        from html import escape  # names and values come from the run directory (docs/design.md, threat model)
+        cells = "".join(f"<tr><th>{k}</th><td>{escape(str(self.results[k]))}</td></tr>" for k in keys
+                        if k in self.results)
+        return f"<b>vitlab run</b> <code>{escape(str(self.path))}</code><table>{cells}</table>"
 
     def __repr__(self) -> str:
         top1 = self.results.get("test_top1")

@@ -24,7 +24,7 @@ def loss_figures(runs: list[Run], kind: str = "train_batch") -> dict[str, Figure
     Runs without `kind` records (validation per batch needs train.val_every_n_batches) are left out."""
     figures = {}
     for arch, group in by_architecture(runs).items():
-        series = [(r, r.records(kind)) for r in group]
+        series = [(r, r.series(kind, "step", "loss")) for r in group]
         series = [(r, recs) for r, recs in series if recs]
         if not series:
             continue
@@ -38,7 +38,7 @@ def loss_figures(runs: list[Run], kind: str = "train_batch") -> dict[str, Figure
 
 def accuracy_figure(runs: list[Run]) -> Figure | None:
     """Validation top-1 after each epoch, one line per run."""
-    series = [(r, r.records("epoch")) for r in runs]
+    series = [(r, r.series("epoch", "epoch", "val_top1")) for r in runs]
     series = [(r, recs) for r, recs in series if recs]
     if not series:
         return None
@@ -53,7 +53,7 @@ def accuracy_figure(runs: list[Run]) -> Figure | None:
 def overlay_figure(runs: list[Run]) -> Figure | None:
     """Per run, mean training loss of each epoch against the validation loss after it (overfitting shows as
     the two curves parting): one panel per run, two lines each."""
-    series = [(r, r.records("epoch"), r.records("train_batch")) for r in runs]
+    series = [(r, r.series("epoch", "epoch", "val_loss"), r.series("train_batch", "epoch", "loss")) for r in runs]
     series = [s for s in series if s[1]]
     if not series:
         return None

@@ -22,7 +22,7 @@ def fit_power_law(params: list[float], accuracy: list[float]) -> tuple[float, fl
 
 
 def _series(group: list[Run]):
-    done = [r for r in group if r.finished and r.params]
+    done = [r for r in group if r.finished and r.params and r.results.get("test_top1") is not None]
     return [r.params for r in done], [r.results["test_top1"] for r in done]
 
 
