@@ -179,6 +179,9 @@ def resolve_device(spec: str, env: DistEnv) -> torch.device:
         raise VitlabError(f"train.device '{spec}' is not a device; use auto, cpu, cuda or cuda:N") from None
     if device.type not in ("cpu", "cuda", "mps"):
         raise VitlabError(f"train.device '{spec}' is not supported; use auto, cpu, cuda or cuda:N")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise VitlabError(f"train.device is '{spec}' but this torch has no usable MPS (Apple GPU) device; use "
+                          f"train.device=cpu or auto")
     if device.type == "cuda":
         if not torch.cuda.is_available():
             raise VitlabError(f"train.device is '{spec}' but no CUDA device is available; use train.device=cpu or auto")

@@ -13,6 +13,7 @@ from torch import nn
 from ..config import Config
 from ..errors import VitlabError
 from ..objective import as_output
+from ..registry import MAX_DEPTH, MAX_LIST, MAX_MODEL_NUMBER
 from ..resolve import build
 from .build import rebuild_model
 from ..untrusted import load_yaml
@@ -118,11 +119,6 @@ def load_checkpoint(path: str | Path, use_ema: bool = True) -> tuple[nn.Module, 
             raise VitlabError(f"'{file}' does not fit the model its metadata names ({meta['model_name']}): "
                               f"{str(exc).splitlines()[0]}") from None
     return model.eval(), cfg, extra
-
-
-MAX_MODEL_NUMBER = 1 << 16  # no size argument (width, heads, image size...) of a real model is larger
-MAX_DEPTH = 1024  # blocks in all (each is modules to build, even on the meta device: ~3 s per thousand)
-MAX_LIST = 256
 
 
 def _model_metadata(file: Path, meta: dict[str, str]) -> tuple[str, dict, dict]:
