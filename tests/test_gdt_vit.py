@@ -336,3 +336,69 @@ def test_torch_stage_encoder_is_the_originals_post_norm_relu_layer():
     logits.sum().backward()
     assert leaf_crops_match(x, tree)
     assert stage.selector.weight.grad.abs().sum() > 0
+
+
+def canvas(batch=3, size=64, seed=0):
+    """Blank canvases (many tied, zero-edge cells) with a few bright rectangles of different sizes each."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.full((batch, 1, size, size), -0.5)
+    for b in range(batch):
+        for _ in range(4):
+            y0, x0 = torch.randint(0, size - 12, (2,), generator=g).tolist()
+            h, w = torch.randint(3, 12, (2,), generator=g).tolist()
+            x[b, :, y0:y0 + h, x0:x0 + w] = torch.rand(1, generator=g).item() + 0.5
+    return x
+
+
+def one_stage(scorer, seed=0, **kw):
+    """The content quadtree min8's shape as a learned tree: 16 roots of 16 px, 12 split into 8 px, leaves at 8 px."""
+    return gdt(img_size=64, stages=[(16, 8, 0.75)], patch_size=8, in_chans=1, scorer=scorer, seed=seed, **kw)
+
+
+@pytest.mark.parametrize("scorer", ["heuristic", "prior"])
+def test_prior_without_correction_or_noise_is_the_content_quadtree(scorer):
+    """The heuristic (and the prior scorer at its start: correction zero) picks the content quadtree's cells; with
+    raster leaf order its tokens are the content quadtree's leaves and boxes, in its order."""
+    from vitlab.layers.learned_quadtree import box_scores, edge_map
+    x = canvas()
+    content = QuadtreeTokenizer(64, 8, 1, 8, tokens=52, root=16, min_size=8)
+    patches, coords = patchify(x, 16)
+    torch.testing.assert_close(box_scores(edge_map(x), coords, 16), content.cell_scores(x)[:, :16])
+    leaves, boxes = content(x)
+    model = one_stage(scorer, leaf_order="raster", noise_scale=0.0).train()  # train: no noise at scale 0
+    tree = model.grow(x)
+    split = boxes[..., 2] == 8  # the content tree's 8 px leaves' parents are its split roots
+    parents = ((boxes[..., 1] // 16) * 4 + boxes[..., 0] // 16).long()
+    for b in range(len(x)):
+        assert set(parents[b][split[b]].tolist()) == set(tree.selections[0][b].tolist())
+    torch.testing.assert_close(tree.boxes, boxes)
+    mine = torch.cat([resize_leaves(g, 8, 1) for g in tree.groups], dim=1)
+    torch.testing.assert_close(mine, leaves)
+    assert leaf_crops_match(x, tree)
+
+
+def test_prior_scorers_gradient_reaches_its_correction_and_scale():
+    model = one_stage("prior", prior_scale=2.0).train()
+    stage = model.tokenizer.stages[0]
+    assert stage.selector.weight.abs().sum() == 0 and stage.prior_scale.item() == 2.0  # starts at the heuristic
+    F.cross_entropy(model(canvas()), torch.arange(3)).backward()
+    assert stage.selector.weight.grad.abs().sum() > 0 and stage.prior_scale.grad.abs() > 0
+    assert not any(n.startswith("patch_embed.stages.") for n, _ in one_stage("heuristic").named_parameters())
+
+
+def test_noise_scale_and_leaf_order_options():
+    x = canvas()
+    model = one_stage("prior")
+    with torch.no_grad():
+        model.tokenizer.stages[0].selector.bias.fill_(1.0)  # a nonzero correction
+        quiet = model.train().tokenizer
+        quiet.noise_scale = 0.0
+        a, b = model.grow(x), model.grow(x)
+        assert torch.equal(a.selections[0], b.selections[0])
+        quiet.noise_scale = 1.0
+        assert any(not torch.equal(model.grow(x).selections[0], a.selections[0]) for _ in range(5))
+    for g in one_stage("token", leaf_order="raster").grow(x).groups:
+        key = g.coords[..., 1] * 64 + g.coords[..., 0]
+        assert (key[:, 1:] > key[:, :-1]).all()
+    with pytest.raises(VitlabError, match="scorer"):
+        one_stage("edges")

@@ -5,8 +5,16 @@ Stage s sees N_s square patches P of p_in(s) px with their corners X (ROUTED_AND
     z = LN(encoder([cls; Linear(P) + PE(X)] + E_pos))   a small transformer over the stage's patches
     l = W z_cls                                          slot scorer: a logit per sequence position (the original)
       | w . z_i                                          token scorer: a logit from each patch's own output
+      | a std(e_i) + w . z_i                             prior: the content heuristic plus a learned correction
+      | a std(e_i)                                       heuristic: the content heuristic alone (nothing learned)
       | 0                                                random: the same tree shape, uniform draws (a baseline)
-    K = sort(top-k(l + g)),  k = int(N_s r_s)            g ~ Gumbel(0, 1) in training only
+    K = sort(top-k(l + n g)),  k = int(N_s r_s)          g ~ Gumbel(0, 1) in training only, n = noise_scale
+
+e_i is the content quadtree's edge score of patch i (`QuadtreeTokenizer.cell_scores`, score=edge: the sum of
+|horizontal| + |vertical| grey differences in its box), std() standardises it over the image's N_s patches
+(zero mean, unit deviation, ties broken towards the earlier patch, as the content tree's greedy max); a is
+`prior_scale` (learned for `prior`), and the prior's w starts at zero, so training starts at the heuristic:
+with n = 0 the `heuristic` scorer picks exactly the content quadtree's cells.
     m = onehot(K) - sg(s) + s,  s = softmax((l + g) / tau)      straight-through: m = onehot(K) in the forward
 
 The selected patches, times m (the scorer's only gradient path), split into q^2 children of p_out(s) px for
@@ -15,7 +23,10 @@ resized (bilinear) to the patch size t and embedded by the patch projection, in 
 
     T = sum_s (N_s - k_s) + N_{S+1},   N_1 = (H / p_in(1))^2,   N_{s+1} = k_s (p_in(s) / p_out(s))^2
 
-tokens, fixed by the plan wherever the tree splits; each token's level is its stage (its leaf size).
+tokens, fixed by the plan wherever the tree splits; each token's level is its stage (its leaf size). Leaves are
+in stage order, and inside a stage in tree order (the original: unsplit patches, then children by parent) or,
+with leaf_order=raster, in raster order of their corners (the content quadtree's order: a one-stage tree with
+the heuristic scorer then gives the content quadtree's tokens in its order).
 
 Stage encoders: `vit`, our pre-norm GELU blocks (the model's, so differential attention reaches them too);
 or `torch`, the original's torch `TransformerEncoderLayer`s (post-norm, ReLU, dropout 0.1 also on the
@@ -29,6 +40,7 @@ from dataclasses import dataclass
 from typing import Callable, Literal, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..errors import VitlabError
@@ -82,6 +94,30 @@ class Tree:
                           for g in self.groups], dim=1)
 
 
+def edge_map(x: torch.Tensor) -> torch.Tensor:
+    """(B, C, H, W) -> per-pixel |horizontal| + |vertical| grey differences (B, 1, H, W): the content quadtree's
+    edge score before it is summed over a cell (`QuadtreeTokenizer.cell_scores`, score=edge)."""
+    grey = x.float().mean(1, keepdim=True)
+    dx = F.pad((grey[..., :, 1:] - grey[..., :, :-1]).abs(), (0, 1))
+    dy = F.pad((grey[..., 1:, :] - grey[..., :-1, :]).abs(), (0, 0, 0, 1))
+    return dx + dy
+
+
+def box_scores(edges: torch.Tensor, coords: torch.Tensor, size: int) -> torch.Tensor:
+    """Sum of the edge map (B, 1, H, W) over each square box of `size` px at corners (B, N, 2) -> (B, N)."""
+    sums = F.avg_pool2d(edges, size).flatten(1) * size * size  # (B, h*w), the grid of size-px cells
+    width = edges.shape[-1] // size
+    index = (coords[..., 1] // size) * width + coords[..., 0] // size
+    return sums.gather(1, index.long())
+
+
+def standardize(scores: torch.Tensor) -> torch.Tensor:
+    """Scores (B, N) -> zero mean, unit deviation per image; equal scores ordered by position (earlier first)."""
+    z = (scores - scores.mean(1, keepdim=True)) / (scores.std(1, keepdim=True, unbiased=False) + 1e-6)
+    ties = torch.arange(scores.shape[1], device=scores.device, dtype=z.dtype) / scores.shape[1]
+    return z - 1e-4 * ties
+
+
 def _take(t: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     """Rows `index` (B, k) of t (B, N, F) -> (B, k, F)."""
     return t.gather(1, index[..., None].expand(-1, -1, t.shape[-1]))
@@ -93,11 +129,15 @@ class QuadtreeStage(nn.Module):
     layers (input dropout 0.1, LayerNorm eps 1e-5), as `LearnedQuadtreeTokenizer` chooses."""
 
     def __init__(self, patch_in: int, patch_out: int, ratio: float, seq_len: int, in_chans: int, dim: int,
-                 blocks: list[nn.Module], scorer: Literal["slot", "token", "random"], norm: nn.Module,
-                 input_drop: float = 0.0):
+                 blocks: list[nn.Module], scorer: Literal["slot", "token", "prior", "heuristic", "random"],
+                 norm: nn.Module, input_drop: float = 0.0, prior_scale: float = 1.0):
         super().__init__()
         self.patch_in, self.patch_out, self.k, self.scorer = patch_in, patch_out, int(seq_len * ratio), scorer
-        if scorer == "random":  # the baseline tree of the same shape: no encoder, uniform draws
+        if scorer == "prior":  # a learned scale of the heuristic's logit
+            self.prior_scale = nn.Parameter(torch.tensor(float(prior_scale)))
+        elif scorer == "heuristic":
+            self.register_buffer("prior_scale", torch.tensor(float(prior_scale)), persistent=False)
+        if scorer in ("random", "heuristic"):  # no encoder: uniform draws, or the content heuristic alone
             return
         self.patch_embed = nn.Linear(in_chans * patch_in ** 2, dim)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
@@ -106,22 +146,39 @@ class QuadtreeStage(nn.Module):
         self.blocks = nn.Sequential(*blocks)
         self.norm = norm
         self.selector = nn.Linear(dim, seq_len if scorer == "slot" else 1)
+        self.zero_correction()
 
-    def logits(self, pixels: torch.Tensor, coords: torch.Tensor) -> torch.Tensor:
-        """(B, N, C*p*p), (B, N, 2) -> one score per patch (B, N)."""
+    @torch.no_grad()
+    def zero_correction(self) -> None:
+        """The prior scorer's learned correction starts at zero: its first trees are the heuristic's."""
+        if self.scorer == "prior":
+            nn.init.zeros_(self.selector.weight)
+            nn.init.zeros_(self.selector.bias)
+
+    def logits(self, pixels: torch.Tensor, coords: torch.Tensor, edges: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, N, C*p*p), (B, N, 2), the image's edge map (B, 1, H, W) (prior and heuristic scorers) -> one
+        score per patch (B, N)."""
         if self.scorer == "random":
             return pixels.new_zeros(pixels.shape[:2])
+        if self.scorer in ("prior", "heuristic"):
+            prior = self.prior_scale * standardize(box_scores(edges, coords, self.patch_in)).to(pixels.dtype)
+            if self.scorer == "heuristic":
+                return prior
         tokens = self.patch_embed(pixels) + sincos_2d(coords, self.cls_token.shape[-1]).to(pixels.dtype)
         z = torch.cat([self.cls_token.expand(len(pixels), -1, -1), tokens], dim=1) + self.pos_embed  # (B, 1+N, D)
         z = self.norm(self.blocks(self.input_drop(z)))
-        return self.selector(z[:, 0]) if self.scorer == "slot" else self.selector(z[:, 1:]).squeeze(-1)
+        if self.scorer == "slot":
+            return self.selector(z[:, 0])
+        correction = self.selector(z[:, 1:]).squeeze(-1)
+        return prior + correction if self.scorer == "prior" else correction
 
-    def forward(self, pixels: torch.Tensor, coords: torch.Tensor, noise: bool,
-                tau: float) -> tuple[torch.Tensor, torch.Tensor]:
-        """(selected slots K (B, k) ascending, gate m (B, N): one-hot of K forward, softmax gradient)."""
-        logits = self.logits(pixels, coords)
+    def forward(self, pixels: torch.Tensor, coords: torch.Tensor, noise: float, tau: float,
+                edges: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(selected slots K (B, k) ascending, gate m (B, N): one-hot of K forward, softmax gradient); noise: the
+        Gumbel noise's scale (0: none)."""
+        logits = self.logits(pixels, coords, edges)
         if noise:
-            logits = logits - torch.empty_like(logits).exponential_().log()  # + Gumbel(0, 1)
+            logits = logits - noise * torch.empty_like(logits).exponential_().log()  # + noise * Gumbel(0, 1)
         soft = torch.softmax(logits / tau, dim=-1)
         selected = logits.topk(self.k, dim=1).indices.sort(dim=1).values
         hard = torch.zeros_like(soft).scatter_(1, selected, 1.0)
@@ -137,9 +194,10 @@ class LearnedQuadtreeTokenizer(Tokenizer):
                  stages: Sequence[Stage], stage_depth: int, make_block: Callable[[int], nn.Module],
                  num_heads: int, mlp_ratio: float = 4.0, norm_eps: float = 1e-6,
                  max_seq_len: Sequence[int] | None = None,
-                 scorer: Literal["slot", "token", "random"] = "slot",
+                 scorer: Literal["slot", "token", "prior", "heuristic", "random"] = "slot",
                  stage_encoder: Literal["vit", "torch"] = "vit", eval_gumbel: bool = False, tau: float = 1.0,
-                 antialias: bool = False):
+                 antialias: bool = False, prior_scale: float = 1.0, noise_scale: float = 1.0,
+                 leaf_order: Literal["tree", "raster"] = "tree"):
         super().__init__()
         stages = [(int(a), int(b), float(r)) for a, b, r in stages]
         counts, groups = plan_tokens(img_size, stages)
@@ -149,6 +207,12 @@ class LearnedQuadtreeTokenizer(Tokenizer):
             raise VitlabError(f"model.max_seq_len {list(max_seq_len)} does not match the patches each stage "
                               f"receives, {counts[:len(stages)]}; the slot scorer needs them equal (or use "
                               f"model.scorer=token)")
+        if scorer not in ("slot", "token", "prior", "heuristic", "random"):
+            raise VitlabError(f"model.scorer must be slot, token, prior, heuristic or random, got {scorer!r}")
+        if leaf_order not in ("tree", "raster"):
+            raise VitlabError(f"model.leaf_order must be 'tree' or 'raster', got {leaf_order!r}")
+        if not noise_scale >= 0:
+            raise VitlabError(f"model.noise_scale must be >= 0 (the training Gumbel noise's scale), got {noise_scale}")
         if stage_encoder not in ("vit", "torch"):
             raise VitlabError(f"model.stage_encoder must be 'vit' (pre-norm blocks) or 'torch' (the original's "
                               f"post-norm ReLU layers), got {stage_encoder!r}")
@@ -157,10 +221,11 @@ class LearnedQuadtreeTokenizer(Tokenizer):
         self.sizes = [p_in for p_in, _, _ in stages] + [stages[-1][1]]  # leaf size of each group
         self.num_tokens = sum(groups)
         self.eval_gumbel, self.tau, self.antialias, self.stage_encoder = eval_gumbel, tau, antialias, stage_encoder
+        self.noise_scale, self.leaf_order, self.scorer = float(noise_scale), leaf_order, scorer
         self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size)
 
         def encoder() -> tuple[list[nn.Module], nn.Module, float]:
-            if scorer == "random":
+            if scorer in ("random", "heuristic"):
                 return [], nn.Identity(), 0.0
             if stage_encoder == "vit":
                 return [make_block(i) for i in range(stage_depth)], LayerNorm(embed_dim, norm_eps), 0.0
@@ -172,7 +237,8 @@ class LearnedQuadtreeTokenizer(Tokenizer):
         self.stages = nn.ModuleList()
         for (p_in, p_out, r), n in zip(stages, counts):
             blocks, norm, input_drop = encoder()
-            self.stages.append(QuadtreeStage(p_in, p_out, r, n, in_chans, embed_dim, blocks, scorer, norm, input_drop))
+            self.stages.append(QuadtreeStage(p_in, p_out, r, n, in_chans, embed_dim, blocks, scorer, norm, input_drop,
+                                             prior_scale))
         levels = [g for g, n in enumerate(groups) for _ in range(n)]  # each leaf's group (its size class)
         self.register_buffer("group_levels", torch.tensor(levels, dtype=torch.long), persistent=False)  # (T,)
         plan = ", ".join(f"{n} of {p} px" for n, p in zip(groups, self.sizes))
@@ -191,18 +257,24 @@ class LearnedQuadtreeTokenizer(Tokenizer):
                 nn.init.trunc_normal_(m.weight, std=0.02)
                 if m.bias is not None:  # qkv_bias=False: the original classifier's attention has none
                     nn.init.zeros_(m.bias)
+        for stage in self.stages:
+            stage.zero_correction()
 
     def grow(self, x: torch.Tensor) -> Tree:
         """Each image's quadtree: leaves, selections and gates (for tokens, plots and tests)."""
         pixels, coords = patchify(x, self.stages[0].patch_in)
-        noise = self.training or self.eval_gumbel or self.stages[0].scorer == "random"
+        if self.scorer == "random":  # uniform draws, also at inference
+            noise = 1.0
+        else:
+            noise = self.noise_scale if self.training else 1.0 if self.eval_gumbel else 0.0
+        edges = edge_map(x) if self.scorer in ("prior", "heuristic") else None
         groups, selections, gates = [], [], []
         for stage in self.stages:
             if stage.k == 0:  # nothing to split: every patch is a leaf
                 selected, gate = pixels.new_zeros(len(x), 0, dtype=torch.long), None
                 rest = torch.arange(pixels.shape[1], device=x.device).expand(len(x), -1)
             else:
-                selected, gate = stage(pixels, coords, noise, self.tau)
+                selected, gate = stage(pixels, coords, noise, self.tau, edges)
                 chosen = torch.zeros_like(gate, dtype=torch.bool).scatter_(1, selected, True)
                 rest = torch.argsort(chosen.to(torch.uint8), dim=1, stable=True)[:, :pixels.shape[1] - stage.k]
             groups.append(LeafGroup(_take(pixels, rest), stage.patch_in, _take(coords, rest)))
@@ -212,6 +284,12 @@ class LearnedQuadtreeTokenizer(Tokenizer):
             pixels, coords = split_children(_take(kept, selected), _take(coords, selected), stage.patch_in,
                                             stage.patch_out, self.in_chans)
         groups.append(LeafGroup(pixels, self.stages[-1].patch_out, coords))
+        if self.leaf_order == "raster":  # each group's leaves by their corners' raster order
+            ordered = []
+            for g in groups:
+                order = (g.coords[..., 1] * self.img_size + g.coords[..., 0]).argsort(dim=1)
+                ordered.append(LeafGroup(_take(g.pixels, order), g.size, _take(g.coords, order)))
+            groups = ordered
         return Tree(groups, selections, gates)
 
     def tokenize(self, x: torch.Tensor) -> TokenSet:

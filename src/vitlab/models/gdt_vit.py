@@ -29,20 +29,26 @@ class GDTViT(VisionTransformer):
                  stages: Sequence[tuple[int, int, float]] = ((32, 16, 0.25), (16, 8, 0.25), (8, 4, 0.25),
                                                              (4, 2, 0.25)),
                  stage_depth: int = 4, max_seq_len: Sequence[int] | None = None,
-                 scorer: Literal["slot", "token", "random"] = "slot",
+                 scorer: Literal["slot", "token", "prior", "heuristic", "random"] = "slot",
                  stage_encoder: Literal["vit", "torch"] = "vit",
                  leaf_pos: Literal["seq", "coords", "grid"] = "seq",
-                 eval_gumbel: bool = False, tau: float = 1.0, antialias: bool = False, **kwargs: Any):
+                 eval_gumbel: bool = False, tau: float = 1.0, antialias: bool = False, prior_scale: float = 1.0,
+                 noise_scale: float = 1.0, leaf_order: Literal["tree", "raster"] = "tree", **kwargs: Any):
         """patch_size: the size t every leaf is resized to (the original's target_leaf_size);
         stages: (patch_in, patch_out, ratio) per level; max_seq_len: the original's per-stage M, checked
-        against the plan; stage_encoder: `vit` (our pre-norm blocks) or `torch` (the original's layers)."""
+        against the plan; stage_encoder: `vit` (our pre-norm blocks) or `torch` (the original's layers);
+        scorer: `slot` (the original), `token`, `prior` (the content heuristic's standardised edge score times a
+        learned `prior_scale`, plus the token scorer's logit, which starts at zero), `heuristic` (the prior
+        alone, nothing learned) or `random`; noise_scale: the training Gumbel noise's scale; leaf_order: `tree`
+        (the original) or `raster` (each leaf size in raster order, the content quadtree's)."""
         def tokenizer(*grid_args: Any) -> LearnedQuadtreeTokenizer:  # called by the ViT once its settings are set
             return LearnedQuadtreeTokenizer(
                 *grid_args, stages=stages, stage_depth=stage_depth,
                 make_block=lambda i: self._build_block(i, embed_dim, self.num_heads, 0.0),
                 num_heads=self.num_heads, mlp_ratio=self.block_args["mlp_ratio"], norm_eps=self.norm_eps,
                 max_seq_len=max_seq_len, scorer=scorer, stage_encoder=stage_encoder, eval_gumbel=eval_gumbel,
-                tau=tau, antialias=antialias)
+                tau=tau, antialias=antialias, prior_scale=prior_scale, noise_scale=noise_scale,
+                leaf_order=leaf_order)
 
         super().__init__(img_size=img_size, patch_size=patch_size, in_chans=in_chans, embed_dim=embed_dim,
                          leaf_pos=leaf_pos, tokenizer=tokenizer, **kwargs)
