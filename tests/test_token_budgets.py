@@ -59,6 +59,14 @@ def test_counts_are_rounded_to_the_budget_step_and_the_loss_trains_per_image():
     assert model.patch_embed.proj.weight.grad.abs().sum() > 0
 
 
+@pytest.mark.parametrize("leaf_pos", ["seq", "coords", "grid"])
+def test_every_leaf_placement_takes_per_image_counts(leaf_pos):
+    model = _model(split_threshold=16.0, leaf_pos=leaf_pos)
+    x = _canvases()
+    with torch.no_grad():
+        assert torch.allclose(model(x), torch.cat([model(x[i:i + 1]) for i in range(len(x))]), atol=1e-5)
+
+
 def test_threshold_zero_on_busy_images_is_the_fixed_budget():
     x = torch.rand(3, 1, 64, 64)
     with torch.no_grad():
@@ -78,3 +86,8 @@ def test_bad_budget_settings_are_one_line(options, message):
 def test_features_of_images_with_different_counts_are_refused_in_one_line():
     with pytest.raises(VitlabError, match="different token counts"):
         _model(split_threshold=2.0).forward_features(_canvases())
+
+
+def test_flops_of_per_image_budgets_are_counted_at_the_cap():
+    from vitlab.stats import forward_gflops
+    assert forward_gflops(_model(split_threshold=2.0)) == forward_gflops(_model())

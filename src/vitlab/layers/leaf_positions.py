@@ -52,7 +52,7 @@ class LeafPositions(nn.Module):
         """table (1, rows, D) -> each token's position (1 or B, T, D). (A method, not `forward`: the table is
         the model's parameter, which module hooks such as FLOP counting's must not see as an input.)"""
         if self.kind == "seq":
-            return table
+            return table[:, :tokens.tokens.shape[1]]  # fewer leaves than slots under per-image budgets
         coords, D = tokens.boxes[..., :2], tokens.tokens.shape[-1]
         if self.kind == "coords":
             where = sincos_2d(coords, D).to(tokens.tokens.dtype)

@@ -118,7 +118,7 @@ class ResViT(VisionTransformer):
     merges_tokens = False  # its routers already choose which tokens each layer runs
     # GFLOPs in run logs and `vitlab models` are the full model's (every token active): counted on the meta
     # device, where data-dependent routing cannot run. Measured FLOPs of routed inference: bench/resvit.py.
-    static_flops_args = {"execution": "mask", "routing": "learned"}
+    static_flops_args = {**VisionTransformer.static_flops_args, "execution": "mask", "routing": "learned"}
     new_parameter_prefixes = ("routers.", "approximators.")  # what a plain ViT checkpoint cannot provide
 
     def __init__(self, *args: Any, dynamic_start_layer: int = 2, block_size: int = 1, reserve_initials: int = 1,

@@ -66,6 +66,9 @@ class VisionTransformer(nn.Module):
     _kind = "vit"  # the family's part of `architecture`, the one name of what a model is
     fsdp_compatible = True  # families whose backward runs blocks outside autograd's graph set False
     merges_tokens = True  # families whose update rule is not the plain block stack set False (no `merge`)
+    #: arguments for counting FLOPs on the meta device, where nothing data-dependent can run: per-image budgets
+    #: are counted at their cap (the worst case; bench/token_reduction.py measures the mean tokens)
+    static_flops_args = {"split_threshold": None}
 
     def __init__(self, img_size: int = 224, patch_size: int = 16, in_chans: int = 3, num_classes: int = 1000,
                  embed_dim: int = 768, depth: int = 12, num_heads: int = 12, mlp_ratio: float = 4.0,
