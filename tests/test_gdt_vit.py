@@ -402,3 +402,17 @@ def test_noise_scale_and_leaf_order_options():
         assert (key[:, 1:] > key[:, :-1]).all()
     with pytest.raises(VitlabError, match="scorer"):
         one_stage("edges")
+
+
+def test_detail_estimator_leaves_the_forward_and_gives_flat_patches_no_gradient():
+    """estimator=detail: the gate scales only what splitting adds over the unsplit leaf's view, so the leaves are
+    the image's crops and a flat image gives the scorer no gradient; one with detail does."""
+    x = canvas()
+    model = one_stage("token", estimator="detail").train()
+    tree = model.grow(x)
+    assert leaf_crops_match(x, tree)
+    model(x).sum().backward()
+    assert model.tokenizer.stages[0].selector.weight.grad.abs().sum() > 0
+    flat = one_stage("token", estimator="detail").train()
+    flat(torch.zeros_like(x)).sum().backward()
+    assert flat.tokenizer.stages[0].selector.weight.grad.abs().sum() == 0

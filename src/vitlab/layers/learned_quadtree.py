@@ -17,7 +17,9 @@ e_i is the content quadtree's edge score of patch i (`QuadtreeTokenizer.cell_sco
 with n = 0 the `heuristic` scorer picks exactly the content quadtree's cells.
     m = onehot(K) - sg(s) + s,  s = softmax((l + g) / tau)      straight-through: m = onehot(K) in the forward
 
-The selected patches, times m (the scorer's only gradient path), split into q^2 children of p_out(s) px for
+The selected patches, times m (the scorer's only gradient path; estimator=detail: P_coarse + m (P - P_coarse),
+where P_coarse is the patch as its unsplit leaf would show it, so m scales only the detail the split adds and
+a flat patch gives the scorer no gradient), split into q^2 children of p_out(s) px for
 the next stage; the others become leaves of p_in(s) px, and so do the last stage's children. Every leaf is
 resized (bilinear) to the patch size t and embedded by the patch projection, in stage order:
 
@@ -197,7 +199,7 @@ class LearnedQuadtreeTokenizer(Tokenizer):
                  scorer: Literal["slot", "token", "prior", "heuristic", "random"] = "slot",
                  stage_encoder: Literal["vit", "torch"] = "vit", eval_gumbel: bool = False, tau: float = 1.0,
                  antialias: bool = False, prior_scale: float = 1.0, noise_scale: float = 1.0,
-                 leaf_order: Literal["tree", "raster"] = "tree"):
+                 leaf_order: Literal["tree", "raster"] = "tree", estimator: Literal["scale", "detail"] = "scale"):
         super().__init__()
         stages = [(int(a), int(b), float(r)) for a, b, r in stages]
         counts, groups = plan_tokens(img_size, stages)
@@ -211,6 +213,8 @@ class LearnedQuadtreeTokenizer(Tokenizer):
             raise VitlabError(f"model.scorer must be slot, token, prior, heuristic or random, got {scorer!r}")
         if leaf_order not in ("tree", "raster"):
             raise VitlabError(f"model.leaf_order must be 'tree' or 'raster', got {leaf_order!r}")
+        if estimator not in ("scale", "detail"):
+            raise VitlabError(f"model.estimator must be 'scale' (the original) or 'detail', got {estimator!r}")
         if not noise_scale >= 0:
             raise VitlabError(f"model.noise_scale must be >= 0 (the training Gumbel noise's scale), got {noise_scale}")
         if stage_encoder not in ("vit", "torch"):
@@ -222,6 +226,7 @@ class LearnedQuadtreeTokenizer(Tokenizer):
         self.num_tokens = sum(groups)
         self.eval_gumbel, self.tau, self.antialias, self.stage_encoder = eval_gumbel, tau, antialias, stage_encoder
         self.noise_scale, self.leaf_order, self.scorer = float(noise_scale), leaf_order, scorer
+        self.estimator = estimator
         self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size)
 
         def encoder() -> tuple[list[nn.Module], nn.Module, float]:
@@ -260,6 +265,17 @@ class LearnedQuadtreeTokenizer(Tokenizer):
         for stage in self.stages:
             stage.zero_correction()
 
+    def _coarse(self, parents: torch.Tensor, size: int) -> torch.Tensor:
+        """Patches (B, k, C*s*s) as their unsplit leaf sees them: averaged down by f = s / t to the leaf
+        resolution t (what the bilinear resize keeps at f = 2), blown back up to s px (nearest); the patch
+        itself where f <= 1 (an unsplit leaf loses no detail)."""
+        f = size // self.patch_size
+        if f <= 1:
+            return parents
+        B, k = parents.shape[:2]
+        x = F.avg_pool2d(parents.reshape(B * k, self.in_chans, size, size), f)
+        return F.interpolate(x, scale_factor=f, mode="nearest").reshape(B, k, -1)
+
     def grow(self, x: torch.Tensor) -> Tree:
         """Each image's quadtree: leaves, selections and gates (for tokens, plots and tests)."""
         pixels, coords = patchify(x, self.stages[0].patch_in)
@@ -280,9 +296,16 @@ class LearnedQuadtreeTokenizer(Tokenizer):
             groups.append(LeafGroup(_take(pixels, rest), stage.patch_in, _take(coords, rest)))
             selections.append(selected)
             gates.append(gate)
-            kept = pixels if gate is None else pixels * gate[..., None]  # x 1 forward; the scorer's gradient path
-            pixels, coords = split_children(_take(kept, selected), _take(coords, selected), stage.patch_in,
-                                            stage.patch_out, self.in_chans)
+            parents = _take(pixels, selected)
+            if gate is not None:  # x 1 forward; the scorer's gradient path
+                m = gate.gather(1, selected)[..., None]  # (B, k, 1)
+                if self.estimator == "detail":  # the gate scales the detail the split adds over the leaf
+                    coarse = self._coarse(parents, stage.patch_in)
+                    parents = coarse + m * (parents - coarse)
+                else:  # the original: the gate scales the selected patch's pixels
+                    parents = parents * m
+            pixels, coords = split_children(parents, _take(coords, selected), stage.patch_in, stage.patch_out,
+                                            self.in_chans)
         groups.append(LeafGroup(pixels, self.stages[-1].patch_out, coords))
         if self.leaf_order == "raster":  # each group's leaves by their corners' raster order
             ordered = []
