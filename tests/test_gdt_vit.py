@@ -350,9 +350,9 @@ def canvas(batch=3, size=64, seed=0):
     return x
 
 
-def one_stage(scorer, seed=0, **kw):
+def one_stage(scorer, seed=0, stages=((16, 8, 0.75),), **kw):
     """The content quadtree min8's shape as a learned tree: 16 roots of 16 px, 12 split into 8 px, leaves at 8 px."""
-    return gdt(img_size=64, stages=[(16, 8, 0.75)], patch_size=8, in_chans=1, scorer=scorer, seed=seed, **kw)
+    return gdt(img_size=64, stages=stages, patch_size=8, in_chans=1, scorer=scorer, seed=seed, **kw)
 
 
 @pytest.mark.parametrize("scorer", ["heuristic", "prior"])
@@ -416,3 +416,13 @@ def test_detail_estimator_leaves_the_forward_and_gives_flat_patches_no_gradient(
     flat = one_stage("token", estimator="detail").train()
     flat(torch.zeros_like(x)).sum().backward()
     assert flat.tokenizer.stages[0].selector.weight.grad.abs().sum() == 0
+
+
+def test_prior_context_breaks_flat_ties_towards_the_content():
+    """prior_context: flat roots next to the content split before flat roots away from it (raster order
+    otherwise), and a root with content still splits before any flat one."""
+    x = torch.full((1, 1, 64, 64), -0.5)
+    x[0, 0, 50:60, 50:60] = 1.0  # content in root 15 (bottom right) only
+    plain = one_stage("heuristic", stages=[(16, 8, 0.25)]).grow(x).selections[0][0].tolist()
+    near = one_stage("heuristic", stages=[(16, 8, 0.25)], prior_context=0.01).grow(x).selections[0][0].tolist()
+    assert plain == [0, 1, 2, 15] and near == [10, 11, 14, 15]

@@ -105,12 +105,16 @@ def edge_map(x: torch.Tensor) -> torch.Tensor:
     return dx + dy
 
 
-def box_scores(edges: torch.Tensor, coords: torch.Tensor, size: int) -> torch.Tensor:
-    """Sum of the edge map (B, 1, H, W) over each square box of `size` px at corners (B, N, 2) -> (B, N)."""
-    sums = F.avg_pool2d(edges, size).flatten(1) * size * size  # (B, h*w), the grid of size-px cells
+def box_scores(edges: torch.Tensor, coords: torch.Tensor, size: int, context: float = 0.0) -> torch.Tensor:
+    """Sum of the edge map (B, 1, H, W) over each square box of `size` px at corners (B, N, 2) -> (B, N); with
+    context c > 0, plus c x the mean sum of the box's 3 x 3 neighbourhood (ties among flat boxes go to the
+    ones next to the content)."""
+    sums = F.avg_pool2d(edges, size) * size * size  # (B, 1, h, w), the grid of size-px cells
+    if context:
+        sums = sums + context * F.avg_pool2d(sums, 3, stride=1, padding=1, count_include_pad=False)
     width = edges.shape[-1] // size
     index = (coords[..., 1] // size) * width + coords[..., 0] // size
-    return sums.gather(1, index.long())
+    return sums.flatten(1).gather(1, index.long())
 
 
 def standardize(scores: torch.Tensor) -> torch.Tensor:
@@ -132,8 +136,9 @@ class QuadtreeStage(nn.Module):
 
     def __init__(self, patch_in: int, patch_out: int, ratio: float, seq_len: int, in_chans: int, dim: int,
                  blocks: list[nn.Module], scorer: Literal["slot", "token", "prior", "heuristic", "random"],
-                 norm: nn.Module, input_drop: float = 0.0, prior_scale: float = 1.0):
+                 norm: nn.Module, input_drop: float = 0.0, prior_scale: float = 1.0, prior_context: float = 0.0):
         super().__init__()
+        self.prior_context = prior_context
         self.patch_in, self.patch_out, self.k, self.scorer = patch_in, patch_out, int(seq_len * ratio), scorer
         if scorer == "prior":  # a learned scale of the heuristic's logit
             self.prior_scale = nn.Parameter(torch.tensor(float(prior_scale)))
@@ -163,7 +168,8 @@ class QuadtreeStage(nn.Module):
         if self.scorer == "random":
             return pixels.new_zeros(pixels.shape[:2])
         if self.scorer in ("prior", "heuristic"):
-            prior = self.prior_scale * standardize(box_scores(edges, coords, self.patch_in)).to(pixels.dtype)
+            prior = self.prior_scale * standardize(box_scores(edges, coords, self.patch_in, self.prior_context))
+            prior = prior.to(pixels.dtype)
             if self.scorer == "heuristic":
                 return prior
         tokens = self.patch_embed(pixels) + sincos_2d(coords, self.cls_token.shape[-1]).to(pixels.dtype)
@@ -199,7 +205,8 @@ class LearnedQuadtreeTokenizer(Tokenizer):
                  scorer: Literal["slot", "token", "prior", "heuristic", "random"] = "slot",
                  stage_encoder: Literal["vit", "torch"] = "vit", eval_gumbel: bool = False, tau: float = 1.0,
                  antialias: bool = False, prior_scale: float = 1.0, noise_scale: float = 1.0,
-                 leaf_order: Literal["tree", "raster"] = "tree", estimator: Literal["scale", "detail"] = "scale"):
+                 leaf_order: Literal["tree", "raster"] = "tree", estimator: Literal["scale", "detail"] = "scale",
+                 prior_context: float = 0.0):
         super().__init__()
         stages = [(int(a), int(b), float(r)) for a, b, r in stages]
         counts, groups = plan_tokens(img_size, stages)
@@ -243,7 +250,7 @@ class LearnedQuadtreeTokenizer(Tokenizer):
         for (p_in, p_out, r), n in zip(stages, counts):
             blocks, norm, input_drop = encoder()
             self.stages.append(QuadtreeStage(p_in, p_out, r, n, in_chans, embed_dim, blocks, scorer, norm, input_drop,
-                                             prior_scale))
+                                             prior_scale, prior_context))
         levels = [g for g, n in enumerate(groups) for _ in range(n)]  # each leaf's group (its size class)
         self.register_buffer("group_levels", torch.tensor(levels, dtype=torch.long), persistent=False)  # (T,)
         plan = ", ".join(f"{n} of {p} px" for n, p in zip(groups, self.sizes))

@@ -34,7 +34,7 @@ class GDTViT(VisionTransformer):
                  leaf_pos: Literal["seq", "coords", "grid"] = "seq",
                  eval_gumbel: bool = False, tau: float = 1.0, antialias: bool = False, prior_scale: float = 1.0,
                  noise_scale: float = 1.0, leaf_order: Literal["tree", "raster"] = "tree",
-                 estimator: Literal["scale", "detail"] = "scale", **kwargs: Any):
+                 estimator: Literal["scale", "detail"] = "scale", prior_context: float = 0.0, **kwargs: Any):
         """patch_size: the size t every leaf is resized to (the original's target_leaf_size);
         stages: (patch_in, patch_out, ratio) per level; max_seq_len: the original's per-stage M, checked
         against the plan; stage_encoder: `vit` (our pre-norm blocks) or `torch` (the original's layers);
@@ -43,7 +43,8 @@ class GDTViT(VisionTransformer):
         alone, nothing learned) or `random`; noise_scale: the training Gumbel noise's scale; leaf_order: `tree`
         (the original) or `raster` (each leaf size in raster order, the content quadtree's); estimator: `scale`
         (the original: the straight-through gate scales the split patch's pixels) or `detail` (it scales only
-        the detail the split adds over the unsplit leaf's view)."""
+        the detail the split adds over the unsplit leaf's view); prior_context: c x the 3 x 3 neighbourhood's
+        mean edge score added to the prior's (ties among flat cells go next to the content)."""
         def tokenizer(*grid_args: Any) -> LearnedQuadtreeTokenizer:  # called by the ViT once its settings are set
             return LearnedQuadtreeTokenizer(
                 *grid_args, stages=stages, stage_depth=stage_depth,
@@ -51,7 +52,7 @@ class GDTViT(VisionTransformer):
                 num_heads=self.num_heads, mlp_ratio=self.block_args["mlp_ratio"], norm_eps=self.norm_eps,
                 max_seq_len=max_seq_len, scorer=scorer, stage_encoder=stage_encoder, eval_gumbel=eval_gumbel,
                 tau=tau, antialias=antialias, prior_scale=prior_scale, noise_scale=noise_scale,
-                leaf_order=leaf_order, estimator=estimator)
+                leaf_order=leaf_order, estimator=estimator, prior_context=prior_context)
 
         super().__init__(img_size=img_size, patch_size=patch_size, in_chans=in_chans, embed_dim=embed_dim,
                          leaf_pos=leaf_pos, tokenizer=tokenizer, **kwargs)
