@@ -27,8 +27,13 @@ def _canvases() -> torch.Tensor:
     return x
 
 
+@pytest.mark.parametrize("threshold", [0.0, 1e-9])
+def test_a_blank_image_keeps_its_roots_at_any_threshold(threshold):
+    assert _model(split_threshold=threshold).tokenize(torch.zeros(2, 1, 64, 64)).counts.tolist() == [16, 16]
+
+
 def test_a_blank_image_gets_the_roots_and_busier_images_more_up_to_the_cap():
-    counts = _model(split_threshold=16.0).tokenize(_canvases()).counts.tolist()  # 16: edge sum of a cell
+    counts = _model(split_threshold=12.0).tokenize(_canvases()).counts.tolist()  # edge sum of a cell
     assert counts[0] == 16  # the 4 x 4 roots of 16 px: nothing to split
     assert 16 < counts[1] < counts[2] < 100  # one square < three squares
     assert counts[3:] == [100, 100, 100]  # clutter spends the cap

@@ -200,7 +200,7 @@ class QuadtreeTokenizer(Tokenizer):
         for _ in range(self.splits):
             best_key, best = torch.where(leaf, key, -torch.inf).max(dim=1, keepdim=True)  # (B, 1)
             split_cells.append(best)
-            split_keys.append(best_key)
+            split_keys.append(best_key - 1e-5 * size[best] / self.sizes[0])  # the score without the tie-break
             leaf.scatter_(1, best, False)
             leaf.scatter_(1, self.child_cells[best[:, 0]], True)
         if self.threshold is None or not self.splits:

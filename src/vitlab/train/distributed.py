@@ -202,7 +202,7 @@ def process_group(env: DistEnv, device: torch.device, timeout_s: float) -> Itera
     if env.launcher == "none":
         yield None
         return
-    if not 0 < timeout_s <= 10 ** 8:  # timedelta overflows beyond ~10**14 s; the config allows a week
+    if not 0 < timeout_s <= 604800:  # the config's bound (a week); timedelta overflows beyond ~10**14 s
         raise VitlabError(f"train.dist_timeout={timeout_s!r} seconds cannot bound a collective; use 1 to 604800 "
                           f"(the default is 600)")
     if device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ:  # share the cores (torchrun sets 1)
