@@ -536,3 +536,30 @@ def test_a_second_signal_during_the_save_is_not_caught_again():
         assert signal.getsignal(signal.SIGTERM) == startup  # after the loop: the command's handler again
     finally:
         restore()
+
+
+def test_a_signal_while_the_loops_stop_unwinds_keeps_the_loops_line(monkeypatch, capsys):
+    """A second stop signal that lands while `TrainingStopped` is being handled prints the loop's own line and
+    code (not 'after training'), and one that escapes `_main` is still one line, not a traceback."""
+    import signal
+
+    from vitlab import cli
+    from vitlab.errors import TrainingStopped
+
+    def stopped_then_signalled(args):
+        try:
+            raise TrainingStopped("stopped by SIGTERM at epoch 1, batch 2: saved checkpoints/last", 0)
+        except TrainingStopped:
+            raise cli._StopSignal(signal.SIGTERM)
+
+    monkeypatch.setitem(cli.COMMANDS, "evaluate", stopped_then_signalled)
+    monkeypatch.setattr(cli, "parse", lambda argv: type("A", (), {"command": "evaluate"})())
+    assert cli.main(["evaluate"]) == 0
+    assert capsys.readouterr().err.strip().endswith("at epoch 1, batch 2: saved checkpoints/last")
+
+    def signalled_while_printing(argv):
+        raise cli._StopSignal(signal.SIGTERM)
+
+    monkeypatch.setattr(cli, "_main", signalled_while_printing)
+    monkeypatch.setattr(cli, "_stopped", lambda signum: 75)
+    assert cli.main(["evaluate"]) == 75

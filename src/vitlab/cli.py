@@ -404,6 +404,8 @@ def main(argv: list[str] | None = None) -> int:
     restore = _catch_startup_signals() if argv[:1] == ["train"] else None
     try:
         return _main(argv)
+    except _StopSignal as stop:  # arrived while `_main` was already printing its last line
+        return _stopped(stop.signum)
     finally:
         if restore is not None:
             restore()
@@ -426,6 +428,9 @@ def _main(argv: list[str]) -> int:
         print(f"vitlab: {_rank_prefix()}{exc}", file=sys.stderr)
         return exc.exit_code
     except _StopSignal as stop:  # a signal before the training loop took over its handling, or after it
+        if isinstance(stop.__context__, TrainingStopped):  # a second signal while the loop's stop unwound
+            print(f"vitlab: {_rank_prefix()}{stop.__context__}", file=sys.stderr)
+            return stop.__context__.exit_code
         return _stopped(stop.signum)
     except KeyboardInterrupt:
         print("vitlab: interrupted; the last checkpoint is intact (resume with --reload)", file=sys.stderr)
