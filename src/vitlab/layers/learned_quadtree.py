@@ -48,7 +48,7 @@ from torch import nn
 from ..errors import VitlabError
 from .block import LayerNorm
 from .pos_embed import sincos_2d
-from .quadtree import LeafGroup, patchify, resize_leaves, split_children
+from .quadtree import LeafGroup, edge_map, patchify, resize_leaves, split_children
 from .tokenizer import TokenSet, Tokenizer, lecun_normal_, project
 
 Stage = tuple[int, int, float]  # (patch size in, patch size out, split ratio r)
@@ -94,15 +94,6 @@ class Tree:
         """(B, T, 3): each leaf's (x, y, size), in sequence order."""
         return torch.cat([torch.cat([g.coords, torch.full_like(g.coords[..., :1], g.size)], -1)
                           for g in self.groups], dim=1)
-
-
-def edge_map(x: torch.Tensor) -> torch.Tensor:
-    """(B, C, H, W) -> per-pixel |horizontal| + |vertical| grey differences (B, 1, H, W): the content quadtree's
-    edge score before it is summed over a cell (`QuadtreeTokenizer.cell_scores`, score=edge)."""
-    grey = x.float().mean(1, keepdim=True)
-    dx = F.pad((grey[..., :, 1:] - grey[..., :, :-1]).abs(), (0, 1))
-    dy = F.pad((grey[..., 1:, :] - grey[..., :-1, :]).abs(), (0, 0, 0, 1))
-    return dx + dy
 
 
 def box_scores(edges: torch.Tensor, coords: torch.Tensor, size: int, context: float = 0.0) -> torch.Tensor:

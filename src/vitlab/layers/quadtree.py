@@ -61,6 +61,15 @@ def resize_leaves(group: LeafGroup, target: int, channels: int, antialias: bool 
     return x.reshape(B, n, channels * target * target)
 
 
+def edge_map(x: torch.Tensor) -> torch.Tensor:
+    """(B, C, H, W) -> per-pixel |horizontal| + |vertical| grey differences (B, 1, H, W): the edge score of a
+    cell is its sum over the cell (the content quadtree's, and the learned tree's prior)."""
+    grey = x.float().mean(1, keepdim=True)
+    dx = F.pad((grey[..., :, 1:] - grey[..., :, :-1]).abs(), (0, 1))
+    dy = F.pad((grey[..., 1:, :] - grey[..., :-1, :]).abs(), (0, 0, 0, 1))
+    return dx + dy
+
+
 class QuadtreeTokenizer(Tokenizer):
     """A content quadtree with a fixed budget of leaves (the GDT-ViT project's "image pre-processing" form,
     made deterministic and batched in torch): from a grid of `root` px cells, repeatedly split the leaf of
@@ -128,12 +137,10 @@ class QuadtreeTokenizer(Tokenizer):
 
     def cell_scores(self, x: torch.Tensor) -> torch.Tensor:
         """(B, C, H, W) -> every cell's score (B, cells), in the cell table's order."""
-        grey = x.float().mean(1, keepdim=True)  # (B, 1, H, W)
         if self.score_kind == "edge":
-            dx = F.pad((grey[..., :, 1:] - grey[..., :, :-1]).abs(), (0, 1))
-            dy = F.pad((grey[..., 1:, :] - grey[..., :-1, :]).abs(), (0, 0, 0, 1))
-            per_pixel = [dx + dy]
+            per_pixel = [edge_map(x)]
         else:
+            grey = x.float().mean(1, keepdim=True)  # (B, 1, H, W)
             per_pixel = [grey, grey.square()]
         scores = []
         for s in self.sizes:
