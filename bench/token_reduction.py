@@ -18,6 +18,7 @@ the front of points no other beats in both) into the folder.
 from __future__ import annotations
 
 import argparse
+import csv
 import statistics
 import sys
 import time
@@ -30,6 +31,7 @@ from vitlab.data import build_data  # noqa: E402
 from vitlab.experiments.runs import find_runs  # noqa: E402
 from vitlab.layers.token_merge import merge_schedule  # noqa: E402
 from vitlab.layers.tokenizer import TokenGroups  # noqa: E402
+from vitlab.names import csv_cell, printable  # noqa: E402
 from vitlab.plots.common import new_figure, plot_text, save  # noqa: E402
 from vitlab.train import load_checkpoint  # noqa: E402
 
@@ -154,15 +156,16 @@ def main() -> None:
     if not rows:
         raise SystemExit(f"no finished classification runs under {a.root}")
     md = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
-    md += ["| " + " | ".join(f"{r[c]:.4g}" if isinstance(r[c], float) else str(r[c]) for c in COLUMNS) + " |"
-           for r in rows]
+    md += ["| " + " | ".join(f"{r[c]:.4g}" if isinstance(r[c], float) else printable(str(r[c])).replace("|", "\\|")
+                             for c in COLUMNS) + " |" for r in rows]
     pareto = {(p["run"], p["variant"]) for p in front(rows)}
     md.append("")
     md.append("Pareto front: " + ", ".join(f"{r} {v}" for r, v in sorted(pareto)))
     (a.root / "token_reduction.md").write_text("\n".join(md) + "\n")
-    with open(a.root / "token_reduction.csv", "w") as f:
-        f.write(",".join(COLUMNS) + "\n")
-        f.writelines(",".join(str(r[c]) for c in COLUMNS) + "\n" for r in rows)
+    with open(a.root / "token_reduction.csv", "w", newline="") as f:  # run names are folder names: escaped
+        w = csv.writer(f)
+        w.writerow(COLUMNS)
+        w.writerows([csv_cell(r[c]) for c in COLUMNS] for r in rows)
     save({"token_reduction": figure(rows)}, a.root / "plots")
     print(f"wrote {a.root / 'token_reduction.md'}")
 
