@@ -189,6 +189,32 @@ def test_mnist_canvas_places_real_digits_at_redrawn_positions():
     assert torch.equal(next(iter(val))[0], next(iter(val))[0])  # fixed for evaluation
 
 
+def test_canvas_clutter_adds_fragments_of_other_digits_and_leaves_the_digit_and_its_mask_alone():
+    """data.canvas_clutter: fragments pasted over the canvas (brightest pixel wins) drawn per (seed, epoch,
+    sample) like the positions; the digit's layout, the label and the segmentation mask are the clean canvas's."""
+    from vitlab.data.datasets import CanvasDigits, CanvasMasks
+    g = torch.Generator().manual_seed(0)
+    digits = torch.randint(1, 256, (40, 1, 12, 12), generator=g, dtype=torch.uint8)  # no black pixel: ink is visible
+    clean, busy = CanvasDigits(digits, 36, 12, seed=3), CanvasDigits(digits, 36, 12, seed=3, clutter=5)
+    idx = torch.arange(40)
+    assert busy.fragment == 4 and busy[idx].shape == (40, 1, 36, 36)
+    assert torch.equal(busy.render(idx, clutter=False), clean[idx])  # the digit where it was without clutter
+    assert (busy[idx] >= clean[idx]).all()
+    lit = (busy[idx] > 0).flatten(1).sum(1) - (clean[idx] > 0).flatten(1).sum(1)
+    assert (lit > 0).all() and (lit <= 5 * 16).all()  # at most five 4 px squares more, always some
+    labels = torch.arange(40) % 10
+    assert torch.equal(CanvasMasks(busy, labels)[idx], CanvasMasks(clean, labels)[idx])  # fragments are background
+    first = busy[idx]
+    busy.set_epoch(1)
+    assert not torch.equal(busy[idx], first)  # redrawn each epoch
+    busy.set_epoch(0)
+    assert torch.equal(busy[idx], first)  # and a function of the epoch
+    part = busy.subset(torch.tensor([3, 7]))
+    assert torch.equal(part[torch.tensor([0, 1])], part[torch.tensor([0, 1])]) and len(part.pool) == 40
+    with pytest.raises(vitlab.VitlabError, match="data.canvas_clutter=-1 must be in 0..256"):
+        CanvasDigits(digits, 36, 12, seed=3, clutter=-1)
+
+
 def test_lr_scale_gives_named_parameters_their_own_learning_rate():
     from vitlab.config import OptimConfig
     from vitlab.train.optim import build_optimizer

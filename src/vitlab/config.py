@@ -53,6 +53,7 @@ class DataConfig:
     max_train_samples: int = 0  # train on a seeded subset of this many images (0: all)
     canvas_size: int = 56  # mnist_canvas: side of the black canvas
     canvas_digit_size: int = 28  # mnist_canvas: side the MNIST digit is resized to before it is pasted
+    canvas_clutter: int = 0  # mnist_canvas: fragments of other digits pasted as distractors (label and mask unchanged)
     image_key: Optional[str] = None  # hf: the image column (default: the first Image feature)
     label_key: Optional[str] = None  # hf: the label column (default: the first ClassLabel feature)
 

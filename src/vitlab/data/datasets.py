@@ -202,16 +202,27 @@ class CanvasDigits:
     """MNIST-on-canvas: each digit resized to `digit` px and pasted at a random position on a black `canvas`
     px square, so most of an image (most tokens) is background. Indexing with a batch of indices renders those
     images (uint8, (B, 1, canvas, canvas)); positions are a function of (seed, epoch, sample), redrawn by
-    `set_epoch` (training) and fixed at epoch 0 otherwise (validation and test)."""
+    `set_epoch` (training) and fixed at epoch 0 otherwise (validation and test).
 
-    def __init__(self, digits: torch.Tensor, canvas: int, digit: int, seed: int, ids: torch.Tensor | None = None):
+    `clutter` > 0 adds that many fragments per image: squares of digit // 3 px cut at random from random digits
+    of `pool` (the split's digits) and pasted at random positions (brightest pixel wins), drawn like the
+    positions. They look like strokes of a digit but carry no label: distractors for a tokenizer that follows
+    edges and for attention. The label, and the segmentation mask (`render(..., clutter=False)`), stay the
+    digit's."""
+
+    def __init__(self, digits: torch.Tensor, canvas: int, digit: int, seed: int, ids: torch.Tensor | None = None,
+                 clutter: int = 0, pool: torch.Tensor | None = None):
         if not 0 < digit <= canvas:
             raise VitlabError(f"data.canvas_digit_size={digit} must be in 1..data.canvas_size={canvas}")
+        if not 0 <= clutter <= 256:
+            raise VitlabError(f"data.canvas_clutter={clutter} must be in 0..256 fragments per image")
         if digits.shape[-1] != digit:
             digits = torch.nn.functional.interpolate(digits.float(), size=(digit, digit), mode="bilinear",
                                                      antialias=True).round().clamp(0, 255).to(torch.uint8)
         self.digits, self.canvas, self.digit, self.seed = digits, canvas, digit, seed
         self.ids = torch.arange(len(digits)) if ids is None else ids  # sample identity: positions follow it
+        self.clutter, self.fragment = clutter, max(1, digit // 3)
+        self.pool = digits if pool is None else pool  # fragments' sources: the whole split, kept by subsets
         self.set_epoch(0)
 
     def __len__(self) -> int:
@@ -219,26 +230,48 @@ class CanvasDigits:
 
     def set_epoch(self, epoch: int) -> None:
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-        span = self.canvas - self.digit + 1
-        every = torch.randint(0, span, (2, int(self.ids.max()) + 1 if len(self.ids) else 0), generator=g)
+        span, n = self.canvas - self.digit + 1, int(self.ids.max()) + 1 if len(self.ids) else 0
+        every = torch.randint(0, span, (2, n), generator=g)
         self.offsets = every[:, self.ids]  # (2, n): row and column of each digit's top-left corner
+        if self.clutter:  # drawn after the offsets, so a canvas without clutter is the same as before
+            f, k = self.fragment, self.clutter
+            source = torch.randint(0, len(self.pool), (k, n), generator=g)
+            crop = torch.randint(0, self.digit - f + 1, (2, k, n), generator=g)
+            place = torch.randint(0, self.canvas - f + 1, (2, k, n), generator=g)
+            # (5, k, n): source digit, crop row/column in it, paste row/column on the canvas
+            self.fragments = torch.cat([source[None], crop, place])[:, :, self.ids]
 
     def subset(self, index: torch.Tensor) -> "CanvasDigits":
-        return CanvasDigits(self.digits[index], self.canvas, self.digit, self.seed, self.ids[index])
+        return CanvasDigits(self.digits[index], self.canvas, self.digit, self.seed, self.ids[index], self.clutter,
+                            self.pool)
 
     def __getitem__(self, index) -> torch.Tensor:
         single = isinstance(index, int)
-        index = torch.as_tensor([index] if single else index)
-        c, d = self.canvas, self.digit
-        oy, ox = self.offsets[:, index]
-        # canvas pixel (r, s) shows digit pixel (r - oy, s - ox) where that is inside the digit, else black
-        r = torch.arange(c).view(1, c, 1) - oy.view(-1, 1, 1)
-        s = torch.arange(c).view(1, 1, c) - ox.view(-1, 1, 1)
-        inside = (r >= 0) & (r < d) & (s >= 0) & (s < d)
-        b = torch.arange(len(index)).view(-1, 1, 1)
-        out = torch.where(inside, self.digits[index][:, 0][b, r.clamp(0, d - 1), s.clamp(0, d - 1)], 0)
-        out = out.unsqueeze(1).to(torch.uint8)  # (B, 1, c, c)
+        out = self.render(torch.as_tensor([index] if single else index))
         return out[0] if single else out
+
+    def render(self, index: torch.Tensor, clutter: bool = True) -> torch.Tensor:
+        """The canvases of samples `index` (uint8, (B, 1, canvas, canvas)); without the fragments if not `clutter`."""
+        oy, ox = self.offsets[:, index]
+        out = self._paste(self.digits[index][:, 0], oy, ox, 0, 0, self.digit)
+        if clutter and self.clutter:
+            source, cy, cx, py, px = self.fragments[:, :, index]  # each (k, B)
+            for k in range(self.clutter):  # a few fragments, each pasted over the whole batch at once
+                out = torch.maximum(out, self._paste(self.pool[source[k]][:, 0], py[k], px[k], cy[k], cx[k],
+                                                     self.fragment))
+        return out.unsqueeze(1)  # (B, 1, c, c)
+
+    def _paste(self, src: torch.Tensor, oy: torch.Tensor, ox: torch.Tensor, cy, cx, size: int) -> torch.Tensor:
+        """(B, c, c) uint8: the `size` px square of each `src` image (B, d, d) at (cy, cx) placed at (oy, ox)."""
+        c = self.canvas
+        # canvas pixel (r, s) shows source pixel (cy + r - oy, cx + s - ox) where r - oy, s - ox are in 0..size-1
+        r = torch.arange(c).view(1, c, 1) - torch.as_tensor(oy).view(-1, 1, 1)
+        s = torch.arange(c).view(1, 1, c) - torch.as_tensor(ox).view(-1, 1, 1)
+        inside = (r >= 0) & (r < size) & (s >= 0) & (s < size)
+        r = (r.clamp(0, size - 1) + torch.as_tensor(cy).view(-1, 1, 1))
+        s = (s.clamp(0, size - 1) + torch.as_tensor(cx).view(-1, 1, 1))
+        b = torch.arange(len(src)).view(-1, 1, 1)
+        return torch.where(inside, src[b, r, s], 0).to(torch.uint8)
 
 
 class CanvasMasks:
@@ -260,15 +293,15 @@ class CanvasMasks:
     def __getitem__(self, index) -> torch.Tensor:
         single = isinstance(index, int)
         index = torch.as_tensor([index] if single else index)
-        pixels = self.canvas[index][:, 0]  # (B, c, c) uint8
+        pixels = self.canvas.render(index, clutter=False)[:, 0]  # (B, c, c) uint8: the digit alone
         out = torch.where(pixels > 127, self.labels[index].view(-1, 1, 1) + 1, 0)
         return out[0] if single else out
 
 
 def _mnist_canvas_seg(data_dir: str, download: bool, canvas_size: int, canvas_digit_size: int, split_seed: int,
-                      **_) -> RawSplits:
-    """MNIST-on-canvas for segmentation: the digit's pixels labelled with its class + 1, background 0."""
-    raw = _mnist_canvas(data_dir, download, canvas_size, canvas_digit_size, split_seed)
+                      canvas_clutter: int = 0, **_) -> RawSplits:
+    """MNIST-on-canvas for segmentation: the digit's pixels labelled with its class + 1, background and clutter 0."""
+    raw = _mnist_canvas(data_dir, download, canvas_size, canvas_digit_size, split_seed, canvas_clutter)
     splits = [TensorImages(part.images, CanvasMasks(part.images, part.labels)) for part in (raw.train, raw.test)]
     info = dataclasses.replace(raw.info, name="mnist_canvas_seg", num_classes=11, task="segment",
                                class_names=["background", *raw.info.class_names])
@@ -314,13 +347,17 @@ def _segfolder(data_dir: str, test_fraction: float, split_seed: int, img_size: i
 
 
 def _mnist_canvas(data_dir: str, download: bool, canvas_size: int, canvas_digit_size: int, split_seed: int,
-                  **_) -> RawSplits:
+                  canvas_clutter: int = 0, **_) -> RawSplits:
     mnist = DATASETS["mnist"](data_dir=data_dir, download=download)
-    splits = [TensorImages(CanvasDigits(part.images, canvas_size, canvas_digit_size, split_seed + k), part.labels)
+    splits = [TensorImages(CanvasDigits(part.images, canvas_size, canvas_digit_size, split_seed + k,
+                                        clutter=canvas_clutter), part.labels)
               for k, part in enumerate((mnist.train, mnist.test))]
-    # statistics of the canvases, exactly: the digit's moments diluted by the black area around it
-    area, pixels = (canvas_digit_size / canvas_size) ** 2, splits[0].images.digits.float() / 255
-    mean, square = float(pixels.mean()) * area, float(pixels.square().mean()) * area
+    if canvas_clutter:  # overlapping fragments: measured on the first epoch's first 4096 training canvases
+        pixels = splits[0].images[torch.arange(min(4096, len(splits[0].images)))].float() / 255
+        mean, square = float(pixels.mean()), float(pixels.square().mean())
+    else:  # statistics of the canvases, exactly: the digit's moments diluted by the black area around it
+        area, pixels = (canvas_digit_size / canvas_size) ** 2, splits[0].images.digits.float() / 255
+        mean, square = float(pixels.mean()) * area, float(pixels.square().mean()) * area
     info = DatasetInfo("mnist_canvas", 10, 1, canvas_size, (mean,), ((square - mean ** 2) ** 0.5,), hflip=False,
                        crop="pad", class_names=mnist.info.class_names)
     return RawSplits(info, *splits)

@@ -104,6 +104,7 @@ def build_data(cfg: DataConfig, img_size: int | None = None, in_chans: int | Non
                    split_seed=cfg.split_seed, img_size=cfg.img_size or img_size,
                    synthetic_size=cfg.synthetic_size, synthetic_classes=cfg.synthetic_classes,
                    canvas_size=cfg.canvas_size, canvas_digit_size=cfg.canvas_digit_size,
+                   canvas_clutter=cfg.canvas_clutter,
                    image_key=cfg.image_key, label_key=cfg.label_key)
     train, val = raw.train, raw.val
     carved = val is None
