@@ -10,7 +10,9 @@ per density (cells 16 -> 4 px, cap 100). Then eval img/s at batch 64 of the same
 and with per-image budgets (threshold `--speed-threshold`, cap = the fixed budget) on one-digit canvases, at
 the canvas model's width (D 64, depth 4) and at ViT-S width (D 384, 6 heads, depth 12): rounds alternate
 between the two arms and the ratio is the median of each round's ratio (so a slow spell of a shared machine
-cancels out). Accuracy is not measured here: that needs trained runs (issue 26).
+cancels out). Accuracy is not measured here: that needs trained runs (issue 26). The tokenizer has no learned
+part (the leaves follow the pixels' edge scores), so token counts, and with them the timed compute, are those
+of trained weights: `--speed-sizes 16 8 --budget-step 2 --speed-threshold 5` times the trained arm of issue 26.
 """
 from __future__ import annotations
 
@@ -55,12 +57,13 @@ def canvases(data_dir: str, n: int) -> tuple[dict[str, torch.Tensor], float, flo
     return {k: (v - mean) / std for k, v in sets.items()}, mean, std
 
 
-def model(width: int, depth: int, heads: int, tokens: int, threshold: float | None) -> torch.nn.Module:
+def model(width: int, depth: int, heads: int, tokens: int, threshold: float | None, sizes: tuple[int, int] = (16, 4),
+          budget_step: int = 4) -> torch.nn.Module:
     torch.manual_seed(0)
-    return vitlab.create_model("vit_tiny_patch16_224", img_size=CANVAS, patch_size=4, in_chans=1, embed_dim=width,
-                               depth=depth, num_heads=heads, num_classes=10, global_pool="avg", class_token=False,
-                               tokenizer="quadtree", tokens=tokens, quadtree_sizes=(16, 4),
-                               split_threshold=threshold).eval()
+    return vitlab.create_model("vit_tiny_patch16_224", img_size=CANVAS, patch_size=sizes[1], in_chans=1,
+                               embed_dim=width, depth=depth, num_heads=heads, num_classes=10, global_pool="avg",
+                               class_token=False, tokenizer="quadtree", tokens=tokens, quadtree_sizes=sizes,
+                               split_threshold=threshold, budget_step=budget_step).eval()
 
 
 @torch.inference_mode()
@@ -79,6 +82,10 @@ def main() -> None:
     ap.add_argument("--thresholds", type=float, nargs="+", default=[8.0, 16.0, 32.0, 64.0])
     ap.add_argument("--speed-threshold", type=float, default=16.0)
     ap.add_argument("--fixed", type=int, default=52, help="the fixed budget (make gdt's 52 leaves)")
+    ap.add_argument("--speed-sizes", type=int, nargs=2, default=[16, 4], metavar=("ROOT", "LEAF"),
+                    help="the timed models' cells (16 8 with --budget-step 2: the trained arm of issue 26)")
+    ap.add_argument("--budget-step", type=int, default=4, help="splits per image rounded up to a multiple of this")
+    ap.add_argument("--widths", default="64x4x4,384x12x6", help="width x depth x heads of each timed model")
     args = ap.parse_args()
     torch.set_num_threads(max(1, torch.get_num_threads()))
     sets, mean, std = canvases(args.data_dir, args.images)
@@ -95,9 +102,10 @@ def main() -> None:
         print(f"| {t:g} | " + " | ".join(cells) + " |")
 
     x = sets["1 digit"]
-    for width, depth, heads in ((64, 4, 4), (384, 12, 6)):
-        fixed = model(width, depth, heads, args.fixed, None)
-        adaptive = model(width, depth, heads, args.fixed, args.speed_threshold)
+    sizes = tuple(args.speed_sizes)
+    for width, depth, heads in (tuple(int(v) for v in w.split("x")) for w in args.widths.split(",")):
+        fixed = model(width, depth, heads, args.fixed, None, sizes)
+        adaptive = model(width, depth, heads, args.fixed, args.speed_threshold, sizes, args.budget_step)
         counts = torch.cat([adaptive.tokenize(x[i:i + 256]).counts for i in range(0, len(x), 256)]).float()
         img_per_s(fixed, x[:64]), img_per_s(adaptive, x[:64])  # warm-up
         ratios, f_s, a_s = [], [], []
@@ -106,7 +114,8 @@ def main() -> None:
             a_s.append(img_per_s(adaptive, x))
             ratios.append(a_s[-1] / f_s[-1])
         print(f"D {width}, depth {depth}: fixed {args.fixed} tokens {statistics.median(f_s):.0f} img/s; per-image "
-              f"budgets (threshold {args.speed_threshold:g}, cap {args.fixed}) mean {counts.mean():.1f} tokens "
+              f"budgets (cells {sizes[0]}->{sizes[1]} px, threshold {args.speed_threshold:g}, step {args.budget_step}, "
+              f"cap {args.fixed}) mean {counts.mean():.1f} tokens "
               f"({100 * (1 - counts.mean() / args.fixed):.0f}% fewer) {statistics.median(a_s):.0f} img/s; "
               f"speed-up {statistics.median(ratios):.2f}x (median of {args.rounds} rounds, "
               f"{torch.get_num_threads()} threads)")
