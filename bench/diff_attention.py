@@ -1,4 +1,4 @@
-"""Differential vs classic attention at equal parameters: forward + backward time, one process.
+"""Differential attention (V1 and V2) vs classic attention: forward + backward time, one process.
 
     python bench/diff_attention.py                  # CPU, fp32
     python bench/diff_attention.py --device cuda    # bf16 autocast, eager and torch.compile
@@ -8,7 +8,9 @@ counts within 0.1%) at patch 8 (785 tokens) and patch 16 (197 tokens). The model
 each row reports median img/s and the time ratio differential / classic (target: <= 1.3). On CPU the
 differential model runs twice: with its default tiled kernel (maps subtracted before multiplying V:
 classic-layer matmul FLOPs) and with the padded `scaled_dot_product_attention` kernel it uses elsewhere
-(`vitlab.layers.diff_kernels`), whose attention matmuls cost 2x the classic ones.
+(`vitlab.layers.diff_kernels`), whose attention matmuls cost 2x the classic ones. Differential attention V2
+(`vit_differential_v2_10m`: the classic heads, twice the queries, one plain SDPA call over them, a sigmoid lambda
+per token and head; 1/12 more parameters) runs in the same rounds.
 """
 from __future__ import annotations
 
@@ -67,13 +69,14 @@ def main() -> None:
     print(f"# forward+backward, differential vs classic (seed 002 10M pair, 224 px), {where}, torch "
           f"{torch.__version__}, median of {rounds} alternating rounds x {steps} steps\n")
     sdpa_col = "" if cuda else " differential, SDPA kernel img/s | its time ratio |"
-    print(f"| patch | tokens | mode | batch | classic img/s | differential img/s | time ratio diff/classic |{sdpa_col}")
-    print("|---:|---:|---|---:|---:|---:|---:|" + ("" if cuda else "---:|---:|"))
+    print(f"| patch | tokens | mode | batch | classic img/s | differential img/s | time ratio diff/classic |{sdpa_col}"
+          " V2 img/s | time ratio V2/classic |")
+    print("|---:|---:|---|---:|---:|---:|---:|" + ("" if cuda else "---:|---:|") + "---:|---:|")
     for patch, batch in cases:
         for mode, amp, compile_ in modes:
             torch.manual_seed(0)
             models = {k: vitlab.create_model(f"vit_{k}_10m", patch_size=patch).to(device)
-                      for k in ("classic", "differential")}
+                      for k in ("classic", "differential", "differential_v2")}
             steps_ = {k: fwd_bwd(m, device, amp, compile_) for k, m in models.items()}
             if not cuda:
                 steps_["sdpa"] = fwd_bwd(models["differential"], device, amp, compile_, force_sdpa=True)
@@ -89,6 +92,8 @@ def main() -> None:
             if "sdpa" in rates:
                 p = statistics.median(rates["sdpa"])
                 row += f" {p:,.2f} | {c / p:.3f} |"
+            v2 = statistics.median(rates["differential_v2"])
+            row += f" {v2:,.2f} | {c / v2:.3f} |"
             print(row, flush=True)
 
 

@@ -35,6 +35,7 @@ FAMILIES = [(VisionTransformer, {}), (RevViT, {}), (BDIAViT, {}), (MomentumViT, 
 FAMILY_CASES = [*FAMILIES, (StagedViT, {"transition": "pool"}), (GDTViT, {})]
 OPTION_CASES = [
     (VisionTransformer, {"attn_layer": "diff"}),
+    (VisionTransformer, {"attn_layer": "diff2"}),
     (VisionTransformer, {"attn_layer": "lsa"}),
     (VisionTransformer, {"tokenizer": "conv"}),
     (VisionTransformer, {"tokenizer": "spt"}),

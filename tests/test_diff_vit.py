@@ -6,7 +6,7 @@ import torch
 from timm.models.vision_transformer import VisionTransformer as TimmViT
 
 import vitlab
-from vitlab.layers import DiffAttention
+from vitlab.layers import DiffAttention, DiffAttentionV2
 from vitlab.stats import model_stats
 
 
@@ -78,3 +78,50 @@ def test_half_heads_and_seed002_parameter_bands(capsys):
             assert abs(diff / classic - 1) <= 0.02
     assert vitlab.registry.resolve_name("vit_differential_25b") == "vit_differential_25m"
     assert "'25B' means ~25M parameters" in capsys.readouterr().err
+
+
+def published_diff_v2(attn: DiffAttentionV2, x: torch.Tensor) -> torch.Tensor:
+    """Differential attention V2 as the authors publish it (microsoft/unilm Diff-Transformer-V2,
+    multihead_flashdiffv2.py; blog 2026-01-20), without causality or RoPE (a ViT): 2H query heads and G KV heads
+    of size d, query head j reads KV head j // (2H / G); one softmax map per query head;
+    out_i = O_2i - sigmoid(x W_lambda)_i O_2i+1; W_O over the H differences. Written with explicit maps and a
+    loop over heads."""
+    B, N, D = x.shape
+    H, G, d = attn.num_heads, attn.kv_heads, attn.head_dim
+    W, b = attn.qkv.weight, attn.qkv.bias
+    q = (x @ W[:2 * D].T + b[:2 * D]).reshape(B, N, 2 * H, d)
+    k = (x @ W[2 * D:2 * D + G * d].T + b[2 * D:2 * D + G * d]).reshape(B, N, G, d)
+    v = (x @ W[2 * D + G * d:].T + b[2 * D + G * d:]).reshape(B, N, G, d)
+    heads = []
+    for j in range(2 * H):
+        g = j // (2 * H // G)
+        a = torch.softmax(q[:, :, j] @ k[:, :, g].transpose(-1, -2) / math.sqrt(d), dim=-1)  # (B, N, N)
+        heads.append(a @ v[:, :, g])  # (B, N, d)
+    lam = torch.sigmoid(x @ attn.lambda_proj.weight.T)  # (B, N, H)
+    diff = [heads[2 * i] - lam[..., i:i + 1] * heads[2 * i + 1] for i in range(H)]
+    return torch.cat(diff, dim=-1) @ attn.proj.weight.T + attn.proj.bias
+
+
+@pytest.mark.parametrize("heads,kv_heads", [(3, 3), (4, 2), (4, 1)])
+def test_diff_attention_v2_equals_the_published_formula(heads, kv_heads):
+    torch.manual_seed(heads + kv_heads)
+    attn = DiffAttentionV2(48, num_heads=heads, kv_heads=kv_heads).double().eval()
+    with torch.no_grad():
+        attn.lambda_proj.weight.normal_(0, 0.5)  # lambdas away from 0.5, different per token and head
+    assert attn.qkv.out_features == 2 * 48 + 2 * kv_heads * (48 // heads) and attn.proj.in_features == 48
+    x = torch.randn(2, 17, 48, dtype=torch.float64)
+    torch.testing.assert_close(attn(x), published_diff_v2(attn, x), atol=1e-12, rtol=1e-12)
+
+
+def test_diff_attention_v2_in_the_vit_and_the_study():
+    """attn_layer='diff2' keeps the classic heads; the study's V2 sizes are the classic ones plus the doubled
+    queries and lambda (D^2 + D + D H a block); kv_heads must divide the heads."""
+    m = vitlab.create_model("vit_differential_v2_10m", depth=2, img_size=32)
+    assert m.architecture == "diff2_vit" and m.blocks[0].attn.num_heads == 8
+    classic = vitlab.create_model("vit_classic_10m", depth=2, img_size=32)
+    extra = sum(p.numel() for p in m.parameters()) - sum(p.numel() for p in classic.parameters())
+    assert extra == 2 * (256 * 256 + 256 + 256 * 8)  # per block: the second queries (weights, biases), lambda
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.isfinite(m(torch.randn(2, 3, 32, 32))).all()
+    with pytest.raises(vitlab.VitlabError, match="kv_heads 3 must divide num_heads 4"):
+        DiffAttentionV2(32, num_heads=4, kv_heads=3)

@@ -120,6 +120,7 @@ SMALL = dict(img_size=32, patch_size=4, embed_dim=32, depth=4, num_heads=4, num_
 FAMILIES = [  # (model name, options): every family on the plain block stack
     ("vit_tiny_patch16_224", {}),
     ("vit_tiny_patch16_224", {"attn_layer": "diff"}),
+    ("vit_tiny_patch16_224", {"attn_layer": "diff2"}),
     ("vit_tiny_patch16_224", {"attn_layer": "lsa", "tokenizer": "spt"}),
     ("vit_tiny_patch16_224", {"global_pool": "avg", "class_token": False}),
     ("vit_tiny_patch16_224", {"head": "segment", "global_pool": "avg"}),

@@ -14,12 +14,27 @@ tiled kernel that subtracts the maps before multiplying V (classic-layer FLOPs),
 difference of the two maps and the RMSNorm run in fp32 (bf16-safe). Parameter names match timm's
 `DiffAttention` (`qkv`, `lambda_q1/k1/q2/k2`, `sub_norm`, `proj`), so weights interchange with timm's
 `VisionTransformer(attn_layer='diff')`.
+
+Differential attention V2 (Ye, Dong, Sun, Wei, "Differential Transformer V2", Jan 2026: the authors' blog
+https://huggingface.co/blog/microsoft/diff-attn-v2 and microsoft/unilm Diff-Transformer-V2/
+multihead_flashdiffv2.py), `DiffAttentionV2`, with H heads of size d = D / H as the classic layer and G KV heads:
+
+    Q = X W_Q   (2H heads of size d),   K = X W_K, V = X W_V   (G heads of size d; query head j reads KV head
+                                                                 j // (2H / G), so heads 2i and 2i+1 share one)
+    O_j = softmax(Q_j K_g(j)^T / sqrt d) V_g(j)       (one attention call over the 2H query heads)
+    lambda = sigmoid(X W_lambda)                      (B, N, H): per token, per head
+    C_i = O_2i - lambda_i * O_2i+1
+    out = W_O concat_i C_i                            (W_O: D -> D, the classic layer's)
+
+No lambda_init, no sub-layer norm, no rescaling; the subtracted maps are adjacent heads of one GQA group (the
+authors mark "first half minus second half" as wrong).
 """
 from __future__ import annotations
 
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..errors import VitlabError
@@ -78,4 +93,51 @@ class DiffAttention(nn.Module):
                                      self.attn_drop if self.training else 0.0, bias)  # (B, H, N, 2d), fp32
         out = (self.sub_norm(out) * (1.0 - self.lambda_init)).to(v.dtype)
         out = out.transpose(1, 2).reshape(B, N, D)  # (B, N, H*2d)
+        return self.proj_drop(self.proj(out))
+
+
+class DiffAttentionV2(nn.Module):
+    """Differential attention V2 (see the module docstring): the classic layer's heads and output projection,
+    twice the query heads, `kv_heads` KV heads (default: `num_heads`, so each pair of query heads shares one),
+    and a per-token, per-head lambda = sigmoid(Linear(D, H, no bias)). Plain SDPA, no custom kernel. The
+    lambda projection starts as every Linear of the ViT (truncated normal, std 0.02): lambda ~ 0.5."""
+
+    def __init__(self, dim: int, num_heads: int = 8, qkv_bias: bool = True, attn_drop: float = 0.0,
+                 proj_drop: float = 0.0, kv_heads: int | None = None):
+        super().__init__()
+        kv_heads = num_heads if kv_heads is None else kv_heads
+        if dim % num_heads:
+            raise VitlabError(f"embed_dim {dim} is not divisible by num_heads {num_heads}; "
+                              f"set model.embed_dim to a multiple of model.num_heads")
+        if kv_heads < 1 or num_heads % kv_heads:
+            raise VitlabError(f"differential attention V2 pairs query heads inside KV groups: kv_heads {kv_heads} "
+                              f"must divide num_heads {num_heads}")
+        self.num_heads, self.kv_heads = num_heads, kv_heads
+        self.head_dim = dim // num_heads
+        self.attn_drop = attn_drop
+        # [Q (2H heads); K (G heads); V (G heads)] in one Linear
+        self.qkv = nn.Linear(dim, 2 * dim + 2 * kv_heads * self.head_dim, bias=qkv_bias)
+        self.lambda_proj = nn.Linear(dim, num_heads, bias=False)
+        self.proj = nn.Linear(dim, dim)
+        self.proj_drop = nn.Dropout(proj_drop) if proj_drop > 0 else nn.Identity()
+
+    def forward(self, x: torch.Tensor, merging: TokenMerging | None = None) -> torch.Tensor:
+        B, N, D = x.shape
+        H, G, d = self.num_heads, self.kv_heads, self.head_dim
+        q, k, v = self.qkv(x).split([2 * D, G * d, G * d], dim=-1)
+        q = q.reshape(B, N, 2 * H, d).transpose(1, 2)  # (B, 2H, N, d)
+        k, v = (t.reshape(B, N, G, d).transpose(1, 2) for t in (k, v))  # (B, G, N, d)
+        bias = None
+        if merging is not None:  # token merging: the KV heads' keys as the metric
+            merging.observe(k)
+            bias = merging.attn_bias(q.dtype)
+        # query head j reads KV head j // (2H / G): repeat each KV head for its group (SDPA's enable_gqa needs
+        # torch 2.5)
+        k, v = (t.repeat_interleave(2 * H // G, dim=1) for t in (k, v))  # (B, 2H, N, d)
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=bias,
+                                           dropout_p=self.attn_drop if self.training else 0.0)  # (B, 2H, N, d)
+        wide = torch.promote_types(o.dtype, torch.float32)  # lambda and the difference in fp32 under bf16
+        lam = torch.sigmoid(self.lambda_proj(x).to(wide)).transpose(1, 2).unsqueeze(-1)  # (B, H, N, 1)
+        out = (o[:, 0::2].to(wide) - lam * o[:, 1::2].to(wide)).to(v.dtype)  # (B, H, N, d): pairs 2i, 2i+1
+        out = out.transpose(1, 2).reshape(B, N, D)  # (B, N, H*d)
         return self.proj_drop(self.proj(out))

@@ -10,7 +10,9 @@ Differential attention is a swap of the reference ViT's attention (`attn_layer="
   protocol: 224 px, patch 8, d_model 256, 100 classes) and `vit_{classic,differential}_bach_{10m,25m,50m}`
   (BACH: 512 px, patch 16, d_model 384, 4 classes). d_model is fixed by the study, so size comes from depth
   and MLP ratio; classic and differential of one size differ only by lambda vectors and sub-norms (< 0.1%).
-  The study's labels "10B/25B/50B" are aliases (they meant millions).
+  The study's labels "10B/25B/50B" are aliases (they meant millions). `vit_differential_v2_*` swap in
+  differential attention V2 (`attn_layer="diff2"`), which keeps the classic layer's heads and doubles its
+  queries: about 1/12 more parameters per block at MLP ratio 4 (D^2 + D more in q, D x H in lambda).
 """
 from __future__ import annotations
 
@@ -32,7 +34,8 @@ def _register() -> None:
         for label, (depth, ratio) in SCALES[proto].items():
             common = dict(img_size=img, patch_size=patch, embed_dim=dim, depth=depth, mlp_ratio=ratio,
                           num_classes=classes)
-            for kind, attn, h in (("classic", "mhsa", heads), ("differential", "diff", heads // 2)):
+            for kind, attn, h in (("classic", "mhsa", heads), ("differential", "diff", heads // 2),
+                                  ("differential_v2", "diff2", heads)):
                 name = f"vit_{kind}_{proto}{label}"
                 register_model(name, VisionTransformer, num_heads=h, attn_layer=attn, **common)
                 register_alias(f"vit_{kind}_{proto}{label[:-1]}b", name,

@@ -195,8 +195,9 @@ class VisionTransformer(nn.Module):
     @property
     def architecture(self) -> str:
         """What the model is, the one name reports, results and run layouts use: 'vit', 'rev_vit', 'pit_vit',
-        ..., with 'diff_' in front under differential attention (its registered name is `vitlab_name`)."""
-        return ("diff_" if self.attn_layer_name == "diff" else "") + self._kind
+        ..., with 'diff_' / 'diff2_' in front under differential attention V1 / V2 (its registered name is
+        `vitlab_name`)."""
+        return {"diff": "diff_", "diff2": "diff2_"}.get(self.attn_layer_name, "") + self._kind
 
     @torch.no_grad()
     def init_weights(self) -> None:
