@@ -2,6 +2,7 @@
 MNIST-on-canvas at several densities, and eval throughput against the fixed budget.
 
     python bench/token_budgets.py [--data_dir ../shared/data] [--images 512] [--rounds 7]
+    python bench/token_budgets.py --coverage --images 2000   # the room a learned tree has (see ink_coverage)
 
 Canvases of 64 px with 24 px MNIST test digits (normalised with `mnist_canvas`'s statistics, as a trained
 model sees them): blank, one digit (the `mnist_canvas` dataset), three digits, and one digit with clutter
@@ -27,6 +28,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 import vitlab  # noqa: E402
 from vitlab.data.datasets import DATASETS  # noqa: E402
+from vitlab.layers.quadtree import edge_map  # noqa: E402
 
 CANVAS, DIGIT = 64, 24
 
@@ -55,6 +57,28 @@ def canvases(data_dir: str, n: int) -> tuple[dict[str, torch.Tensor], float, flo
     mean, std = raw.info.mean[0], raw.info.std[0]
     sets = {"blank": torch.zeros_like(one), "1 digit": one, "3 digits": three, "1 digit + clutter": clutter}
     return {k: (v - mean) / std for k, v in sets.items()}, mean, std
+
+
+def ink_coverage(data_dir: str, n: int, clutters: tuple[int, ...] = (0, 3, 8), splits: tuple[int, ...] = (6, 8, 12)):
+    """How much room a learned 16 -> 8 px tree has over the edge heuristic: the share of the digit's ink (the
+    canvas without its distractors) inside the k roots of 16 px that the heuristic splits (highest edge sum),
+    against the best k roots for the digit (100% whenever k covers every root it touches), per
+    `data.canvas_clutter` level; mean over `n` test canvases."""
+    print(f"\nShare of the digit's ink in the split roots (16 roots of 16 px, {n} test canvases): heuristic / best")
+    print("| clutter | " + " | ".join(f"{k} splits" for k in splits) + " |")
+    print("|---:|" + "---:|" * len(splits))
+    for clutter in clutters:
+        raw = DATASETS["mnist_canvas"](data_dir=data_dir, download=False, canvas_size=CANVAS, canvas_digit_size=DIGIT,
+                                       split_seed=0, canvas_clutter=clutter)
+        idx = torch.arange(n)
+        x = raw.test.images[idx].float() / 255
+        ink = raw.test.images.render(idx, clutter=False).float()
+        edges = torch.nn.functional.avg_pool2d(edge_map(x), 16).flatten(1)  # (n, 16): each root's edge score
+        mass = torch.nn.functional.avg_pool2d(ink, 16).flatten(1)  # (n, 16): each root's share of the ink
+        total = mass.sum(1)
+        cells = [f"{(mass.gather(1, edges.topk(k, 1).indices).sum(1) / total).mean():.3f} / "
+                 f"{(mass.topk(k, 1).values.sum(1) / total).mean():.3f}" for k in splits]
+        print(f"| {clutter} | " + " | ".join(cells) + " |")
 
 
 def model(width: int, depth: int, heads: int, tokens: int, threshold: float | None, sizes: tuple[int, int] = (16, 4),
@@ -86,8 +110,11 @@ def main() -> None:
                     help="the timed models' cells (16 8 with --budget-step 2: the trained arm of issue 26)")
     ap.add_argument("--budget-step", type=int, default=4, help="splits per image rounded up to a multiple of this")
     ap.add_argument("--widths", default="64x4x4,384x12x6", help="width x depth x heads of each timed model")
+    ap.add_argument("--coverage", action="store_true", help="only the ink coverage of the heuristic's split roots")
     args = ap.parse_args()
     torch.set_num_threads(max(1, torch.get_num_threads()))
+    if args.coverage:
+        return ink_coverage(args.data_dir, args.images)
     sets, mean, std = canvases(args.data_dir, args.images)
     print(f"MNIST-on-canvas {CANVAS} px, {args.images} test images per density, cells 16 -> 4 px, cap 100; "
           f"normalised with mean {mean:.4f}, std {std:.4f}")
