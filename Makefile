@@ -3,7 +3,7 @@ PY      := .venv/bin/python
 STAMP   := .venv/.installed
 PYTEST  ?= $(PY) -m pytest
 
-.PHONY: demo test test-slow test-gpu bench bench-gpu clean seed002 seed003 seed004 resvit gdt
+.PHONY: demo test test-slow test-gpu bench bench-gpu clean seed002 seed003 seed004 resvit gdt pareto
 
 $(STAMP): pyproject.toml constraints.txt
 	python3 -m venv .venv
@@ -63,6 +63,14 @@ gdt: $(STAMP)
 	$(PY) -m vitlab sweep configs/gdt/content_canvas.yaml --output output/gdt_canvas/content
 	$(PY) -m vitlab sweep configs/gdt/segment_canvas.yaml --output output/gdt_canvas/segment
 	$(PY) bench/gdt.py output/gdt_canvas
+
+# Issue 26: every way of spending fewer tokens on make gdt's task, one table and one picture (~40 min on 2 cores)
+pareto: $(STAMP)
+	$(PY) -m vitlab sweep configs/pareto/uniform.yaml --output output/pareto
+	$(PY) -m vitlab sweep configs/pareto/trees.yaml --output output/pareto
+	$(PY) -m vitlab sweep configs/pareto/learned.yaml --output output/pareto
+	$(PY) -m vitlab sweep configs/pareto/from_teacher.yaml --output output/pareto
+	$(PY) bench/token_reduction.py output/pareto --reference uniform_p8 --wide 384x6
 
 clean:
 	rm -rf output .pytest_cache

@@ -1,7 +1,9 @@
-"""Fewer tokens without retraining: token merging (ToMe) and per-image quadtree budgets applied to trained runs,
-accuracy against measured throughput, with the Pareto front.
+"""Accuracy against speed for every way of spending fewer tokens: trained runs (uniform ViTs, depth cuts,
+Res-ViT, content / per-image / learned / random trees) and training-free variants of them (ToMe, per-image
+thresholds), in one table and one picture with the Pareto front.
 
-    python bench/token_reduction.py output/budgets [--merge 2 4 8] [--thresholds 5 20 80] [--images 10000]
+    python bench/token_reduction.py output/pareto [--merge 2 4 8] [--thresholds 5 20 80] [--images 10000]
+                                    [--wide 384x6] [--reference uniform_p8]
 
 For every finished classification run under the folder, the model as trained is one point. Then come the
 training-free variants of it:
@@ -9,11 +11,16 @@ training-free variants of it:
 - `threshold=S` for content-quadtree models: the same weights, but each image gets the leaves its detail
   needs, up to the trained budget.
 
-Each point has test top-1 on the first `--images` test images and the mean tokens entering the blocks (for
-ToMe: the mean over blocks). Throughput is eval images/s at batch 64. The variants of a run are timed in
-alternating rounds with the run itself, and each speed-up is the median of its per-round ratios, so a slow
-spell of a shared machine cancels out. Writes token_reduction.md / .csv and plots/ (top-1 against img/s, with
-the front of points no other beats in both) into the folder.
+Each point has test top-1 on the first `--images` test images, the mean tokens entering the blocks' MLPs (over
+blocks and images, prefix tokens excluded: what ToMe, routing and per-image budgets save), and GFLOPs per image
+counted on a test batch with attention on torch's math kernel (so its matmuls are counted). Throughput is eval
+images/s at batch 64. Every point of every run is timed in the same alternating rounds (the order reversed each
+round), and a point's speed-up is the median over rounds of its time against the reference run's (as trained),
+so a slow spell of a shared machine cancels out. `--wide DxH` also times each point's architecture at width D
+with H heads (ViT-S: 384x6) from random weights: the leaves, ToMe's r and the routers' capacity fix the token
+counts, so the compute is that of trained weights. Writes token_reduction.md / .csv and plots/ (top-1 against
+img/s, against GFLOPs and, with --wide, against img/s at that width; each with its front of points no other
+beats in both) into the folder.
 """
 from __future__ import annotations
 
@@ -25,17 +32,20 @@ import time
 from pathlib import Path
 
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+import vitlab  # noqa: E402
 from vitlab.data import build_data  # noqa: E402
 from vitlab.experiments.runs import find_runs  # noqa: E402
 from vitlab.layers.token_merge import merge_schedule  # noqa: E402
-from vitlab.layers.tokenizer import TokenGroups  # noqa: E402
-from vitlab.names import csv_cell, printable  # noqa: E402
+from vitlab.names import atomic_write, csv_cell, printable  # noqa: E402
 from vitlab.plots.common import new_figure, plot_text, save  # noqa: E402
 from vitlab.train import load_checkpoint  # noqa: E402
 
-COLUMNS = ["run", "variant", "tokens", "top1", "img_per_s", "speedup"]
+COLUMNS = ["run", "variant", "tokens", "gflops", "top1", "img_per_s", "speedup"]
+WIDE = ["img_per_s_wide", "speedup_wide"]
 
 
 def variants(model, merges: list[int], thresholds: list[float]) -> list[tuple[str, dict]]:
@@ -61,19 +71,24 @@ def apply(model, change: dict) -> dict:
 
 @torch.inference_mode()
 def top1_and_tokens(model, images: torch.Tensor, labels: torch.Tensor) -> tuple[float, float]:
-    hits, tokens, seen = 0, 0.0, []
+    """Top-1, and the tokens entering the blocks' MLPs per image, mean over blocks (prefix tokens excluded)."""
+    hits, seen = 0, []
     hooks = [b.mlp.register_forward_hook(lambda m, i, o: seen.append(i[0].shape[0] * i[0].shape[1]))
              for b in model.blocks]
     for x, y in zip(images.split(256), labels.split(256)):
         hits += (model(x).argmax(-1) == y).sum().item()
-        t = model.tokenize(x)
-        counts = t.counts.float() if isinstance(t, TokenGroups) else torch.full((len(x),), t.tokens.shape[1] * 1.0)
-        tokens += counts.sum().item()
     for h in hooks:
         h.remove()
-    per_block = sum(seen) / len(images) / len(model.blocks) - model.num_prefix_tokens
-    merged = any(getattr(model, "merge", [0]))
-    return hits / len(labels), per_block if merged else tokens / len(images)
+    return hits / len(labels), sum(seen) / len(images) / len(model.blocks) - model.num_prefix_tokens
+
+
+@torch.inference_mode()
+def gflops(model, batch: torch.Tensor) -> float:
+    """FLOPs / 2 (multiply-accumulates, as `vitlab.stats`) per image of `batch`, SDPA on the math kernel."""
+    counter = FlopCounterMode(display=False)
+    with sdpa_kernel(SDPBackend.MATH), counter:
+        model(batch)
+    return counter.get_total_flops() / 2e9 / len(batch)
 
 
 @torch.inference_mode()
@@ -83,50 +98,65 @@ def seconds(model, batch: torch.Tensor) -> float:
     return time.perf_counter() - start
 
 
-def measure_run(run, model, images, labels, merges, thresholds, rounds: int) -> list[dict]:
+def points_of(run, model, images, labels, merges, thresholds) -> list[dict]:
+    """Every variant of a run with its top-1, tokens and GFLOPs; `model` and `change` kept for timing."""
     rows = []
-    arms = variants(model, merges, thresholds)
-    for name, change in arms:
+    for name, change in variants(model, merges, thresholds):
         old = apply(model, change)
         top1, tokens = top1_and_tokens(model, images, labels)
+        flops = gflops(model, images[:64])
         apply(model, old)
-        rows.append({"run": str(run.path.name), "variant": name, "tokens": tokens, "top1": top1})
-    batch = images[:64]
-    times = {name: [] for name, _ in arms}
-    for _ in range(rounds + 1):  # the first round warms up
-        for name, change in arms:
-            old = apply(model, change)
-            times[name].append(seconds(model, batch))
-            apply(model, old)
-    base = times["as trained"][1:]
-    for row, (name, _) in zip(rows, arms):
-        mine = times[name][1:]
-        row["img_per_s"] = len(batch) / statistics.median(mine)
-        row["speedup"] = statistics.median(b / m for b, m in zip(base, mine))
+        rows.append({"run": str(run.path.name), "variant": name, "tokens": tokens, "gflops": flops, "top1": top1,
+                     "model": model, "change": change})
     return rows
 
 
-def front(points: list[dict]) -> list[dict]:
-    """Points that no other point beats in both top-1 and img/s, fastest first."""
+def time_points(points: list[dict], models: list, batch: torch.Tensor, rounds: int,
+                reference: int) -> tuple[list[float], list[float]]:
+    """(img/s, speed-up against points[reference]) of each point's model with its change, medians over
+    `rounds` rounds in which every point runs once (order reversed every other round; one warm-up round)."""
+    times = [[] for _ in points]
+    order = list(range(len(points)))
+    for r in range(rounds + 1):
+        for i in (order if r % 2 == 0 else order[::-1]):
+            old = apply(models[i], points[i]["change"])
+            times[i].append(seconds(models[i], batch))
+            apply(models[i], old)
+    times = [t[1:] for t in times]
+    base = times[reference]
+    return ([len(batch) / statistics.median(t) for t in times],
+            [statistics.median(b / m for b, m in zip(base, t)) for t in times])
+
+
+def widened(model, width: int, heads: int):
+    """The same architecture at `width` with `heads` heads, random weights, eval mode (one per run)."""
+    torch.manual_seed(0)
+    return vitlab.create_model(model.vitlab_name, **{**model.vitlab_args, "embed_dim": width,
+                                                     "num_heads": heads}).eval()
+
+
+def front(points: list[dict], x: str = "img_per_s", faster: bool = True) -> list[dict]:
+    """Points that no other point beats in both top-1 and `x` (higher is better if `faster`, else lower),
+    best `x` first."""
     best, out = -1.0, []
-    for p in sorted(points, key=lambda p: (-p["img_per_s"], -p["top1"])):
+    for p in sorted(points, key=lambda p: (-p[x] if faster else p[x], -p["top1"])):
         if p["top1"] > best:
             out.append(p)
             best = p["top1"]
     return out
 
 
-def figure(rows: list[dict]):
-    fig, ax = new_figure("top-1 against measured throughput (training-free token reduction)",
-                         "eval images / s (batch 64)", "test top-1")
+def figure(rows: list[dict], x: str, title: str, xlabel: str):
+    fig, ax = new_figure(title, xlabel, "test top-1")
     for run in sorted({r["run"] for r in rows}):
         mine = [r for r in rows if r["run"] == run]
-        ax.plot([r["img_per_s"] for r in mine], [r["top1"] for r in mine], "o", alpha=0.8, label=plot_text(run))
+        ax.plot([r[x] for r in mine], [r["top1"] for r in mine], "o", alpha=0.8, label=plot_text(run))
         for r in mine:
-            ax.annotate(plot_text(r["variant"]), (r["img_per_s"], r["top1"]), fontsize=6)
-    pareto = front(rows)
-    ax.plot([p["img_per_s"] for p in pareto], [p["top1"] for p in pareto], "k--", lw=0.8, label="Pareto front")
-    ax.legend(fontsize=7)
+            if r["variant"] != "as trained":
+                ax.annotate(plot_text(r["variant"]), (r[x], r["top1"]), fontsize=6)
+    pareto = front(rows, x, faster=x != "gflops")
+    ax.plot([p[x] for p in pareto], [p["top1"] for p in pareto], "k--", lw=0.8, label="Pareto front")
+    ax.legend(fontsize=6, ncol=2)
     return fig
 
 
@@ -137,36 +167,66 @@ def main() -> None:
     ap.add_argument("--thresholds", type=float, nargs="*", default=[5.0, 20.0, 80.0])
     ap.add_argument("--images", type=int, default=10000)
     ap.add_argument("--rounds", type=int, default=15)
+    ap.add_argument("--wide", default=None, help="also time every point at this width x heads (ViT-S: 384x6)")
+    ap.add_argument("--reference", default=None, help="the run the speed-ups are against (default: the first)")
     a = ap.parse_args()
     runs = sorted(find_runs([a.root], finished_only=True), key=lambda r: str(r.path))
-    rows, tests = [], {}
+    rows, tests, wide = [], {}, {}
     for run in runs:
         model, cfg, _ = load_checkpoint(run.path / "checkpoints" / "last")
         if model.readout.__class__.__name__ != "ClassifierHead":
             continue
-        key = (cfg.data.dataset, model.vitlab_args["img_size"])
+        key = (cfg.data.dataset, model.vitlab_args["img_size"], cfg.data.canvas_size, cfg.data.canvas_digit_size,
+               cfg.data.canvas_clutter)
         if key not in tests:
             data = build_data(cfg.data, img_size=key[1], in_chans=model.vitlab_args["in_chans"])
             xs, ys = zip(*data.loader("test", 512))
             tests[key] = torch.cat(xs)[:a.images], torch.cat(ys)[:a.images]
-        for row in measure_run(run, model.eval(), *tests[key], a.merge, a.thresholds, a.rounds):
+        for row in points_of(run, model.eval(), *tests[key], a.merge, a.thresholds):
+            row["test"] = key
             rows.append(row)
-            print(" ".join(f"{k}={row[k]:.4g}" if isinstance(row[k], float) else f"{k}={row[k]}" for k in COLUMNS),
-                  flush=True)
+            print(" ".join(f"{k}={row[k]:.4g}" if isinstance(row[k], float) else f"{k}={row[k]}"
+                           for k in COLUMNS[:5]), flush=True)
+        if a.wide:
+            width, heads = (int(v) for v in a.wide.split("x"))
+            wide[id(model)] = widened(model, width, heads)
     if not rows:
         raise SystemExit(f"no finished classification runs under {a.root}")
-    md = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
-    md += ["| " + " | ".join(f"{r[c]:.4g}" if isinstance(r[c], float) else printable(str(r[c])).replace("|", "\\|")
-                             for c in COLUMNS) + " |" for r in rows]
-    pareto = {(p["run"], p["variant"]) for p in front(rows)}
+    if len({r["test"] for r in rows}) > 1:
+        raise SystemExit(f"the runs under {a.root} are on different test sets; time them apart")
+    names = [r["run"] for r in rows]
+    ref = names.index(a.reference) if a.reference in names else 0
+    batch = tests[rows[0]["test"]][0][:64]
+    columns = COLUMNS + (WIDE if a.wide else [])
+    speeds = time_points(rows, [r["model"] for r in rows], batch, a.rounds, ref)
+    if a.wide:
+        speeds += time_points(rows, [wide[id(r["model"])] for r in rows], batch, a.rounds, ref)
+    for i, row in enumerate(rows):
+        for column, values in zip(columns[5:], speeds):
+            row[column] = values[i]
+    cell = lambda v: f"{v:.4g}" if isinstance(v, float) else printable(str(v)).replace("|", "\\|")  # noqa: E731
+    md = [f"Speed-ups against {rows[ref]['run']} as trained; {torch.get_num_threads()} threads, batch 64, median of "
+          f"{a.rounds} alternating rounds" + (f"; _wide: the same architectures at {a.wide} (width x heads)"
+                                               if a.wide else ""), "",
+          "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    md += ["| " + " | ".join(cell(r[c]) for c in columns) + " |" for r in rows]
     md.append("")
-    md.append("Pareto front: " + ", ".join(f"{r} {v}" for r, v in sorted(pareto)))
-    (a.root / "token_reduction.md").write_text("\n".join(md) + "\n")
+    for x in ["img_per_s", "gflops"] + (["img_per_s_wide"] if a.wide else []):
+        md.append(f"Pareto front (top-1 against {x}): "
+                  + ", ".join(f"{p['run']} {p['variant']}" for p in front(rows, x, faster=x != "gflops")))
+    atomic_write(a.root / "token_reduction.md", "\n".join(md) + "\n")
     with open(a.root / "token_reduction.csv", "w", newline="") as f:  # run names are folder names: escaped
         w = csv.writer(f)
-        w.writerow(COLUMNS)
-        w.writerows([csv_cell(r[c]) for c in COLUMNS] for r in rows)
-    save({"token_reduction": figure(rows)}, a.root / "plots")
+        w.writerow(columns)
+        w.writerows([csv_cell(r[c]) for c in columns] for r in rows)
+    figures = {"token_reduction": figure(rows, "img_per_s", "top-1 against measured throughput",
+                                         "eval images / s (batch 64)"),
+               "token_reduction_flops": figure(rows, "gflops", "top-1 against compute", "GMACs / image")}
+    if a.wide:
+        figures["token_reduction_wide"] = figure(rows, "img_per_s_wide", f"top-1 against throughput at {a.wide}",
+                                                 f"eval images / s at {a.wide} (batch 64, random weights)")
+    save(figures, a.root / "plots")
+    print("\n".join(md))
     print(f"wrote {a.root / 'token_reduction.md'}")
 
 
