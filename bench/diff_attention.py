@@ -66,7 +66,7 @@ def main() -> None:
     batch = {8: 64 if cuda else 2, 16: 256 if cuda else 8}
     cases = [(patch, batch.get(patch, 64 if cuda else 4)) for patch in args.patches]
     where = torch.cuda.get_device_name() if cuda else f"CPU, {torch.get_num_threads()} threads"
-    print(f"# forward+backward, differential vs classic (seed 002 10M pair, 224 px), {where}, torch "
+    print(f"# forward+backward, differential V1 and V2 vs classic (seed 002's 10M models, 224 px), {where}, torch "
           f"{torch.__version__}, median of {rounds} alternating rounds x {steps} steps\n")
     sdpa_col = "" if cuda else " differential, SDPA kernel img/s | its time ratio |"
     print(f"| patch | tokens | mode | batch | classic img/s | differential img/s | time ratio diff/classic |{sdpa_col}"

@@ -130,7 +130,12 @@ def main() -> None:
 
     x = sets["1 digit"]
     sizes = tuple(args.speed_sizes)
-    for width, depth, heads in (tuple(int(v) for v in w.split("x")) for w in args.widths.split(",")):
+    try:
+        shapes = [tuple(int(v) for v in w.split("x")) for w in args.widths.split(",")]
+        assert all(len(s) == 3 for s in shapes)
+    except (ValueError, AssertionError):
+        ap.error(f"--widths {args.widths!r}: give width x depth x heads, comma-separated (64x4x4,384x12x6)")
+    for width, depth, heads in shapes:
         fixed = model(width, depth, heads, args.fixed, None, sizes)
         adaptive = model(width, depth, heads, args.fixed, args.speed_threshold, sizes, args.budget_step)
         counts = torch.cat([adaptive.tokenize(x[i:i + 256]).counts for i in range(0, len(x), 256)]).float()

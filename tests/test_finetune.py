@@ -191,7 +191,8 @@ def test_mnist_canvas_places_real_digits_at_redrawn_positions():
 
 def test_canvas_clutter_adds_fragments_of_other_digits_and_leaves_the_digit_and_its_mask_alone():
     """data.canvas_clutter: fragments pasted over the canvas (brightest pixel wins) drawn per (seed, epoch,
-    sample) like the positions; the digit's layout, the label and the segmentation mask are the clean canvas's."""
+    sample), the same in a subset; the digit's layout, the label and the segmentation mask are the clean
+    canvas's."""
     from vitlab.data.datasets import CanvasDigits, CanvasMasks
     g = torch.Generator().manual_seed(0)
     digits = torch.randint(1, 256, (40, 1, 12, 12), generator=g, dtype=torch.uint8)  # no black pixel: ink is visible
@@ -210,8 +211,10 @@ def test_canvas_clutter_adds_fragments_of_other_digits_and_leaves_the_digit_and_
     busy.set_epoch(0)
     assert torch.equal(busy[idx], first)  # and a function of the epoch
     part = busy.subset(torch.tensor([3, 7]))
-    assert torch.equal(part[torch.tensor([0, 1])], part[torch.tensor([0, 1])]) and len(part.pool) == 40
-    with pytest.raises(vitlab.VitlabError, match="data.canvas_clutter=-1 must be in 0..256"):
+    assert torch.equal(part.fragments, busy.fragments[:, :, [3, 7]]) and len(part.pool) == 40  # same fragments
+    last = busy.subset(torch.tensor([3, 39]))  # holding the largest id: the digits' layout is the set's too
+    assert torch.equal(last[torch.tensor([0, 1])], busy[torch.tensor([3, 39])])
+    with pytest.raises(vitlab.VitlabError, match="data.canvas_clutter=-1 must be in 0..64"):
         CanvasDigits(digits, 36, 12, seed=3, clutter=-1)
 
 

@@ -201,28 +201,30 @@ _CIFAR100 = ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762))
 class CanvasDigits:
     """MNIST-on-canvas: each digit resized to `digit` px and pasted at a random position on a black `canvas`
     px square, so most of an image (most tokens) is background. Indexing with a batch of indices renders those
-    images (uint8, (B, 1, canvas, canvas)); positions are a function of (seed, epoch, sample), redrawn by
-    `set_epoch` (training) and fixed at epoch 0 otherwise (validation and test).
+    images (uint8, (B, 1, canvas, canvas)); positions are redrawn by `set_epoch` (training) and fixed at epoch
+    0 otherwise (validation and test). They are a function of (seed, epoch, sample, the largest sample id of the
+    set): a subset draws its own layout, as it always has (published runs depend on it).
 
-    `clutter` > 0 adds that many fragments per image: squares of digit // 3 px cut at random from random digits
-    of `pool` (the split's digits) and pasted at random positions (brightest pixel wins), drawn like the
-    positions. They look like strokes of a digit but carry no label: distractors for a tokenizer that follows
-    edges and for attention. The label, and the segmentation mask (`render(..., clutter=False)`), stay the
-    digit's."""
+    `clutter` > 0 adds that many fragments per image: squares of digit // 3 px cut from the middle of random
+    digits of `pool` (the whole split; MNIST leaves a margin of a sixth around the ink, so nearly every fragment
+    shows a stroke) and pasted at random positions (brightest pixel wins). They are a function of (seed, epoch,
+    sample) alone, the same in every subset. They look like strokes of a digit but carry no label: distractors
+    for a tokenizer that follows edges and for attention. The label, and the segmentation mask
+    (`render(..., clutter=False)`), stay the digit's."""
 
     def __init__(self, digits: torch.Tensor, canvas: int, digit: int, seed: int, ids: torch.Tensor | None = None,
                  clutter: int = 0, pool: torch.Tensor | None = None):
         if not 0 < digit <= canvas:
             raise VitlabError(f"data.canvas_digit_size={digit} must be in 1..data.canvas_size={canvas}")
-        if not 0 <= clutter <= 256:
-            raise VitlabError(f"data.canvas_clutter={clutter} must be in 0..256 fragments per image")
+        if not 0 <= clutter <= 64:
+            raise VitlabError(f"data.canvas_clutter={clutter} must be in 0..64 fragments per image")
         if digits.shape[-1] != digit:
             digits = torch.nn.functional.interpolate(digits.float(), size=(digit, digit), mode="bilinear",
                                                      antialias=True).round().clamp(0, 255).to(torch.uint8)
         self.digits, self.canvas, self.digit, self.seed = digits, canvas, digit, seed
         self.ids = torch.arange(len(digits)) if ids is None else ids  # sample identity: positions follow it
         self.clutter, self.fragment = clutter, max(1, digit // 3)
-        self.pool = digits if pool is None else pool  # fragments' sources: the whole split, kept by subsets
+        self.pool = digits if pool is None else pool  # the whole split (ids index it): fragments' sources
         self.set_epoch(0)
 
     def __len__(self) -> int:
@@ -233,12 +235,14 @@ class CanvasDigits:
         span, n = self.canvas - self.digit + 1, int(self.ids.max()) + 1 if len(self.ids) else 0
         every = torch.randint(0, span, (2, n), generator=g)
         self.offsets = every[:, self.ids]  # (2, n): row and column of each digit's top-left corner
-        if self.clutter:  # drawn after the offsets, so a canvas without clutter is the same as before
-            f, k = self.fragment, self.clutter
-            source = torch.randint(0, len(self.pool), (k, n), generator=g)
-            crop = torch.randint(0, self.digit - f + 1, (2, k, n), generator=g)
-            place = torch.randint(0, self.canvas - f + 1, (2, k, n), generator=g)
-            # (5, k, n): source digit, crop row/column in it, paste row/column on the canvas
+        if self.clutter:  # a stream of its own, drawn for the whole split: the same in every subset
+            g = torch.Generator().manual_seed((self.seed * 1_000_003 + epoch) * 2 + 1)
+            f, k, n = self.fragment, self.clutter, len(self.pool)
+            margin = min(self.digit // 6, (self.digit - f) // 2)  # crops from the middle of the digit's box
+            source = torch.randint(0, n, (k, n), generator=g, dtype=torch.int32)
+            crop = torch.randint(margin, self.digit - f - margin + 1, (2, k, n), generator=g, dtype=torch.int32)
+            place = torch.randint(0, self.canvas - f + 1, (2, k, n), generator=g, dtype=torch.int32)
+            # (5, k, samples): source digit, crop row/column in it, paste row/column on the canvas
             self.fragments = torch.cat([source[None], crop, place])[:, :, self.ids]
 
     def subset(self, index: torch.Tensor) -> "CanvasDigits":
@@ -255,13 +259,14 @@ class CanvasDigits:
         oy, ox = self.offsets[:, index]
         out = self._paste(self.digits[index][:, 0], oy, ox, 0, 0, self.digit)
         if clutter and self.clutter:
-            source, cy, cx, py, px = self.fragments[:, :, index]  # each (k, B)
+            source, cy, cx, py, px = self.fragments[:, :, index].long()  # each (k, B)
             for k in range(self.clutter):  # a few fragments, each pasted over the whole batch at once
                 out = torch.maximum(out, self._paste(self.pool[source[k]][:, 0], py[k], px[k], cy[k], cx[k],
                                                      self.fragment))
         return out.unsqueeze(1)  # (B, 1, c, c)
 
-    def _paste(self, src: torch.Tensor, oy: torch.Tensor, ox: torch.Tensor, cy, cx, size: int) -> torch.Tensor:
+    def _paste(self, src: torch.Tensor, oy: torch.Tensor, ox: torch.Tensor, cy: torch.Tensor | int,
+               cx: torch.Tensor | int, size: int) -> torch.Tensor:
         """(B, c, c) uint8: the `size` px square of each `src` image (B, d, d) at (cy, cx) placed at (oy, ox)."""
         c = self.canvas
         # canvas pixel (r, s) shows source pixel (cy + r - oy, cx + s - ox) where r - oy, s - ox are in 0..size-1
@@ -352,7 +357,7 @@ def _mnist_canvas(data_dir: str, download: bool, canvas_size: int, canvas_digit_
     splits = [TensorImages(CanvasDigits(part.images, canvas_size, canvas_digit_size, split_seed + k,
                                         clutter=canvas_clutter), part.labels)
               for k, part in enumerate((mnist.train, mnist.test))]
-    if canvas_clutter:  # overlapping fragments: measured on the first epoch's first 4096 training canvases
+    if canvas_clutter:  # overlapping fragments: measured on the first 4096 training canvases of the epoch-0 layout
         pixels = splits[0].images[torch.arange(min(4096, len(splits[0].images)))].float() / 255
         mean, square = float(pixels.mean()), float(pixels.square().mean())
     else:  # statistics of the canvases, exactly: the digit's moments diluted by the black area around it

@@ -100,6 +100,9 @@ def _tensors(ds: Dataset) -> tuple[torch.Tensor, torch.Tensor] | None:
 
 def build_data(cfg: DataConfig, img_size: int | None = None, in_chans: int | None = None) -> DataBundle:
     """Load `cfg.dataset`; `img_size`/`in_chans` default to the data's own."""
+    if cfg.canvas_clutter and cfg.dataset not in ("mnist_canvas", "mnist_canvas_seg"):
+        raise VitlabError(f"data.canvas_clutter={cfg.canvas_clutter} applies to mnist_canvas and mnist_canvas_seg "
+                          f"only, not {cfg.dataset}; drop it or set data.dataset=mnist_canvas")
     raw = load_raw(cfg.dataset, data_dir=cfg.data_dir, download=cfg.download, test_fraction=cfg.test_fraction,
                    split_seed=cfg.split_seed, img_size=cfg.img_size or img_size,
                    synthetic_size=cfg.synthetic_size, synthetic_classes=cfg.synthetic_classes,

@@ -11,6 +11,5 @@ from .pos_embed import resample_pos_embed
 ATTN_LAYERS = {"mhsa": Attention, "diff": DiffAttention, "diff2": DiffAttentionV2, "lsa": LocalitySelfAttention}
 
 __all__ = ["ATTN_LAYERS", "PATCH_EMBEDS", "Attention", "Block", "ConvStem", "DiffAttention", "DiffAttentionV2",
-           "DropPath",
-           "LayerNorm", "LayerScale", "LocalitySelfAttention", "Mlp", "PatchEmbed", "ShiftedPatchEmbed",
+           "DropPath", "LayerNorm", "LayerScale", "LocalitySelfAttention", "Mlp", "PatchEmbed", "ShiftedPatchEmbed",
            "resample_pos_embed"]

@@ -99,8 +99,14 @@ class DiffAttention(nn.Module):
 class DiffAttentionV2(nn.Module):
     """Differential attention V2 (see the module docstring): the classic layer's heads and output projection,
     twice the query heads, `kv_heads` KV heads (default: `num_heads`, so each pair of query heads shares one),
-    and a per-token, per-head lambda = sigmoid(Linear(D, H, no bias)). Plain SDPA, no custom kernel. The
-    lambda projection starts as every Linear of the ViT (truncated normal, std 0.02): lambda ~ 0.5."""
+    and a per-token, per-head lambda = sigmoid(Linear(D, H, no bias)). Plain SDPA, no custom kernel.
+
+    Where it differs from the authors' (language-model) code, it follows the ViT around it: q/k/v and the
+    output projection have biases (`qkv_bias`, as the classic layer), attention dropout is available, there is
+    no causal mask or RoPE (the ViT's positions are added to the tokens), and the lambda projection starts
+    as every Linear of the ViT (truncated normal, std 0.02: lambda ~ 0.5) instead of torch's default.
+    `kv_heads` < `num_heads` (grouped KV) is a constructor argument for code that builds the layer; the
+    `model.attn_layer=diff2` option uses `num_heads` KV heads."""
 
     def __init__(self, dim: int, num_heads: int = 8, qkv_bias: bool = True, attn_drop: float = 0.0,
                  proj_drop: float = 0.0, kv_heads: int | None = None):
@@ -131,11 +137,12 @@ class DiffAttentionV2(nn.Module):
         if merging is not None:  # token merging: the KV heads' keys as the metric
             merging.observe(k)
             bias = merging.attn_bias(q.dtype)
-        # query head j reads KV head j // (2H / G): repeat each KV head for its group (SDPA's enable_gqa needs
-        # torch 2.5)
-        k, v = (t.repeat_interleave(2 * H // G, dim=1) for t in (k, v))  # (B, 2H, N, d)
-        o = F.scaled_dot_product_attention(q, k, v, attn_mask=bias,
-                                           dropout_p=self.attn_drop if self.training else 0.0)  # (B, 2H, N, d)
+        # query head j reads KV head j // r (r = 2H / G query heads a group): a group's r heads are consecutive,
+        # so they fold into its sequence axis and one SDPA call serves them, KV read once (a key-only bias
+        # (B, 1, 1, N) still broadcasts; SDPA's own enable_gqa needs torch 2.5)
+        o = F.scaled_dot_product_attention(q.reshape(B, G, -1, d), k, v, attn_mask=bias,  # (B, G, r*N, d)
+                                           dropout_p=self.attn_drop if self.training else 0.0)
+        o = o.reshape(B, 2 * H, N, d)
         wide = torch.promote_types(o.dtype, torch.float32)  # lambda and the difference in fp32 under bf16
         lam = torch.sigmoid(self.lambda_proj(x).to(wide)).transpose(1, 2).unsqueeze(-1)  # (B, H, N, 1)
         out = (o[:, 0::2].to(wide) - lam * o[:, 1::2].to(wide)).to(v.dtype)  # (B, H, N, d): pairs 2i, 2i+1

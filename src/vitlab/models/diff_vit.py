@@ -38,6 +38,8 @@ def _register() -> None:
                                   ("differential_v2", "diff2", heads)):
                 name = f"vit_{kind}_{proto}{label}"
                 register_model(name, VisionTransformer, num_heads=h, attn_layer=attn, **common)
+                if attn == "diff2":  # not in the study: no alias for its size labels
+                    continue
                 register_alias(f"vit_{kind}_{proto}{label[:-1]}b", name,
                                note=f"the classic-vs-differential size label '{label[:-1]}B' means "
                                     f"~{label[:-1]}M parameters: "
