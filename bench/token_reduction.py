@@ -31,6 +31,7 @@ import sys
 import time
 from pathlib import Path
 
+import matplotlib
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
@@ -148,9 +149,11 @@ def front(points: list[dict], x: str = "img_per_s", faster: bool = True) -> list
 
 def figure(rows: list[dict], x: str, title: str, xlabel: str):
     fig, ax = new_figure(title, xlabel, "test top-1")
-    for run in sorted({r["run"] for r in rows}):
+    colours = matplotlib.colormaps["tab20"]
+    for i, run in enumerate(sorted({r["run"] for r in rows})):
         mine = [r for r in rows if r["run"] == run]
-        ax.plot([r[x] for r in mine], [r["top1"] for r in mine], "o", alpha=0.8, label=plot_text(run))
+        ax.plot([r[x] for r in mine], [r["top1"] for r in mine], "os^D"[i // 20 % 4], color=colours(i % 20),
+                alpha=0.85, label=plot_text(run))
         for r in mine:
             if r["variant"] != "as trained":
                 ax.annotate(plot_text(r["variant"]), (r[x], r["top1"]), fontsize=6)
@@ -158,6 +161,16 @@ def figure(rows: list[dict], x: str, title: str, xlabel: str):
     ax.plot([p[x] for p in pareto], [p["top1"] for p in pareto], "k--", lw=0.8, label="Pareto front")
     ax.legend(fontsize=6, ncol=2)
     return fig
+
+
+def figures(rows: list[dict], wide: str | None) -> dict:
+    out = {"token_reduction": figure(rows, "img_per_s", "top-1 against measured throughput",
+                                     "eval images / s (batch 64)"),
+           "token_reduction_flops": figure(rows, "gflops", "top-1 against compute", "GMACs / image")}
+    if wide:
+        out["token_reduction_wide"] = figure(rows, "img_per_s_wide", f"top-1 against throughput at {wide}",
+                                             f"eval images / s at {wide} (batch 64, random weights)")
+    return out
 
 
 def main() -> None:
@@ -169,7 +182,13 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=15)
     ap.add_argument("--wide", default=None, help="also time every point at this width x heads (ViT-S: 384x6)")
     ap.add_argument("--reference", default=None, help="the run the speed-ups are against (default: the first)")
+    ap.add_argument("--replot", action="store_true", help="redraw the figures from token_reduction.csv only")
     a = ap.parse_args()
+    if a.replot:
+        with open(a.root / "token_reduction.csv", newline="") as f:
+            rows = [{k: (v if k in ("run", "variant") else float(v)) for k, v in row.items()}
+                    for row in csv.DictReader(f)]
+        return save(figures(rows, a.wide), a.root / "plots")
     runs = sorted(find_runs([a.root], finished_only=True), key=lambda r: str(r.path))
     rows, tests, wide = [], {}, {}
     for run in runs:
@@ -219,13 +238,7 @@ def main() -> None:
         w = csv.writer(f)
         w.writerow(columns)
         w.writerows([csv_cell(r[c]) for c in columns] for r in rows)
-    figures = {"token_reduction": figure(rows, "img_per_s", "top-1 against measured throughput",
-                                         "eval images / s (batch 64)"),
-               "token_reduction_flops": figure(rows, "gflops", "top-1 against compute", "GMACs / image")}
-    if a.wide:
-        figures["token_reduction_wide"] = figure(rows, "img_per_s_wide", f"top-1 against throughput at {a.wide}",
-                                                 f"eval images / s at {a.wide} (batch 64, random weights)")
-    save(figures, a.root / "plots")
+    save(figures(rows, a.wide), a.root / "plots")
     print("\n".join(md))
     print(f"wrote {a.root / 'token_reduction.md'}")
 
