@@ -64,13 +64,13 @@ gdt: $(STAMP)
 	$(PY) -m vitlab sweep configs/gdt/segment_canvas.yaml --output output/gdt_canvas/segment
 	$(PY) bench/gdt.py output/gdt_canvas
 
-# Issue 26: every way of spending fewer tokens on make gdt's task, one table and one picture (~40 min on 2 cores)
+# Issue 26: every way of spending fewer tokens on make gdt's task, one table and three pictures (~50 min on 2 cores)
 pareto: $(STAMP)
 	$(PY) -m vitlab sweep configs/pareto/uniform.yaml --output output/pareto
 	$(PY) -m vitlab sweep configs/pareto/trees.yaml --output output/pareto
 	$(PY) -m vitlab sweep configs/pareto/learned.yaml --output output/pareto
 	$(PY) -m vitlab sweep configs/pareto/from_teacher.yaml --output output/pareto
-	$(PY) bench/token_reduction.py output/pareto --reference uniform_p8 --wide 384x6
+	$(PY) bench/token_reduction.py output/pareto --reference uniform_p8 --wide 384x6 --merge 4 8 16 --thresholds 5 20 --rounds 11
 
 clean:
 	rm -rf output .pytest_cache
