@@ -70,7 +70,7 @@ pareto: $(STAMP)
 	$(PY) -m vitlab sweep configs/pareto/trees.yaml --output output/pareto
 	$(PY) -m vitlab sweep configs/pareto/learned.yaml --output output/pareto
 	$(PY) -m vitlab sweep configs/pareto/from_teacher.yaml --output output/pareto
-	$(PY) bench/token_reduction.py output/pareto --reference uniform_p8 --wide 384x6 --merge 4 8 16 --thresholds 5 20 --rounds 11
+	OMP_NUM_THREADS=1 $(PY) bench/token_reduction.py output/pareto --reference uniform_p8 --wide 384x6 --merge 4 8 16 --thresholds --rounds 11
 
 clean:
 	rm -rf output .pytest_cache

@@ -12,20 +12,21 @@ training-free variants of it:
   needs, up to the trained budget.
 
 Each point has test top-1 on the first `--images` test images, the mean tokens entering the blocks' MLPs (over
-blocks and images, prefix tokens excluded: what ToMe, routing and per-image budgets save), and GFLOPs per image
+blocks and images, prefix tokens excluded: what ToMe, routing and per-image budgets save), and GMACs per image
 counted on a test batch with attention on torch's math kernel (so its matmuls are counted). Throughput is eval
-images/s at batch 64. Every point of every run is timed in the same alternating rounds (the order reversed each
-round), and a point's speed-up is the median over rounds of its time against the reference run's (as trained),
-so a slow spell of a shared machine cancels out. `--wide DxH` also times each point's architecture at width D
+at batch 64: in every round each point is timed right after the reference run (as trained), and its speed-up is
+the median over rounds of the reference's time over its own (the order of points reversed every other round),
+so a slow spell of a shared machine cancels out; img/s is the reference's median img/s times that speed-up. `--wide DxH` also times each point's architecture at width D
 with H heads (ViT-S: 384x6) from random weights: the leaves, ToMe's r and the routers' capacity fix the token
 counts, so the compute is that of trained weights. Writes token_reduction.md / .csv and plots/ (top-1 against
-img/s, against GFLOPs and, with --wide, against img/s at that width; each with its front of points no other
+img/s, against GMACs and, with --wide, against img/s at that width; each with its front of points no other
 beats in both) into the folder.
 """
 from __future__ import annotations
 
 import argparse
 import csv
+import re
 import statistics
 import sys
 import time
@@ -45,7 +46,7 @@ from vitlab.names import atomic_write, csv_cell, printable  # noqa: E402
 from vitlab.plots.common import new_figure, plot_text, save  # noqa: E402
 from vitlab.train import load_checkpoint  # noqa: E402
 
-COLUMNS = ["run", "variant", "tokens", "gflops", "top1", "img_per_s", "speedup"]
+COLUMNS = ["run", "variant", "tokens", "gmacs", "top1", "img_per_s", "speedup"]
 WIDE = ["img_per_s_wide", "speedup_wide"]
 
 
@@ -84,7 +85,7 @@ def top1_and_tokens(model, images: torch.Tensor, labels: torch.Tensor) -> tuple[
 
 
 @torch.inference_mode()
-def gflops(model, batch: torch.Tensor) -> float:
+def gmacs(model, batch: torch.Tensor) -> float:
     """FLOPs / 2 (multiply-accumulates, as `vitlab.stats`) per image of `batch`, SDPA on the math kernel."""
     counter = FlopCounterMode(display=False)
     with sdpa_kernel(SDPBackend.MATH), counter:
@@ -104,29 +105,37 @@ def points_of(run, model, images, labels, merges, thresholds) -> list[dict]:
     rows = []
     for name, change in variants(model, merges, thresholds):
         old = apply(model, change)
+        torch.manual_seed(0)  # a random tree draws at inference: the same draws for every call of the bench
         top1, tokens = top1_and_tokens(model, images, labels)
-        flops = gflops(model, images[:64])
+        macs = gmacs(model, images[:64])
         apply(model, old)
-        rows.append({"run": str(run.path.name), "variant": name, "tokens": tokens, "gflops": flops, "top1": top1,
+        rows.append({"run": str(run.path.name), "variant": name, "tokens": tokens, "gmacs": macs, "top1": top1,
                      "model": model, "change": change})
     return rows
 
 
 def time_points(points: list[dict], models: list, batch: torch.Tensor, rounds: int,
                 reference: int) -> tuple[list[float], list[float]]:
-    """(img/s, speed-up against points[reference]) of each point's model with its change, medians over
-    `rounds` rounds in which every point runs once (order reversed every other round; one warm-up round)."""
-    times = [[] for _ in points]
+    """(img/s, speed-up against points[reference]) of each point's model with its change. In each of `rounds`
+    rounds (after a warm-up round) every point runs right after the reference, and its speed-up is the median
+    of the reference's time over its own; img/s is the reference's median img/s times the speed-up."""
+    def run(i: int) -> float:
+        old = apply(models[i], points[i]["change"])
+        t = seconds(models[i], batch)
+        apply(models[i], old)
+        return t
+
+    ratios, base = [[] for _ in points], []
     order = list(range(len(points)))
     for r in range(rounds + 1):
         for i in (order if r % 2 == 0 else order[::-1]):
-            old = apply(models[i], points[i]["change"])
-            times[i].append(seconds(models[i], batch))
-            apply(models[i], old)
-    times = [t[1:] for t in times]
-    base = times[reference]
-    return ([len(batch) / statistics.median(t) for t in times],
-            [statistics.median(b / m for b, m in zip(base, t)) for t in times])
+            t_ref, t = run(reference), run(i)
+            if r:  # the first round warms up
+                base.append(t_ref)
+                ratios[i].append(t_ref / t)
+    speedups = [statistics.median(x) for x in ratios]
+    reference_rate = len(batch) / statistics.median(base)
+    return [reference_rate * x for x in speedups], speedups
 
 
 def widened(model, width: int, heads: int):
@@ -157,7 +166,7 @@ def figure(rows: list[dict], x: str, title: str, xlabel: str):
         for r in mine:
             if r["variant"] != "as trained":
                 ax.annotate(plot_text(r["variant"]), (r[x], r["top1"]), fontsize=6)
-    pareto = front(rows, x, faster=x != "gflops")
+    pareto = front(rows, x, faster=x != "gmacs")
     ax.plot([p[x] for p in pareto], [p["top1"] for p in pareto], "k--", lw=0.8, label="Pareto front")
     ax.legend(fontsize=6, ncol=2)
     return fig
@@ -166,7 +175,7 @@ def figure(rows: list[dict], x: str, title: str, xlabel: str):
 def figures(rows: list[dict], wide: str | None) -> dict:
     out = {"token_reduction": figure(rows, "img_per_s", "top-1 against measured throughput",
                                      "eval images / s (batch 64)"),
-           "token_reduction_flops": figure(rows, "gflops", "top-1 against compute", "GMACs / image")}
+           "token_reduction_flops": figure(rows, "gmacs", "top-1 against compute", "GMACs / image")}
     if wide:
         out["token_reduction_wide"] = figure(rows, "img_per_s_wide", f"top-1 against throughput at {wide}",
                                              f"eval images / s at {wide} (batch 64, random weights)")
@@ -184,21 +193,25 @@ def main() -> None:
     ap.add_argument("--reference", default=None, help="the run the speed-ups are against (default: the first)")
     ap.add_argument("--replot", action="store_true", help="redraw the figures from token_reduction.csv only")
     a = ap.parse_args()
+    if a.wide and not re.fullmatch(r"[1-9]\d*x[1-9]\d*", a.wide):
+        ap.error(f"--wide {a.wide!r}: give width x heads, e.g. 384x6")
     if a.replot:
-        with open(a.root / "token_reduction.csv", newline="") as f:
-            rows = [{k: (v if k in ("run", "variant") else float(v)) for k, v in row.items()}
+        with open(a.root / "token_reduction.csv", newline="") as f:  # csv_cell's quote before a formula-like name
+            rows = [{k: (v.removeprefix("'") if k in ("run", "variant") else float(v)) for k, v in row.items()}
                     for row in csv.DictReader(f)]
-        return save(figures(rows, a.wide), a.root / "plots")
+        wide = re.search(r"the same architectures at (\d+x\d+)", (a.root / "token_reduction.md").read_text())
+        return save(figures(rows, wide and "img_per_s_wide" in rows[0] and wide.group(1)), a.root / "plots")
     runs = sorted(find_runs([a.root], finished_only=True), key=lambda r: str(r.path))
     rows, tests, wide = [], {}, {}
     for run in runs:
         model, cfg, _ = load_checkpoint(run.path / "checkpoints" / "last")
         if model.readout.__class__.__name__ != "ClassifierHead":
             continue
-        key = (cfg.data.dataset, model.vitlab_args["img_size"], cfg.data.canvas_size, cfg.data.canvas_digit_size,
+        key = (cfg.data.dataset, cfg.data.data_dir, cfg.data.split_seed, cfg.data.test_fraction,
+               model.vitlab_args["img_size"], cfg.data.canvas_size, cfg.data.canvas_digit_size,
                cfg.data.canvas_clutter)
         if key not in tests:
-            data = build_data(cfg.data, img_size=key[1], in_chans=model.vitlab_args["in_chans"])
+            data = build_data(cfg.data, img_size=key[4], in_chans=model.vitlab_args["in_chans"])
             xs, ys = zip(*data.loader("test", 512))
             tests[key] = torch.cat(xs)[:a.images], torch.cat(ys)[:a.images]
         for row in points_of(run, model.eval(), *tests[key], a.merge, a.thresholds):
@@ -214,7 +227,9 @@ def main() -> None:
     if len({r["test"] for r in rows}) > 1:
         raise SystemExit(f"the runs under {a.root} are on different test sets; time them apart")
     names = [r["run"] for r in rows]
-    ref = names.index(a.reference) if a.reference in names else 0
+    if a.reference is not None and a.reference not in names:
+        raise SystemExit(f"--reference {a.reference}: no finished classification run of that name under {a.root}")
+    ref = names.index(a.reference) if a.reference else 0
     batch = tests[rows[0]["test"]][0][:64]
     columns = COLUMNS + (WIDE if a.wide else [])
     speeds = time_points(rows, [r["model"] for r in rows], batch, a.rounds, ref)
@@ -224,15 +239,15 @@ def main() -> None:
         for column, values in zip(columns[5:], speeds):
             row[column] = values[i]
     cell = lambda v: f"{v:.4g}" if isinstance(v, float) else printable(str(v)).replace("|", "\\|")  # noqa: E731
-    md = [f"Speed-ups against {rows[ref]['run']} as trained; {torch.get_num_threads()} threads, batch 64, median of "
-          f"{a.rounds} alternating rounds" + (f"; _wide: the same architectures at {a.wide} (width x heads)"
+    md = [f"Speed-ups against {cell(rows[ref]['run'])} as trained; {torch.get_num_threads()} threads, batch 64, "
+          f"median of {a.rounds} rounds, each point timed right after the reference" + (f"; _wide: the same architectures at {a.wide} (width x heads)"
                                                if a.wide else ""), "",
           "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     md += ["| " + " | ".join(cell(r[c]) for c in columns) + " |" for r in rows]
     md.append("")
-    for x in ["img_per_s", "gflops"] + (["img_per_s_wide"] if a.wide else []):
+    for x in ["img_per_s", "gmacs"] + (["img_per_s_wide"] if a.wide else []):
         md.append(f"Pareto front (top-1 against {x}): "
-                  + ", ".join(f"{p['run']} {p['variant']}" for p in front(rows, x, faster=x != "gflops")))
+                  + ", ".join(f"{cell(p['run'])} {p['variant']}" for p in front(rows, x, faster=x != "gmacs")))
     atomic_write(a.root / "token_reduction.md", "\n".join(md) + "\n")
     with open(a.root / "token_reduction.csv", "w", newline="") as f:  # run names are folder names: escaped
         w = csv.writer(f)

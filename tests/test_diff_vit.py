@@ -113,6 +113,20 @@ def test_diff_attention_v2_equals_the_published_formula(heads, kv_heads):
     torch.testing.assert_close(attn(x), published_diff_v2(attn, x), atol=1e-12, rtol=1e-12)
 
 
+@pytest.mark.parametrize("bias_shape", [(2, 1, 1, 9), (2, 1, 9, 9), (2, 8, 9, 9)])
+def test_diff_attention_v2_groups_query_heads_over_their_kv_head_under_any_bias(bias_shape):
+    """The folded call equals one softmax per query head j over KV head j // r, with a key-only bias (token
+    merging's), one per query row, or one per head."""
+    torch.manual_seed(0)
+    attn = DiffAttentionV2(32, num_heads=4, kv_heads=2).double()
+    q, k, v = torch.randn(2, 8, 9, 8).double(), torch.randn(2, 2, 9, 8).double(), torch.randn(2, 2, 9, 8).double()
+    bias = torch.randn(bias_shape).double()
+    expected = torch.stack([torch.softmax(q[:, j] @ k[:, j // 4].transpose(-1, -2) / math.sqrt(8)
+                                          + bias[:, min(j, bias.shape[1] - 1)], dim=-1) @ v[:, j // 4]
+                            for j in range(8)], dim=1)
+    torch.testing.assert_close(attn.attend(q, k, v, bias), expected, atol=1e-12, rtol=1e-12)
+
+
 def test_diff_attention_v2_in_the_vit_and_the_study():
     """attn_layer='diff2' keeps the classic heads; the study's V2 sizes are the classic ones plus the doubled
     queries and lambda (D^2 + D + D H a block); kv_heads must divide the heads."""

@@ -127,6 +127,19 @@ class DiffAttentionV2(nn.Module):
         self.proj = nn.Linear(dim, dim)
         self.proj_drop = nn.Dropout(proj_drop) if proj_drop > 0 else nn.Identity()
 
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+               bias: torch.Tensor | None = None) -> torch.Tensor:
+        """softmax(q_j k_g^T / sqrt(d) + bias) v_g for query heads q (B, 2H, N, d) and KV heads k, v (B, G, N, d),
+        head j reading KV head g = j // r (r = 2H / G). A group's r query heads are consecutive, so they fold into
+        its sequence axis: one SDPA call, each KV head read once (SDPA's own enable_gqa needs torch 2.5). `bias`
+        broadcasts to (B, 2H, N, N); a key-only one (B, 1, 1, N), as token merging's, broadcasts as it is."""
+        B, G, N, d = k.shape
+        if bias is not None and bias.shape[-2] != 1:  # rows per query: lay them out as the folded queries
+            bias = bias.expand(B, q.shape[1], N, N).reshape(B, G, -1, N)
+        o = F.scaled_dot_product_attention(q.reshape(B, G, -1, d), k, v, attn_mask=bias,  # (B, G, r*N, d)
+                                           dropout_p=self.attn_drop if self.training else 0.0)
+        return o.reshape(B, -1, N, d)
+
     def forward(self, x: torch.Tensor, merging: TokenMerging | None = None) -> torch.Tensor:
         B, N, D = x.shape
         H, G, d = self.num_heads, self.kv_heads, self.head_dim
@@ -137,12 +150,7 @@ class DiffAttentionV2(nn.Module):
         if merging is not None:  # token merging: the KV heads' keys as the metric
             merging.observe(k)
             bias = merging.attn_bias(q.dtype)
-        # query head j reads KV head j // r (r = 2H / G query heads a group): a group's r heads are consecutive,
-        # so they fold into its sequence axis and one SDPA call serves them, KV read once (a key-only bias
-        # (B, 1, 1, N) still broadcasts; SDPA's own enable_gqa needs torch 2.5)
-        o = F.scaled_dot_product_attention(q.reshape(B, G, -1, d), k, v, attn_mask=bias,  # (B, G, r*N, d)
-                                           dropout_p=self.attn_drop if self.training else 0.0)
-        o = o.reshape(B, 2 * H, N, d)
+        o = self.attend(q, k, v, bias)  # (B, 2H, N, d)
         wide = torch.promote_types(o.dtype, torch.float32)  # lambda and the difference in fp32 under bf16
         lam = torch.sigmoid(self.lambda_proj(x).to(wide)).transpose(1, 2).unsqueeze(-1)  # (B, H, N, 1)
         out = (o[:, 0::2].to(wide) - lam * o[:, 1::2].to(wide)).to(v.dtype)  # (B, H, N, d): pairs 2i, 2i+1
