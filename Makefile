@@ -3,7 +3,7 @@ PY      := .venv/bin/python
 STAMP   := .venv/.installed
 PYTEST  ?= $(PY) -m pytest
 
-.PHONY: demo test test-slow test-gpu bench bench-gpu clean seed002 seed003 seed004 resvit gdt pareto
+.PHONY: demo test test-slow test-gpu bench bench-gpu clean seed002 seed002-noise noise-pixel noise-label noise-clutter seed003 seed004 resvit gdt pareto
 
 $(STAMP): pyproject.toml constraints.txt
 	python3 -m venv .venv
@@ -37,6 +37,17 @@ seed002: $(STAMP)
 	$(PY) -m vitlab collect output/sweeps/seed002_mnist
 	$(PY) -m vitlab plot output/sweeps/seed002_mnist --out output/sweeps/seed002_mnist/plots
 	$(PY) -m vitlab report output/sweeps/seed002_mnist --out output/sweeps/seed002_mnist/report.html --title "Seed 002: classic vs differential ViT (MNIST)"
+
+# Seed 002's hypothesis (issue 27): classic vs differential (V1, V2) ViTs under pixel noise, label noise and canvas
+# clutter, 3 widths x 3 seeds each (189 runs, one thread each, two at a time: ~1.5 h on 2 cores); then the table
+# with 95% intervals, paired differences, attention shares and figures. Rerun to resume: finished runs are skipped.
+NOISE := output/seed002_noise
+seed002-noise: $(STAMP)
+	$(MAKE) -j2 noise-pixel noise-clutter noise-label
+	$(PY) bench/seed002_noise.py $(NOISE)
+
+noise-pixel noise-label noise-clutter: $(STAMP)
+	OMP_NUM_THREADS=1 $(PY) -m vitlab sweep configs/experiments/seed002_noise/$(@:noise-%=%).yaml --output $(NOISE)/$(@:noise-%=%)
 
 seed003: $(STAMP)
 	$(PY) -m vitlab compare configs/seed003/vit_mnist.yaml configs/seed003/rev_mnist.yaml configs/seed003/bdia_mnist.yaml configs/seed003/momentum_mnist.yaml --epochs 2 --output output/seed003_mnist

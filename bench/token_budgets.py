@@ -5,8 +5,8 @@ MNIST-on-canvas at several densities, and eval throughput against the fixed budg
     python bench/token_budgets.py --coverage --images 2000   # the room a learned tree has (see ink_coverage)
 
 Canvases of 64 px with 24 px MNIST test digits (normalised with `mnist_canvas`'s statistics, as a trained
-model sees them): blank, one digit (the `mnist_canvas` dataset), three digits, and one digit with clutter
-(eight 8 px fragments cut from other digits). For each threshold it prints mean / min / max leaves per image
+model sees them): blank, one digit (the `mnist_canvas` dataset), three digits, and the same one-digit canvases
+with `data.canvas_clutter=8` (eight 8 px fragments cut from other digits). For each threshold it prints mean / min / max leaves per image
 per density (cells 16 -> 4 px, cap 100). Then eval img/s at batch 64 of the same model with the fixed budget
 and with per-image budgets (threshold `--speed-threshold`, cap = the fixed budget) on one-digit canvases, at
 the canvas model's width (D 64, depth 4) and at ViT-S width (D 384, 6 heads, depth 12): rounds alternate
@@ -47,13 +47,13 @@ def canvases(data_dir: str, n: int) -> tuple[dict[str, torch.Tensor], float, flo
         y, x = torch.randint(0, CANVAS - s + 1, (2,), generator=g).tolist()
         img[:, y:y + s, x:x + s] = torch.maximum(img[:, y:y + s, x:x + s], patch)
 
-    three, clutter = one.clone(), one.clone()
+    three = one.clone()  # two more whole digits pasted on each canvas
     for i in range(n):
         for j in torch.randint(0, len(digits), (2,), generator=g).tolist():
             paste(three[i], digits[j])
-        for j in torch.randint(0, len(digits), (8,), generator=g).tolist():
-            y, x = torch.randint(0, DIGIT - 8 + 1, (2,), generator=g).tolist()
-            paste(clutter[i], digits[j][:, y:y + 8, x:x + 8])
+    # the same canvases with data.canvas_clutter=8: eight 8 px fragments of other digits (the digits stay put)
+    clutter = DATASETS["mnist_canvas"](data_dir=data_dir, download=False, canvas_size=CANVAS, canvas_digit_size=DIGIT,
+                                       split_seed=0, canvas_clutter=8).test.images[torch.arange(n)].float() / 255
     mean, std = raw.info.mean[0], raw.info.std[0]
     sets = {"blank": torch.zeros_like(one), "1 digit": one, "3 digits": three, "1 digit + clutter": clutter}
     return {k: (v - mean) / std for k, v in sets.items()}, mean, std

@@ -54,6 +54,9 @@ class DataConfig:
     canvas_size: int = 56  # mnist_canvas: side of the black canvas
     canvas_digit_size: int = 28  # mnist_canvas: side the MNIST digit is resized to before it is pasted
     canvas_clutter: int = 0  # mnist_canvas: fragments of other digits pasted as distractors (label and mask unchanged)
+    # additive Gaussian noise of this std (pixel range 1.0) fixed per image, in every split (vitlab.data.noise)
+    pixel_noise: float = 0.0
+    label_noise: float = 0.0  # this fraction of the training labels replaced by a wrong class (val/test stay true)
     image_key: Optional[str] = None  # hf: the image column (default: the first Image feature)
     label_key: Optional[str] = None  # hf: the label column (default: the first ClassLabel feature)
 

@@ -11,7 +11,8 @@ from torch.utils.data.distributed import DistributedSampler
 
 from ..config import DataConfig
 from ..errors import VitlabError
-from .datasets import IMAGENET_MEAN, IMAGENET_STD, DatasetInfo, TensorImages, load_raw, seeded_split
+from .datasets import IMAGENET_MEAN, IMAGENET_STD, DatasetInfo, RawSplits, TensorImages, load_raw, seeded_split
+from .noise import NoisyImages, NoisySamples, RelabelledSamples, flipped_labels
 from .tensor_loader import TensorBatchLoader
 from .transforms import MixCollate, build_transform
 
@@ -103,12 +104,17 @@ def build_data(cfg: DataConfig, img_size: int | None = None, in_chans: int | Non
     if cfg.canvas_clutter and cfg.dataset not in ("mnist_canvas", "mnist_canvas_seg"):
         raise VitlabError(f"data.canvas_clutter={cfg.canvas_clutter} applies to mnist_canvas and mnist_canvas_seg "
                           f"only, not {cfg.dataset}; drop it or set data.dataset=mnist_canvas")
+    if not 0 <= cfg.pixel_noise <= 4:
+        raise VitlabError(f"data.pixel_noise={cfg.pixel_noise} must be in 0..4 (the noise's std in units of the "
+                          f"pixel range; 1.0 already hides most of an image)")
     raw = load_raw(cfg.dataset, data_dir=cfg.data_dir, download=cfg.download, test_fraction=cfg.test_fraction,
                    split_seed=cfg.split_seed, img_size=cfg.img_size or img_size,
                    synthetic_size=cfg.synthetic_size, synthetic_classes=cfg.synthetic_classes,
                    canvas_size=cfg.canvas_size, canvas_digit_size=cfg.canvas_digit_size,
                    canvas_clutter=cfg.canvas_clutter,
                    image_key=cfg.image_key, label_key=cfg.label_key)
+    if cfg.pixel_noise:
+        raw = _with_pixel_noise(raw, cfg.pixel_noise, cfg.split_seed)
     train, val = raw.train, raw.val
     carved = val is None
     if carved:
@@ -120,12 +126,47 @@ def build_data(cfg: DataConfig, img_size: int | None = None, in_chans: int | Non
             raise VitlabError(f"the {split} split of {cfg.dataset} is empty; {fix}, or use a larger dataset")
     if 0 < cfg.max_train_samples < len(train):
         train, _ = seeded_split(train, 1 - cfg.max_train_samples / len(train), cfg.split_seed + 2)
+    if cfg.label_noise:
+        train = _with_label_noise(train, cfg.label_noise, raw.info, cfg.split_seed)
     info = raw.info
     if cfg.normalization != "dataset":
         mean, std = ((0.5,) * 3, (0.5,) * 3) if cfg.normalization == "half" else (IMAGENET_MEAN, IMAGENET_STD)
         info = dataclasses.replace(info, mean=mean, std=std)
     return DataBundle(info, cfg.img_size or img_size or raw.info.img_size, in_chans or raw.info.in_chans,
                       cfg.augment, {"train": train, "val": val, "test": raw.test})
+
+
+def _with_pixel_noise(raw: RawSplits, sigma: float, split_seed: int) -> RawSplits:
+    """Every split's images with their fixed noise (vitlab.data.noise), each split from a seed of its own."""
+    def noisy(ds: Dataset | None, salt: int) -> Dataset | None:
+        seed = split_seed * 1_000_003 + 7919 * salt
+        if ds is None:
+            return None
+        if isinstance(ds, Subset):  # a carved split: noise its source, by the source's sample ids
+            return Subset(noisy(ds.dataset, salt), ds.indices)
+        if isinstance(ds, TensorImages):  # in memory: the batched loader noises whole batches
+            return TensorImages(NoisyImages(ds.images, sigma, seed), ds.labels)
+        return NoisySamples(ds, sigma, seed)
+    return dataclasses.replace(raw, train=noisy(raw.train, 1), test=noisy(raw.test, 2), val=noisy(raw.val, 3))
+
+
+def _with_label_noise(train: Dataset, fraction: float, info: DatasetInfo, split_seed: int) -> Dataset:
+    """The training split with `fraction` of its labels moved to a wrong class (vitlab.data.noise)."""
+    classes = info.num_classes
+    if info.task != "classify":
+        raise VitlabError(f"data.label_noise applies to classification; {info.name} labels pixels (masks); "
+                          f"drop data.label_noise")
+    if not 0 <= fraction < 1 - 1 / classes:
+        raise VitlabError(f"data.label_noise={fraction} must be in 0..{1 - 1 / classes:.3g} (excluded) for "
+                          f"{classes} classes: at that fraction the true class is no longer the most frequent")
+    which, shift = flipped_labels(len(train), fraction, classes, split_seed * 1_000_003 + 4)
+    tensors = _tensors(train)
+    if tensors is None:
+        return RelabelledSamples(train, which, shift, classes)
+    images, labels = tensors
+    labels = labels.clone()
+    labels[which] = (labels[which] + shift) % classes
+    return TensorImages(images, labels)
 
 
 def set_epoch(loader, epoch: int) -> None:

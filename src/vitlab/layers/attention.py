@@ -38,10 +38,21 @@ class Attention(nn.Module):
         return F.scaled_dot_product_attention(q, k, v, attn_mask=bias,
                                               dropout_p=self.attn_drop if self.training else 0.0)
 
+    def heads(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q, k, v of tokens x (B, N, D), each (B, H, N, d)."""
+        B, N, D = x.shape
+        return self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+
+    def attention_map(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, H, N, N): the weight each query gives each key, i.e. what `attend` multiplies V by, read off by
+        attending over the identity as values (attention is linear in V), so a subclass's scores count too."""
+        q, k, _ = self.heads(x)
+        B, H, N, _ = q.shape
+        return self.attend(q, k, torch.eye(N, dtype=q.dtype, device=q.device).expand(B, H, N, N))
+
     def forward(self, x: torch.Tensor, merging: TokenMerging | None = None) -> torch.Tensor:
         B, N, D = x.shape
-        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv.unbind(0)  # each (B, H, N, d)
+        q, k, v = self.heads(x)  # each (B, H, N, d)
         bias = None
         if merging is not None:
             merging.observe(k)

@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import VitlabError
-from .diff_kernels import differential_attention
+from .diff_kernels import differential_attention, sdpa_differential_attention
 from .token_merge import TokenMerging
 
 
@@ -79,12 +79,26 @@ class DiffAttention(nn.Module):
         dot2 = (self.lambda_q2.float() * self.lambda_k2.float()).sum()
         return torch.exp(dot1) - torch.exp(dot2) + self.lambda_init
 
-    def forward(self, x: torch.Tensor, merging: TokenMerging | None = None) -> torch.Tensor:
+    def heads(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q, k (2, B, H, N, d): map, head; v (B, H, N, 2d)."""
         B, N, D = x.shape
         H, d = self.num_heads, self.head_dim
         q, k, v = self.qkv(x).chunk(3, dim=-1)
-        q, k = (t.reshape(B, N, H, 2, d).permute(3, 0, 2, 1, 4) for t in (q, k))  # (2, B, H, N, d): map, head
-        v = v.reshape(B, N, H, 2 * d).transpose(1, 2)  # (B, H, N, 2d)
+        q, k = (t.reshape(B, N, H, 2, d).permute(3, 0, 2, 1, 4) for t in (q, k))
+        return q, k, v.reshape(B, N, H, 2 * d).transpose(1, 2)
+
+    def attention_map(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, H, N, N): softmax(Q1 K1^T s) - lambda softmax(Q2 K2^T s) per head, what multiplies V (before the
+        sub-norm); rows sum to 1 - lambda and may hold negative weights. Read off over the identity as values."""
+        q, k, _ = self.heads(x)
+        _, B, H, N, _ = q.shape
+        eye = torch.eye(N, dtype=q.dtype, device=q.device).expand(B, H, N, N)
+        return sdpa_differential_attention(q, k, eye, self.lambda_full(), self.head_dim ** -0.5)
+
+    def forward(self, x: torch.Tensor, merging: TokenMerging | None = None) -> torch.Tensor:
+        B, N, D = x.shape
+        d = self.head_dim
+        q, k, v = self.heads(x)  # (2, B, H, N, d) x 2, (B, H, N, 2d)
         bias = None
         if merging is not None:  # token merging: keys of both maps as the metric, log(size) on both maps
             merging.observe(k.transpose(0, 1).flatten(1, 2))  # (B, 2H, N, d)
@@ -138,21 +152,36 @@ class DiffAttentionV2(nn.Module):
             bias = bias.expand(B, q.shape[1], N, N).reshape(B, G, -1, N)
         o = F.scaled_dot_product_attention(q.reshape(B, G, -1, d), k, v, attn_mask=bias,  # (B, G, r*N, d)
                                            dropout_p=self.attn_drop if self.training else 0.0)
-        return o.reshape(B, -1, N, d)
+        return o.reshape(B, q.shape[1], N, v.shape[-1])  # (B, 2H, N, e)
+
+    def heads(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q (B, 2H, N, d); k, v (B, G, N, d)."""
+        B, N, D = x.shape
+        G, d = self.kv_heads, self.head_dim
+        q, k, v = self.qkv(x).split([2 * D, G * d, G * d], dim=-1)
+        return q.reshape(B, N, -1, d).transpose(1, 2), *(t.reshape(B, N, G, d).transpose(1, 2) for t in (k, v))
+
+    def differ(self, x: torch.Tensor, o: torch.Tensor) -> torch.Tensor:
+        """O_2i - lambda_i(x) O_2i+1 for the query heads' outputs o (B, 2H, N, e): (B, H, N, e), lambda and the
+        difference in fp32 under bf16."""
+        wide = torch.promote_types(o.dtype, torch.float32)
+        lam = torch.sigmoid(self.lambda_proj(x).to(wide)).transpose(1, 2).unsqueeze(-1)  # (B, H, N, 1)
+        return (o[:, 0::2].to(wide) - lam * o[:, 1::2].to(wide)).to(o.dtype)
+
+    def attention_map(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, H, N, N): P_2i - lambda_i P_2i+1 per head, what multiplies V; rows sum to 1 - lambda (per token)
+        and may hold negative weights. Read off over the identity as values."""
+        q, k, _ = self.heads(x)
+        B, G, N, _ = k.shape
+        return self.differ(x, self.attend(q, k, torch.eye(N, dtype=q.dtype, device=q.device).expand(B, G, N, N)))
 
     def forward(self, x: torch.Tensor, merging: TokenMerging | None = None) -> torch.Tensor:
         B, N, D = x.shape
-        H, G, d = self.num_heads, self.kv_heads, self.head_dim
-        q, k, v = self.qkv(x).split([2 * D, G * d, G * d], dim=-1)
-        q = q.reshape(B, N, 2 * H, d).transpose(1, 2)  # (B, 2H, N, d)
-        k, v = (t.reshape(B, N, G, d).transpose(1, 2) for t in (k, v))  # (B, G, N, d)
+        q, k, v = self.heads(x)  # (B, 2H, N, d), (B, G, N, d) x 2
         bias = None
         if merging is not None:  # token merging: the KV heads' keys as the metric
             merging.observe(k)
             bias = merging.attn_bias(q.dtype)
-        o = self.attend(q, k, v, bias)  # (B, 2H, N, d)
-        wide = torch.promote_types(o.dtype, torch.float32)  # lambda and the difference in fp32 under bf16
-        lam = torch.sigmoid(self.lambda_proj(x).to(wide)).transpose(1, 2).unsqueeze(-1)  # (B, H, N, 1)
-        out = (o[:, 0::2].to(wide) - lam * o[:, 1::2].to(wide)).to(v.dtype)  # (B, H, N, d): pairs 2i, 2i+1
+        out = self.differ(x, self.attend(q, k, v, bias))  # (B, H, N, d): pairs 2i, 2i+1
         out = out.transpose(1, 2).reshape(B, N, D)  # (B, N, H*d)
         return self.proj_drop(self.proj(out))

@@ -40,7 +40,7 @@ def sdpa_differential_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tenso
     q, k = (F.pad(t.permute(1, 2, 0, 3, 4).reshape(B, 2 * H, N, d), (0, d)) for t in (q, k))  # (B, 2H, N, 2d)
     v = v.repeat_interleave(2, dim=1)  # (B, 2H, N, 2d): maps 2h and 2h+1 read head h's values
     a = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout_p, scale=scale)
-    a = a.view(B, H, 2, N, 2 * d)  # (B, H, map, N, 2d)
+    a = a.view(B, H, 2, N, v.shape[-1])  # (B, H, map, N, 2d)
     return _wide(a[:, :, 0]) - lam * _wide(a[:, :, 1])
 
 

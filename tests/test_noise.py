@@ -1,0 +1,183 @@
+"""The noise study's parts: fixed pixel noise and label noise (`data.pixel_noise`, `data.label_noise`), each
+attention layer's map (exactly what it multiplies V by) and the attention share per kind of patch (exact on a
+hand-made map)."""
+from __future__ import annotations
+
+import pytest
+import torch
+from PIL import Image
+
+from vitlab import create_model
+from vitlab.attention_maps import attention_maps, attention_shares, patch_kinds
+from vitlab.config import DataConfig
+from vitlab.data import build_data
+from vitlab.data.datasets import CanvasDigits
+from vitlab.data.loaders import _tensors
+from vitlab.data.noise import NoisyImages, gaussian_noise
+from vitlab.errors import VitlabError
+from vitlab.layers import Attention, DiffAttention, DiffAttentionV2, LocalitySelfAttention
+
+
+def test_the_noise_is_standard_normal_and_a_function_of_the_sample_alone():
+    z = gaussian_noise(torch.arange(2000), (1, 8, 8), seed=3)
+    assert abs(z.mean()) < 0.01 and abs(z.std() - 1) < 0.01
+    assert abs(((z - z.mean()) ** 4).mean() / z.var() ** 2 - 3) < 0.1  # Gaussian kurtosis
+    # neighbouring samples and pixels are uncorrelated
+    flat = z.flatten(1)
+    assert abs(torch.corrcoef(torch.stack([flat[:-1].flatten(), flat[1:].flatten()]))[0, 1]) < 0.01
+    assert abs(torch.corrcoef(torch.stack([flat[:, :-1].flatten(), flat[:, 1:].flatten()]))[0, 1]) < 0.01
+    # sample 1234's noise does not depend on the batch it is drawn in; the seed changes it
+    assert torch.equal(gaussian_noise(torch.tensor([7, 1234]), (1, 8, 8), 3)[1], z[1234])
+    assert not torch.equal(gaussian_noise(torch.tensor([1234]), (1, 8, 8), 4)[0], z[1234])
+
+
+def test_noisy_images_follow_their_sample_in_subsets_and_epochs():
+    canvas = CanvasDigits(torch.randint(0, 256, (20, 1, 8, 8), dtype=torch.uint8), 16, 8, seed=0)
+    noisy = NoisyImages(canvas, 0.5, seed=9)
+    full = noisy[torch.arange(20)]
+    part = noisy.subset(torch.tensor([5, 11]))
+    assert part[torch.tensor([1])].shape == (1, 1, 16, 16)
+    # a subset of a canvas draws its own layout, so compare the noise: noisy - clean, where nothing clipped
+    clean_full, clean_part = canvas[torch.arange(20)], canvas.subset(torch.tensor([5, 11]))[torch.tensor([0, 1])]
+    noise_full = full.float() - clean_full.float()
+    noise_part = part[torch.tensor([0, 1])].float() - clean_part.float()
+    both = (clean_full[[5, 11]] == 0) & (clean_part == 0) & (noise_full[[5, 11]] > 0) & (noise_part > 0)
+    assert both.sum() > 50 and torch.equal(noise_full[[5, 11]][both], noise_part[both])
+    noisy.set_epoch(1)  # the canvas moves its digits; the noise of each sample stays
+    moved = noisy[torch.arange(20)].float() - canvas[torch.arange(20)].float()
+    still = (canvas[torch.arange(20)] == 0) & (clean_full == 0) & (moved > 0) & (noise_full > 0)
+    assert torch.equal(moved[still], noise_full[still])
+    assert noisy[3].shape == (1, 16, 16)
+
+
+def digits(**kw) -> DataConfig:
+    return DataConfig(**{"dataset": "digits", "augment": "none", "num_workers": 0, **kw})
+
+
+def test_pixel_noise_is_the_same_in_every_batch_size_and_differs_between_splits():
+    data = build_data(digits(pixel_noise=0.5))
+    one = torch.cat([x for x, _ in data.loader("test", 64)])
+    other = torch.cat([x for x, _ in data.loader("test", 7)])
+    assert torch.equal(one, other)
+    clean = torch.cat([x for x, _ in build_data(digits()).loader("test", 64)])
+    assert 0.3 < ((one - clean) * data.info.std[0]).std() < 0.6  # the noise's std in pixel units, clipped
+    train_images, _ = _tensors(data.splits["train"])
+    assert isinstance(train_images, NoisyImages)  # the batched loader's path, not per sample
+    assert train_images.seed != _tensors(data.splits["test"])[0].seed
+
+
+def test_pixel_noise_on_image_files_goes_through_the_per_sample_path(tmp_path):
+    for c in range(2):
+        (tmp_path / "train" / str(c)).mkdir(parents=True)
+        for i in range(6):
+            Image.new("L", (12, 12), color=40 * c).save(tmp_path / "train" / str(c) / f"{i}.png")
+    cfg = dict(dataset="imagefolder", data_dir=str(tmp_path), img_size=12, test_fraction=0.34, val_fraction=0.25)
+    noisy = build_data(digits(pixel_noise=0.3, **cfg))
+    clean = build_data(digits(**cfg))
+    x, _ = noisy.dataset("test")[0]
+    y, _ = clean.dataset("test")[0]
+    assert x.shape == y.shape and (x - y).abs().max() > 0.1
+    assert torch.equal(noisy.dataset("test")[0][0], x)  # fixed, not redrawn per call
+
+
+def test_label_noise_moves_an_exact_fraction_of_training_labels_to_a_wrong_class():
+    noisy, clean = build_data(digits(label_noise=0.3)), build_data(digits())
+    _, y = _tensors(noisy.splits["train"])
+    _, y0 = _tensors(clean.splits["train"])
+    assert (y != y0).sum() == round(0.3 * len(y0))
+    for split in ("val", "test"):  # the truth stays where it is measured
+        assert torch.equal(_tensors(noisy.splits[split])[1], _tensors(clean.splits[split])[1])
+    counts = torch.bincount(y[y != y0], minlength=10)
+    assert counts.min() > 0  # wrong classes spread over all classes
+
+
+def test_noise_options_are_bounded_and_label_noise_needs_classes():
+    with pytest.raises(VitlabError, match="data.pixel_noise=5"):
+        build_data(digits(pixel_noise=5))
+    with pytest.raises(VitlabError, match="must be in 0..0.9"):
+        build_data(digits(label_noise=0.9))
+    with pytest.raises(VitlabError, match="labels pixels"):
+        build_data(DataConfig(dataset="mnist_canvas_seg", data_dir="../shared/data", label_noise=0.2))
+
+
+def _check_map(attn: torch.nn.Module, x: torch.Tensor, tail) -> None:
+    """attention_map(x) @ V, through the rest of the layer (`tail`), equals the layer's forward."""
+    with torch.no_grad():
+        m = attn.attention_map(x)
+        _, _, v = attn.heads(x)
+        assert torch.allclose(attn.proj(tail(m, v)), attn(x), atol=1e-12)
+
+
+@pytest.mark.parametrize("layer", [Attention, LocalitySelfAttention])
+def test_a_classic_layers_map_is_what_multiplies_v(layer):
+    torch.manual_seed(0)
+    attn, x = layer(16, num_heads=4).double().eval(), torch.randn(2, 7, 16, dtype=torch.float64)
+    _check_map(attn, x, lambda m, v: (m @ v).transpose(1, 2).reshape(2, 7, 16))
+    assert torch.allclose(attn.attention_map(x).sum(-1), torch.ones(2, 4, 7, dtype=torch.float64))
+    if layer is LocalitySelfAttention:  # its masked diagonal shows in the map
+        assert attn.attention_map(x).diagonal(dim1=-2, dim2=-1).abs().max() == 0
+
+
+def test_a_differential_layers_map_is_the_difference_of_its_two_maps():
+    torch.manual_seed(0)
+    attn, x = DiffAttention(16, num_heads=2, depth=3).double().eval(), torch.randn(2, 7, 16, dtype=torch.float64)
+    tail = lambda m, v: (attn.sub_norm(m @ v) * (1 - attn.lambda_init)).transpose(1, 2).reshape(2, 7, 16)  # noqa: E731
+    _check_map(attn, x, tail)
+    rows = attn.attention_map(x).sum(-1)
+    assert torch.allclose(rows, (1 - attn.lambda_full()).to(rows).expand_as(rows))
+
+
+@pytest.mark.parametrize("kv_heads", [4, 2])
+def test_a_v2_layers_map_pairs_the_heads_of_one_group(kv_heads):
+    torch.manual_seed(0)
+    attn = DiffAttentionV2(16, num_heads=4, kv_heads=kv_heads).double().eval()
+    x = torch.randn(2, 7, 16, dtype=torch.float64)
+    r = 8 // kv_heads  # query heads per KV head: head i's pair reads KV head 2i // r
+
+    def tail(m, v):
+        return torch.stack([m[:, i] @ v[:, 2 * i // r] for i in range(4)], 1).transpose(1, 2).reshape(2, 7, 16)
+    _check_map(attn, x, tail)
+    lam = torch.sigmoid(attn.lambda_proj(x)).transpose(1, 2)  # (B, H, N)
+    assert torch.allclose(attn.attention_map(x).sum(-1), 1 - lam)
+
+
+@pytest.mark.parametrize("attn_layer", ["mhsa", "diff", "diff2"])
+def test_attention_maps_hooks_every_block_and_restores_the_mode(attn_layer):
+    model = create_model("vit_micro_patch7_28", attn_layer=attn_layer, depth=3, num_heads=2, in_chans=1).train()
+    maps = attention_maps(model, torch.randn(2, 1, 28, 28))
+    assert len(maps) == 3 and maps[0].shape == (2, 2, 17, 17) and model.training
+    assert not any(h for m in model.modules() for h in m._forward_pre_hooks.values())
+
+
+def test_attention_shares_on_a_hand_made_map():
+    # one image, two heads, a class token and four patches of kinds [background, digit, digit, clutter]
+    kinds = torch.tensor([[0, 1, 1, 2]])
+    head1 = torch.zeros(5, 5)
+    head1[0] = torch.tensor([0.2, 0.1, 0.3, 0.3, 0.1])  # the class token's row: patches 0.1 0.3 0.3 0.1
+    head1[1:] = torch.tensor([0.0, 0.4, 0.2, 0.2, 0.2])  # every patch query alike
+    head2 = torch.zeros(5, 5)
+    head2[0] = torch.tensor([0.0, 0.0, 0.6, 0.2, 0.2])  # patches 0 .6 .2 .2
+    head2[1:] = torch.tensor([0.5, 0.0, 0.5, -0.25, 0.25])  # a differential row: a negative weight
+    maps = [torch.stack([head1, head2])[None]]  # (1, 2, 5, 5)
+    cls = attention_shares(maps, kinds, 3, prefix=1, query="cls")
+    # heads averaged: patches .05 .45 .25 .15, sum .9 -> background .05/.9, digit .7/.9, clutter .15/.9
+    assert torch.allclose(cls, torch.tensor([[0.05, 0.7, 0.15]]) / 0.9)
+    mean = attention_shares(maps, kinds, 3, prefix=1, query="mean")
+    # patch rows averaged over heads: .2 .35 -.025 .225, sum .75
+    assert torch.allclose(mean, torch.tensor([[0.2, 0.325, 0.225]]) / 0.75)
+    assert torch.allclose(mean.sum(-1), torch.ones(1))
+
+
+def test_patch_kinds_from_ink():
+    digit = torch.zeros(1, 4, 4)
+    clutter = torch.zeros(1, 4, 4)
+    digit[0, 0, 2] = 1.0  # patch 1 (top right): digit only
+    digit[0, 2, 0], clutter[0, 3, 1] = 0.2, 0.9  # patch 2 (bottom left): more clutter
+    clutter[0, 3, 3] = 0.5  # patch 3: clutter only
+    assert patch_kinds(digit, clutter, 2).tolist() == [[0, 1, 2, 2]]
+
+
+def test_every_attention_option_reports_its_map():
+    """A new `model.attn_layer` must say where its attention goes (the noise study reads every layer)."""
+    from vitlab.layers import ATTN_LAYERS
+    assert all(callable(getattr(cls, "attention_map", None)) for cls in ATTN_LAYERS.values())
