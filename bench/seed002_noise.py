@@ -4,10 +4,11 @@
     python bench/seed002_noise.py output/seed002_noise [--images 256] [--docs docs/experiments]
 
 For every finished run under the folder: its noise condition (pixel noise, label noise, canvas clutter, from
-its config), attention (classic, differential V1, V2), width and seed, and test top-1 from results.json. Then:
+its config), attention (classic, differential V1, V2: the run's architecture), size (the width a sweep sets, or
+the size label of a named model such as vit_classic_10m) and seed, and test top-1 from results.json. Then:
 
-* accuracy per (condition, attention, width): the mean over seeds with a 95% t-interval;
-* the paired difference differential - classic (and V2 - classic) per condition, paired by (width, seed),
+* accuracy per (condition, attention, size): the mean over seeds with a 95% t-interval;
+* the paired difference differential - classic (and V2 - classic) per condition, paired by (size, seed),
   with a 95% t-interval, and the same difference minus its value on the clean data (does the gap grow with
   the noise?: the hypothesis's own prediction);
 * where attention goes: each run's checkpoint on `--images` test images, the share of the read-out query's
@@ -29,9 +30,11 @@ from collections import defaultdict
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
-from vitlab.attention_maps import attention_maps, attention_shares, patch_kinds  # noqa: E402
+from vitlab.attention_maps import (attention_maps, attention_shares, negative_share, patch_kinds,  # noqa: E402
+                                   readout_row)
 from vitlab.data import build_data  # noqa: E402
 from vitlab.data.datasets import CanvasDigits  # noqa: E402
 from vitlab.data.loaders import _tensors  # noqa: E402
@@ -40,24 +43,26 @@ from vitlab.experiments.runs import find_runs  # noqa: E402
 from vitlab.plots.common import save, subplots  # noqa: E402
 from vitlab.train import load_checkpoint  # noqa: E402
 
-ATTENTIONS = {"mhsa": "classic", "diff": "differential", "diff2": "differential V2"}
+ATTENTIONS = {"vit": "classic", "diff_vit": "differential", "diff2_vit": "differential V2"}  # by architecture
 KINDS = ["background", "digit", "clutter"]
 COLOURS = {"classic": "tab:blue", "differential": "tab:orange", "differential V2": "tab:green"}
 
 
 def condition(cfg: dict) -> tuple[str, str]:
-    """(condition, its clean reference) from a run's flat config."""
-    if cfg.get("data.dataset") == "mnist_canvas":
-        clutter = int(cfg.get("data.canvas_clutter", 0) or 0)
-        return (f"canvas clutter {clutter}" if clutter else "canvas clean"), "canvas clean"
+    """(condition, its clean reference) from a run's flat config: the dataset and its noise."""
+    dataset = cfg.get("data.dataset") or "digits"
+    name = {"mnist": "MNIST", "mnist_canvas": "canvas"}.get(dataset, dataset)
+    clean = f"{name} clean"
+    noise = []
+    clutter = int(cfg.get("data.canvas_clutter", 0) or 0)
     pixel, label = float(cfg.get("data.pixel_noise", 0) or 0), float(cfg.get("data.label_noise", 0) or 0)
-    if pixel and label:
-        return f"pixel {pixel:g} + labels {label:.0%}", "MNIST clean"
+    if clutter:
+        noise.append(f"clutter {clutter}")
     if pixel:
-        return f"pixel noise {pixel:g}", "MNIST clean"
+        noise.append(f"pixel noise {pixel:g}")
     if label:
-        return f"label noise {label:.0%}", "MNIST clean"
-    return "MNIST clean", "MNIST clean"
+        noise.append(f"label noise {label:.0%}")
+    return (f"{name} " + " + ".join(noise) if noise else clean), clean
 
 
 def interval(values: list[float]) -> tuple[float, float]:
@@ -70,110 +75,137 @@ def interval(values: list[float]) -> tuple[float, float]:
     return mean, float(t.ppf(0.975, n - 1)) * statistics.stdev(values) / math.sqrt(n)
 
 
-def pm(mean: float, half: float, scale: float = 100.0) -> str:
-    return f"{scale * mean:.2f} ± {scale * half:.2f}" if not math.isnan(half) else f"{scale * mean:.2f}"
+def pm(mean: float, half: float) -> str:
+    """Points (x 100) with the interval's half-width."""
+    return f"{100 * mean:.2f} ± {100 * half:.2f}" if not math.isnan(half) else f"{100 * mean:.2f}"
 
 
 def collect(root: Path) -> list[dict]:
     rows = []
     for run in find_runs([root], finished_only=True):
         cfg = run.flat_config
-        attn = ATTENTIONS.get(cfg.get("model.attn_layer") or ("diff" if "diff" in run.model else "mhsa"))
+        attn = ATTENTIONS.get(run.architecture)
+        if attn is None:  # another family: not part of this comparison
+            continue
         cond, ref = condition(cfg)
-        rows.append({"run": run, "condition": cond, "reference": ref, "attention": attn,
-                     "width": int(cfg.get("model.embed_dim") or 0), "seed": int(cfg.get("train.seed", 0)),
-                     "top1": float(run.results["test_top1"])})
+        # the size: the width a sweep sets, else the model name's size label (vit_classic_10m -> 10m)
+        size = cfg.get("model.embed_dim") or run.model.rsplit("_", 1)[-1]
+        rows.append({"run": run, "condition": cond, "reference": ref, "attention": attn, "size": size,
+                     "seed": int(cfg.get("train.seed", 0)), "top1": float(run.results["test_top1"])})
+    seen: dict[tuple, Path] = {}
+    for r in rows:  # two runs of one point would be averaged as seeds and paired arbitrarily
+        key = (r["condition"], r["attention"], r["size"], r["seed"])
+        if key in seen:
+            sys.exit(f"{seen[key]} and {r['run'].path} are the same point {key}; analyse one of them")
+        seen[key] = r["run"].path
     return rows
 
 
 def accuracy_table(rows: list[dict]) -> tuple[list[str], list[dict]]:
     groups = defaultdict(list)
     for r in rows:
-        groups[(r["condition"], r["attention"], r["width"])].append(r["top1"])
+        groups[(r["condition"], r["attention"], r["size"])].append(r["top1"])
     out = []
-    for (cond, attn, width), values in sorted(groups.items(), key=lambda kv: _order(kv[0])):
+    for (cond, attn, size), values in sorted(groups.items(), key=lambda kv: (_order(kv[0][:2]), _size_order(kv[0][2]))):
         mean, half = interval(values)
-        out.append({"condition": cond, "attention": attn, "width": width, "seeds": len(values),
+        out.append({"condition": cond, "attention": attn, "size": size, "seeds": len(values),
                     "top1 %": pm(mean, half), "mean": mean, "ci": half})
-    return ["condition", "attention", "width", "seeds", "top1 %"], out
+    return ["condition", "attention", "size", "seeds", "top1 %"], out
 
 
 def paired(rows: list[dict], versus: str) -> list[dict]:
-    """Per condition: `versus` - classic, paired by (width, seed), and that gap minus the gap on the clean
-    reference (paired by (width, seed) as well)."""
-    acc = {(r["condition"], r["attention"], r["width"], r["seed"]): r["top1"] for r in rows}
+    """Per condition: `versus` - classic, paired by (size, seed), and that gap minus the gap on the clean
+    reference (paired by (size, seed) as well)."""
+    acc = {(r["condition"], r["attention"], r["size"], r["seed"]): r["top1"] for r in rows}
     refs = {r["condition"]: r["reference"] for r in rows}
     gap = {(c, w, s): acc[(c, versus, w, s)] - acc[(c, "classic", w, s)]
            for (c, a, w, s) in acc if a == versus and (c, "classic", w, s) in acc}
     out = []
     for cond in sorted({c for c, _, _ in gap}, key=lambda c: _order((c,))):
-        keys = sorted((w, s) for c, w, s in gap if c == cond)
+        keys = sorted(((w, s) for c, w, s in gap if c == cond), key=lambda k: (_size_order(k[0]), k[1]))
         mean, half = interval([gap[(cond, *k)] for k in keys])
         row = {"condition": cond, "pairs": len(keys), f"{versus} - classic (points)": pm(mean, half),
                "mean": mean, "ci": half}
-        widths = sorted({w for w, _ in keys})
-        for w in widths:
+        for w in sorted({w for w, _ in keys}, key=_size_order):
             m, h = interval([gap[(cond, w, s)] for ww, s in keys if ww == w])
-            row[f"width {w}"] = pm(m, h)
+            row[f"size {w}"] = pm(m, h)
         ref = refs[cond]
         if ref != cond:
             both = [k for k in keys if (ref, *k) in gap]
             m, h = interval([gap[(cond, *k)] - gap[(ref, *k)] for k in both]) if both else (math.nan, math.nan)
             row["minus the clean gap"] = pm(m, h)
-            row["growth"], row["growth_ci"] = m, h
         out.append(row)
     return out
 
 
+def _size_order(label: str) -> tuple:
+    """'size 32' < 'size 48'; '10m' < '25m' by number, whatever the unit."""
+    text = str(label).split()[-1]
+    digits = "".join(ch for ch in text if ch.isdigit())
+    return (int(digits) if digits else 0, text)
+
+
 def _order(key: tuple) -> tuple:
+    """Clean first, then pixel noise, label noise, clutter; datasets apart."""
     cond = key[0]
-    rank = 0 if cond == "MNIST clean" else 1 if cond.startswith("pixel") else 2 if cond.startswith("label") \
-        else 3 if cond == "canvas clean" else 4
-    return (rank, cond, *key[1:])
+    rank = 0 if cond.endswith(" clean") else 1 if "pixel" in cond else 2 if "label" in cond else 3
+    return (cond.split()[0], rank, cond, *key[1:])
 
 
-def ink(split, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(digit ink, clutter ink) of test images `index`, each (B, H, W) in [0, 1], without pixel noise."""
+def ink(split, index: torch.Tensor, size: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(digit ink, clutter ink) of test images `index` at the model's `size`, each (B, size, size) in [0, 1],
+    without pixel noise; None where the images have no digit to find (not MNIST or MNIST-on-canvas)."""
     images, _ = _tensors(split)
     base = images.images if isinstance(images, NoisyImages) else images
     if isinstance(base, CanvasDigits):
-        digit = base.render(index, clutter=False)[:, 0].float() / 255
-        full = base.render(index)[:, 0].float() / 255
-        return digit, (full - digit).clamp(min=0)
-    digit = base[index][:, 0].float() / 255
-    return digit, torch.zeros_like(digit)
+        digit = base.render(index, clutter=False).float() / 255
+        clutter = (base.render(index).float() / 255 - digit).clamp(min=0)
+    elif isinstance(base, torch.Tensor) and base.shape[1:] == (1, 28, 28):  # MNIST's digits fill the image
+        digit = base[index].float() / 255
+        clutter = torch.zeros_like(digit)
+    else:
+        return None
+    if digit.shape[-1] != size:
+        digit, clutter = (F.interpolate(t, size=(size, size), mode="bilinear", antialias=True) for t in (digit, clutter))
+    return digit[:, 0], clutter[:, 0]
 
 
 def measure_attention(rows: list[dict], images: int) -> list[dict]:
-    """Per run and layer: the shares of attention on background / digit / clutter patches (and their area)."""
+    """Per run and layer: the shares of attention on background / digit / clutter patches (and their area),
+    for runs on MNIST or MNIST-on-canvas (other datasets have no labelled patches)."""
     out, data_cache = [], {}
     for r in rows:
         model, cfg, _ = load_checkpoint(r["run"].path / "checkpoints" / "last")
+        size = model.vitlab_args["img_size"]
         key = repr(cfg.data)
         if key not in data_cache:
-            data = build_data(cfg.data, img_size=model.vitlab_args["img_size"], in_chans=model.vitlab_args["in_chans"])
+            data = build_data(cfg.data, img_size=size, in_chans=model.vitlab_args["in_chans"])
             x, _ = next(iter(data.loader("test", images)))
-            digit, clutter = ink(data.splits["test"], torch.arange(len(x)))
-            data_cache[key] = (x, digit, clutter)
+            found = ink(data.splits["test"], torch.arange(len(x)), size)
+            data_cache[key] = (x, *found) if found is not None else None
+        if data_cache[key] is None:
+            continue
         x, digit, clutter = data_cache[key]
         patch = model.patch_embed.patch_size
         patch = patch[0] if isinstance(patch, (tuple, list)) else patch
         kinds = patch_kinds(digit, clutter, patch)
-        query = "cls" if model.global_pool == "token" else "mean"
-        shares = attention_shares(attention_maps(model, x), kinds, len(KINDS), model.num_prefix_tokens, query)
-        area = torch.nn.functional.one_hot(kinds, len(KINDS)).float().mean((0, 1))
+        prefix, query = model.num_prefix_tokens, "cls" if model.global_pool == "token" else "mean"
+        rows_per_layer = [torch.cat(parts) for parts in zip(*(
+            attention_maps(model, chunk, reduce=lambda m: readout_row(m, prefix, query)) for chunk in x.split(64)))]
+        shares = attention_shares(rows_per_layer, kinds, len(KINDS), prefix)
+        negative = negative_share(rows_per_layer, prefix)
+        area = F.one_hot(kinds, len(KINDS)).float().mean((0, 1))
         for layer, s in enumerate(shares.tolist()):
             out.append({"run": r["run"].path.name, "condition": r["condition"], "attention": r["attention"],
-                        "width": r["width"], "seed": r["seed"], "layer": layer + 1, "query": query,
-                        **{f"share {k}": v for k, v in zip(KINDS, s)},
+                        "size": r["size"], "seed": r["seed"], "layer": layer + 1, "query": query,
+                        **{f"share {k}": v for k, v in zip(KINDS, s)}, "negative": float(negative[layer]),
                         **{f"area {k}": float(a) for k, a in zip(KINDS, area)}})
     return out
 
 
-def figures(rows: list[dict], gaps: dict[str, list[dict]], shares: list[dict], map_runs: list[dict],
-            images: int) -> dict:
+def figures(rows: list[dict], gaps: dict[str, list[dict]], shares: list[dict], map_runs: list[dict]) -> dict:
     figs = {}
-    # accuracy per condition and attention, means over widths and seeds with 95% intervals
+    # accuracy per condition and attention, means over sizes and seeds with 95% intervals
     conds = sorted({r["condition"] for r in rows}, key=lambda c: _order((c,)))
     fig, ax = subplots(figsize=(max(7.0, 1.1 * len(conds)), 4.2))
     for i, attn in enumerate(ATTENTIONS.values()):
@@ -183,8 +215,8 @@ def figures(rows: list[dict], gaps: dict[str, list[dict]], shares: list[dict], m
                     yerr=[100 * (h if not math.isnan(h) else 0) for _, h in stats], fmt="o", capsize=3,
                     color=COLOURS[attn], label=attn)
     ax.set_xticks(range(len(conds)), conds, rotation=20, ha="right")
-    ax.set_ylabel("test top-1 % (mean over widths and seeds, 95% CI)")
-    ax.set_title("Seed 002's micro ViTs under noise")
+    ax.set_ylabel("test top-1 % (mean over sizes and seeds, 95% CI)")
+    ax.set_title("Classic and differential ViTs under noise")
     ax.grid(True, alpha=0.3)
     ax.legend()
     figs["noise_accuracy"] = fig
@@ -198,7 +230,7 @@ def figures(rows: list[dict], gaps: dict[str, list[dict]], shares: list[dict], m
     ax.axhline(0, color="black", lw=0.8)
     ax.set_xticks(range(len(conds)), conds, rotation=20, ha="right")
     ax.set_ylabel("paired difference, points (95% CI)")
-    ax.set_title("Differential minus classic, paired by width and seed")
+    ax.set_title("Differential minus classic, paired by size and seed")
     ax.grid(True, alpha=0.3)
     ax.legend()
     figs["noise_paired_difference"] = fig
@@ -233,22 +265,27 @@ def figures(rows: list[dict], gaps: dict[str, list[dict]], shares: list[dict], m
             model, cfg, _ = load_checkpoint(r["run"].path / "checkpoints" / "last")
             data = build_data(cfg.data, img_size=model.vitlab_args["img_size"], in_chans=model.vitlab_args["in_chans"])
             x, _ = next(iter(data.loader("test", n_img)))
-            last = attention_maps(model, x)[-1].mean(1)  # (B, N, N)
             p = model.num_prefix_tokens
-            row = last[:, 0, p:] if model.global_pool == "token" else last[:, p:, p:].mean(1)
+            query = "cls" if model.global_pool == "token" else "mean"
+            row = attention_maps(model, x, reduce=lambda m: readout_row(m, p, query))[-1][:, p:]  # (B, T)
             side = int(round(math.sqrt(row.shape[1])))
             row = row / row.sum(1, keepdim=True)
+            H, W = x.shape[-2:]
             for i in range(n_img):
                 if j == 0:
                     axes[i][0].imshow(x[i, 0], cmap="gray")
-                    axes[i][0].set_title("input" if i == 0 else "")
+                    axes[i][0].set_title("input" if i == 0 else "", fontsize=9)
                 lim = float(row[i].abs().max())
-                axes[i][j + 1].imshow(row[i].view(side, side), cmap="RdBu_r", vmin=-lim, vmax=lim)
+                axes[i][j + 1].imshow(x[i, 0], cmap="gray")  # the map over its image, patch by patch
+                axes[i][j + 1].imshow(row[i].view(side, side), cmap="RdBu_r", vmin=-lim, vmax=lim, alpha=0.65,
+                                      extent=(-0.5, W - 0.5, H - 0.5, -0.5), interpolation="nearest")
                 axes[i][j + 1].set_title(r["attention"] if i == 0 else "", fontsize=9)
         for a in axes.flat:
             a.set_xticks([])
             a.set_yticks([])
-        fig.suptitle(f"Last layer, read-out query: {map_runs[0]['condition']} (red: weight, blue: negative)")
+        fig.suptitle(f"{map_runs[0]['condition']}, size {map_runs[0]['size']}, seed {map_runs[0]['seed']}: last "
+                     "layer's read-out\n"
+                     "query over the patches (red: weight; blue: negative weight)", fontsize=9)
         figs["attention_maps"] = fig
     return figs
 
@@ -285,15 +322,16 @@ def main() -> None:
             m, h = interval([s[f"share {k}"] for s in sel])
             row[f"{k} %"] = pm(m, h)
             row[f"area {k} %"] = f"{100 * statistics.fmean(s[f'area {k}'] for s in sel):.1f}"
+        row["negative %"] = pm(*interval([s["negative"] for s in sel]))
         share_rows.append(row)
-    clutter = sorted({r["condition"] for r in rows if r["condition"].startswith("canvas clutter")})
-    map_cond = clutter[-1] if clutter else "MNIST clean"
-    widest = max(r["width"] for r in rows)
-    map_runs = [next(r for r in rows if r["condition"] == map_cond and r["attention"] == a and r["width"] == widest
-                     and r["seed"] == 0) for a in ATTENTIONS.values()
-                if any(r["condition"] == map_cond and r["attention"] == a and r["width"] == widest and r["seed"] == 0
-                       for r in rows)]
-    figs = figures(rows, gaps, shares, map_runs, args.images)
+    # the maps: the noisiest condition with labelled patches (clutter first), else the first condition
+    labelled = sorted({s["condition"] for s in shares}, key=lambda c: _order((c,))) or [rows[0]["condition"]]
+    map_cond = next((c for c in reversed(labelled) if "clutter" in c), labelled[-1])
+    largest = max((r["size"] for r in rows), key=_size_order)
+    pick = {r["attention"]: r for r in rows
+            if r["condition"] == map_cond and r["size"] == largest and r["seed"] == min(q["seed"] for q in rows)}
+    map_runs = [pick[a] for a in ATTENTIONS.values() if a in pick]
+    figs = figures(rows, gaps, shares, map_runs)
     save(figs, args.root / "plots", formats=("png",))
     if args.docs:
         args.docs.mkdir(parents=True, exist_ok=True)
@@ -301,19 +339,22 @@ def main() -> None:
             shutil.copyfile(args.root / "plots" / f"{stem}.png", args.docs / f"seed002_{stem}.png")
     write_csv(args.root / "noise_study.csv",
               [{"run": r["run"].path.name, **{k: v for k, v in r.items() if k != "run"}} for r in rows],
-              ["run", "condition", "reference", "attention", "width", "seed", "top1"])
+              ["run", "condition", "reference", "attention", "size", "seed", "top1"])
     write_csv(args.root / "attention_shares.csv", shares, list(shares[0]) if shares else ["run"])
     md = ["# Seed 002's hypothesis: classic vs differential attention under noise", "",
           f"{len(rows)} finished runs under `{args.root}`; test top-1 %, mean over seeds ± 95% t-interval.", "",
           *markdown(columns, acc)]
     for versus, g in gaps.items():
         cols = ["condition", "pairs", f"{versus} - classic (points)",
-                *sorted({k for r in g for k in r if k.startswith("width ")}, key=lambda k: int(k.split()[1])),
+                *sorted({k for r in g for k in r if k.startswith("size ")}, key=_size_order),
                 "minus the clean gap"]
-        md += [f"## {versus} - classic, paired by (width, seed)", "", *markdown(cols, g)]
-    md += ["## Attention shares (per layer; mean over runs ± 95% t-interval; area: the patches' share)", "",
+        md += [f"## {versus} - classic, paired by (size, seed)", "", *markdown(cols, g)]
+    md += ["## Attention shares", "",
+           "Per layer, the share of the read-out query's positive attention on each kind of patch (mean over runs "
+           "± 95% t-interval); area: the patches' share of the image; negative: the negative weights' share of "
+           "all absolute weight (differential maps only).", "",
            *markdown(["condition", "attention", "layer", "runs", *[f"{k} %" for k in KINDS],
-                      *[f"area {k} %" for k in KINDS]], share_rows)]
+                      *[f"area {k} %" for k in KINDS], "negative %"], share_rows)]
     (args.root / "noise_study.md").write_text("\n".join(md))
     print("\n".join(md))
     print(f"wrote {args.root / 'noise_study.md'}, noise_study.csv, attention_shares.csv, plots/")

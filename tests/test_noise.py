@@ -3,19 +3,23 @@ attention layer's map (exactly what it multiplies V by) and the attention share 
 hand-made map)."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from PIL import Image
 
 from vitlab import create_model
-from vitlab.attention_maps import attention_maps, attention_shares, patch_kinds
+from vitlab.attention_maps import attention_maps, attention_shares, negative_share, patch_kinds, readout_row
 from vitlab.config import DataConfig
 from vitlab.data import build_data
 from vitlab.data.datasets import CanvasDigits
 from vitlab.data.loaders import _tensors
-from vitlab.data.noise import NoisyImages, gaussian_noise
+from vitlab.data.noise import NoisyImages, add_pixel_noise, gaussian_noise
 from vitlab.errors import VitlabError
 from vitlab.layers import Attention, DiffAttention, DiffAttentionV2, LocalitySelfAttention
+
+MNIST_DIR = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 
 def test_the_noise_is_standard_normal_and_a_function_of_the_sample_alone():
@@ -29,6 +33,25 @@ def test_the_noise_is_standard_normal_and_a_function_of_the_sample_alone():
     # sample 1234's noise does not depend on the batch it is drawn in; the seed changes it
     assert torch.equal(gaussian_noise(torch.tensor([7, 1234]), (1, 8, 8), 3)[1], z[1234])
     assert not torch.equal(gaussian_noise(torch.tensor([1234]), (1, 8, 8), 4)[0], z[1234])
+
+
+def test_no_two_images_get_the_same_noise_permuted():
+    """A plain counter in the hash gave samples whose keys differ in their low bits the same values in another
+    order (hundreds of MNIST pairs); sorted, every image's noise must be its own."""
+    z = gaussian_noise(torch.arange(20000), (1, 28, 28), seed=0).flatten(1)
+    assert len(torch.unique(z.sort(dim=1).values, dim=0)) == 20000
+    with pytest.raises(ValueError, match="0..2"):
+        gaussian_noise(torch.tensor([2 ** 32]), (1, 2, 2), 0)
+
+
+def test_stored_images_are_noised_once_and_kept():
+    images = torch.randint(0, 256, (10, 1, 4, 4), dtype=torch.uint8)
+    noisy = NoisyImages(images, 0.3, seed=1)
+    first = noisy[torch.tensor([3, 1, 3])]
+    assert torch.equal(first[0], add_pixel_noise(images[3], torch.tensor([3]), 0.3, 1))
+    assert noisy.cached.tolist() == [i in (1, 3) for i in range(10)]
+    assert torch.equal(noisy[torch.arange(10)][[3, 1]], first[[0, 1]])
+    assert torch.equal(noisy.subset(torch.tensor([1]))[0], first[1])
 
 
 def test_noisy_images_follow_their_sample_in_subsets_and_epochs():
@@ -96,8 +119,14 @@ def test_noise_options_are_bounded_and_label_noise_needs_classes():
         build_data(digits(pixel_noise=5))
     with pytest.raises(VitlabError, match="must be in 0..0.9"):
         build_data(digits(label_noise=0.9))
+    with pytest.raises(VitlabError, match="a fraction in 0..1"):
+        build_data(digits(label_noise=-0.1))
+
+
+@pytest.mark.skipif(not (MNIST_DIR / "MNIST" / "raw").is_dir(), reason="needs ../shared/data/MNIST")
+def test_label_noise_is_refused_for_segmentation():
     with pytest.raises(VitlabError, match="labels pixels"):
-        build_data(DataConfig(dataset="mnist_canvas_seg", data_dir="../shared/data", label_noise=0.2))
+        build_data(DataConfig(dataset="mnist_canvas_seg", data_dir=str(MNIST_DIR), label_noise=0.2))
 
 
 def _check_map(attn: torch.nn.Module, x: torch.Tensor, tail) -> None:
@@ -158,14 +187,32 @@ def test_attention_shares_on_a_hand_made_map():
     head2 = torch.zeros(5, 5)
     head2[0] = torch.tensor([0.0, 0.0, 0.6, 0.2, 0.2])  # patches 0 .6 .2 .2
     head2[1:] = torch.tensor([0.5, 0.0, 0.5, -0.25, 0.25])  # a differential row: a negative weight
-    maps = [torch.stack([head1, head2])[None]]  # (1, 2, 5, 5)
-    cls = attention_shares(maps, kinds, 3, prefix=1, query="cls")
+    maps = torch.stack([head1, head2])[None]  # (1, 2, 5, 5)
+    cls = attention_shares([readout_row(maps, 1, "cls")], kinds, 3, prefix=1)
     # heads averaged: patches .05 .45 .25 .15, sum .9 -> background .05/.9, digit .7/.9, clutter .15/.9
     assert torch.allclose(cls, torch.tensor([[0.05, 0.7, 0.15]]) / 0.9)
-    mean = attention_shares(maps, kinds, 3, prefix=1, query="mean")
-    # patch rows averaged over heads: .2 .35 -.025 .225, sum .75
-    assert torch.allclose(mean, torch.tensor([[0.2, 0.325, 0.225]]) / 0.75)
+    row = readout_row(maps, 1, "mean")
+    mean = attention_shares([row], kinds, 3, prefix=1)
+    # patch rows averaged over heads: .2 .35 -.025 .225; positive part .2 .35 0 .225, sum .775
+    assert torch.allclose(mean, torch.tensor([[0.2, 0.35, 0.225]]) / 0.775)
     assert torch.allclose(mean.sum(-1), torch.ones(1))
+    assert torch.allclose(negative_share([row], 1), torch.tensor([0.025 / 0.8]))
+    assert negative_share([readout_row(maps, 1, "cls")], 1) == 0
+
+
+def test_attention_shares_sum_over_the_images_before_dividing():
+    # image 1: patch weights .5 (digit) .5 (background); image 2: .1 (digit) .02 (background)
+    rows = torch.tensor([[0.0, 0.5, 0.5], [0.88, 0.1, 0.02]])
+    kinds = torch.tensor([[1, 0], [1, 0]])
+    shares = attention_shares([rows], kinds, 2, prefix=1)
+    # (.5 + .1) / (1 + .12) on the digit, not the mean of .5 and .1 / .12
+    assert torch.allclose(shares, torch.tensor([[0.52, 0.6]]) / 1.12)
+
+
+def test_attention_maps_refuse_merged_tokens():
+    model = create_model("vit_micro_patch7_28", depth=2, in_chans=1, merge=2)
+    with pytest.raises(VitlabError, match="merges tokens"):
+        attention_maps(model, torch.randn(1, 1, 28, 28))
 
 
 def test_patch_kinds_from_ink():

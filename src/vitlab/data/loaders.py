@@ -104,6 +104,9 @@ def build_data(cfg: DataConfig, img_size: int | None = None, in_chans: int | Non
     if cfg.canvas_clutter and cfg.dataset not in ("mnist_canvas", "mnist_canvas_seg"):
         raise VitlabError(f"data.canvas_clutter={cfg.canvas_clutter} applies to mnist_canvas and mnist_canvas_seg "
                           f"only, not {cfg.dataset}; drop it or set data.dataset=mnist_canvas")
+    if not 0 <= cfg.label_noise < 1:  # the bound for the dataset's classes is checked once they are known
+        raise VitlabError(f"data.label_noise={cfg.label_noise} must be a fraction in 0..1 (excluded) of the "
+                          f"training labels")
     if not 0 <= cfg.pixel_noise <= 4:
         raise VitlabError(f"data.pixel_noise={cfg.pixel_noise} must be in 0..4 (the noise's std in units of the "
                           f"pixel range; 1.0 already hides most of an image)")
@@ -137,7 +140,9 @@ def build_data(cfg: DataConfig, img_size: int | None = None, in_chans: int | Non
 
 
 def _with_pixel_noise(raw: RawSplits, sigma: float, split_seed: int) -> RawSplits:
-    """Every split's images with their fixed noise (vitlab.data.noise), each split from a seed of its own."""
+    """Every split's images with their fixed noise (vitlab.data.noise). Noise follows a sample's id in its
+    source dataset, and each source split has a seed of its own (a carved split shares its source's seed, with
+    other ids)."""
     def noisy(ds: Dataset | None, salt: int) -> Dataset | None:
         seed = split_seed * 1_000_003 + 7919 * salt
         if ds is None:

@@ -143,7 +143,8 @@ class DiffAttentionV2(nn.Module):
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                bias: torch.Tensor | None = None) -> torch.Tensor:
-        """softmax(q_j k_g^T / sqrt(d) + bias) v_g for query heads q (B, 2H, N, d) and KV heads k, v (B, G, N, d),
+        """softmax(q_j k_g^T / sqrt(d) + bias) v_g for query heads q (B, 2H, N, d), KV heads k (B, G, N, d) and
+        v (B, G, N, e) (e = d; the identity's N for `attention_map`),
         head j reading KV head g = j // r (r = 2H / G). A group's r query heads are consecutive, so they fold into
         its sequence axis: one SDPA call, each KV head read once (SDPA's own enable_gqa needs torch 2.5). `bias`
         broadcasts to (B, 2H, N, N); a key-only one (B, 1, 1, N), as token merging's, broadcasts as it is."""

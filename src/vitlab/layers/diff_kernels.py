@@ -2,6 +2,8 @@
 
 Both take q, k of shape (2, B, H, N, d) (map m of head h is q[m, :, h]), v of shape (B, H, N, 2d) and an fp32
 0-d lambda, and return the (B, H, N, 2d) result in fp32 (fp64 inputs: fp64). Neither builds an N x N matrix.
+The SDPA kernel also takes values of another width e, v (B, H, N, e): with the identity as values (e = N) it
+returns the differential map itself (`DiffAttention.attention_map`).
 
 * `sdpa_differential_attention`: one `scaled_dot_product_attention` call over the 2H maps. SDPA's fused
   kernels need one head size for q, k and v, so q and k are zero-padded to 2d (exact: q.k is unchanged) and each
@@ -40,7 +42,7 @@ def sdpa_differential_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tenso
     q, k = (F.pad(t.permute(1, 2, 0, 3, 4).reshape(B, 2 * H, N, d), (0, d)) for t in (q, k))  # (B, 2H, N, 2d)
     v = v.repeat_interleave(2, dim=1)  # (B, 2H, N, 2d): maps 2h and 2h+1 read head h's values
     a = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout_p, scale=scale)
-    a = a.view(B, H, 2, N, v.shape[-1])  # (B, H, map, N, 2d)
+    a = a.view(B, H, 2, N, v.shape[-1])  # (B, H, map, N, 2d or e)
     return _wide(a[:, :, 0]) - lam * _wide(a[:, :, 1])
 
 
