@@ -113,6 +113,21 @@ def accuracy_table(rows: list[dict]) -> tuple[list[str], list[dict]]:
     return ["condition", "attention", "size", "seeds", "top1 %"], out
 
 
+def summary_table(rows: list[dict]) -> tuple[list[str], list[dict]]:
+    """One row per condition, one column per attention: top-1 over every size and seed (mean ± 95% interval;
+    the sizes' own differences widen it)."""
+    conds = sorted({r["condition"] for r in rows}, key=lambda c: _order((c,)))
+    attns = [a for a in ATTENTIONS.values() if any(r["attention"] == a for r in rows)]
+    out = []
+    for c in conds:
+        row = {"condition": c}
+        for a in attns:
+            values = [r["top1"] for r in rows if r["condition"] == c and r["attention"] == a]
+            row[a] = f"{pm(*interval(values))} (n={len(values)})" if values else ""
+        out.append(row)
+    return ["condition", *attns], out
+
+
 def paired(rows: list[dict], versus: str) -> list[dict]:
     """Per condition: `versus` - classic, paired by (size, seed), and that gap minus the gap on the clean
     reference (paired by (size, seed) as well)."""
@@ -200,6 +215,27 @@ def measure_attention(rows: list[dict], images: int) -> list[dict]:
                         "size": r["size"], "seed": r["seed"], "layer": layer + 1, "query": query,
                         **{f"share {k}": v for k, v in zip(KINDS, s)}, "negative": float(negative[layer]),
                         **{f"area {k}": float(a) for k, a in zip(KINDS, area)}})
+    return out
+
+
+def paired_shares(shares: list[dict], versus: str) -> list[dict]:
+    """Per condition: `versus`'s share of positive attention on the digit minus classic's, in the first and the
+    last layer, paired by (size, seed); and the same for clutter where there is some."""
+    by = {(s["condition"], s["attention"], s["size"], s["seed"], s["layer"]): s for s in shares}
+    out = []
+    for cond in sorted({s["condition"] for s in shares}, key=lambda c: _order((c,))):
+        last = max(s["layer"] for s in shares if s["condition"] == cond)
+        row = {"condition": cond}
+        for kind in ("digit", "clutter"):
+            if kind == "clutter" and not any(s["area clutter"] for s in shares if s["condition"] == cond):
+                continue
+            for layer in (1, last):
+                diffs = [by[(c, versus, z, e, layer)][f"share {kind}"] - by[(c, "classic", z, e, layer)][f"share {kind}"]
+                         for (c, a, z, e, lay) in by if c == cond and a == versus and lay == layer
+                         and (c, "classic", z, e, layer) in by]
+                if diffs:
+                    row[f"{kind}, layer {layer}"] = f"{pm(*interval(diffs))} (n={len(diffs)})"
+        out.append(row)
     return out
 
 
@@ -342,8 +378,9 @@ def main() -> None:
               ["run", "condition", "reference", "attention", "size", "seed", "top1"])
     write_csv(args.root / "attention_shares.csv", shares, list(shares[0]) if shares else ["run"])
     md = ["# Seed 002's hypothesis: classic vs differential attention under noise", "",
-          f"{len(rows)} finished runs under `{args.root}`; test top-1 %, mean over seeds ± 95% t-interval.", "",
-          *markdown(columns, acc)]
+          f"{len(rows)} finished runs under `{args.root}`; test top-1 %, mean ± 95% t-interval over sizes and "
+          "seeds (first table) or seeds (per size).", "",
+          *markdown(*summary_table(rows)), "Per size:", "", *markdown(columns, acc)]
     for versus, g in gaps.items():
         cols = ["condition", "pairs", f"{versus} - classic (points)",
                 *sorted({k for r in g for k in r if k.startswith("size ")}, key=_size_order),
@@ -355,6 +392,11 @@ def main() -> None:
            "all absolute weight (differential maps only).", "",
            *markdown(["condition", "attention", "layer", "runs", *[f"{k} %" for k in KINDS],
                       *[f"area {k} %" for k in KINDS], "negative %"], share_rows)]
+    for versus in gaps:
+        g = paired_shares(shares, versus)
+        cols = ["condition", *dict.fromkeys(k for r in g for k in r if k != "condition")]
+        md += [f"## Share of positive attention, {versus} - classic (points; paired by size and seed)", "",
+               *markdown(cols, g)]
     (args.root / "noise_study.md").write_text("\n".join(md))
     print("\n".join(md))
     print(f"wrote {args.root / 'noise_study.md'}, noise_study.csv, attention_shares.csv, plots/")

@@ -19,7 +19,8 @@ from vitlab.data.noise import NoisyImages, add_pixel_noise, gaussian_noise
 from vitlab.errors import VitlabError
 from vitlab.layers import Attention, DiffAttention, DiffAttentionV2, LocalitySelfAttention
 
-MNIST_DIR = Path(__file__).resolve().parents[2] / "shared" / "data"
+from conftest import MNIST_DIR, ROOT, run_subprocess
+
 
 
 def test_the_noise_is_standard_normal_and_a_function_of_the_sample_alone():
@@ -228,3 +229,31 @@ def test_every_attention_option_reports_its_map():
     """A new `model.attn_layer` must say where its attention goes (the noise study reads every layer)."""
     from vitlab.layers import ATTN_LAYERS
     assert all(callable(getattr(cls, "attention_map", None)) for cls in ATTN_LAYERS.values())
+
+
+@pytest.mark.skipif(not (MNIST_DIR / "MNIST" / "raw").is_dir(), reason="needs ../shared/data/MNIST")
+def test_the_noise_study_is_analysed_from_its_run_directories_alone(tmp_path):
+    """The study's analysis end to end on tiny runs: two attentions x clean / pixel noise x two seeds; the
+    tables, the paired differences and the attention shares come from the run directories and the data."""
+    from vitlab.config import load_config
+    from vitlab.train import train
+    for attn, name in (("mhsa", "vit_micro_patch7_28"), ("diff2", "vit_micro_patch7_28")):
+        for noise in (0.0, 0.8):
+            for seed in (0, 1):
+                cfg = load_config(None, [
+                    "data.dataset=mnist", f"data.data_dir={MNIST_DIR}", "data.max_train_samples=256",
+                    "data.val_fraction=0.01", "data.augment=none", "data.num_workers=0", f"data.pixel_noise={noise}",
+                    f"model.name={name}", f"model.attn_layer={attn}", "model.depth=1", "model.embed_dim=16",
+                    "train.epochs=1", "train.batch_size=64", f"train.seed={seed}", "train.eval_batch_size=2000",
+                    "output.progress=none", "output.tensorboard=false", f"output.dir={tmp_path}", "task_name=study",
+                    f"output.savefile={attn}_{noise}_{seed}"])
+                train(cfg)
+    done = run_subprocess([ROOT / "bench" / "seed002_noise.py", tmp_path / "study", "--images", "32"])
+    assert done.returncode == 0, done.stderr[-2000:]
+    md = (tmp_path / "study" / "noise_study.md").read_text()
+    assert "| MNIST pixel noise 0.8 | 2 |" in md  # V2 - classic, 2 pairs (size 16, seeds 0 and 1)
+    assert "minus the clean gap" in md and "| MNIST clean | differential V2 | 1 | 2 |" in md  # shares, layer 1
+    for figure in ("noise_accuracy", "noise_paired_difference", "attention_shares", "attention_maps"):
+        assert (tmp_path / "study" / "plots" / f"{figure}.png").is_file()
+    shares = (tmp_path / "study" / "attention_shares.csv").read_text().splitlines()
+    assert len(shares) == 1 + 8  # a row per run and layer
