@@ -243,32 +243,31 @@ def figures(rows: list[dict], gaps: dict[str, list[dict]], shares: list[dict], m
     figs = {}
     # accuracy per condition and attention, means over sizes and seeds with 95% intervals
     conds = sorted({r["condition"] for r in rows}, key=lambda c: _order((c,)))
-    fig, ax = subplots(figsize=(max(7.0, 1.1 * len(conds)), 4.2))
+
+    def panel(series: list[tuple[str, list[float], list[float], list[float]]], ylabel: str, title: str):
+        """One marker with its 95% interval per (label, x, mean, half-width) series, conditions on the x axis."""
+        fig, ax = subplots(figsize=(max(7.0, 1.1 * len(conds)), 4.2))
+        for label, xs, means, halves in series:
+            ax.errorbar(xs, [100 * m for m in means], yerr=[0 if math.isnan(h) else 100 * h for h in halves],
+                        fmt="o", capsize=3, color=COLOURS[label.split(" - ")[0]], label=label)
+        ax.set_xticks(range(len(conds)), conds, rotation=20, ha="right")
+        ax.set_ylabel(ylabel)
+        ax.set_title(title)
+        ax.grid(True, alpha=0.3)
+        ax.legend()
+        return fig, ax
+
+    series = []
     for i, attn in enumerate(ATTENTIONS.values()):
         stats = [interval([r["top1"] for r in rows if r["condition"] == c and r["attention"] == attn] or [math.nan])
                  for c in conds]
-        ax.errorbar([j + (i - 1) * 0.22 for j in range(len(conds))], [100 * m for m, _ in stats],
-                    yerr=[100 * (h if not math.isnan(h) else 0) for _, h in stats], fmt="o", capsize=3,
-                    color=COLOURS[attn], label=attn)
-    ax.set_xticks(range(len(conds)), conds, rotation=20, ha="right")
-    ax.set_ylabel("test top-1 % (mean over sizes and seeds, 95% CI)")
-    ax.set_title("Classic and differential ViTs under noise")
-    ax.grid(True, alpha=0.3)
-    ax.legend()
-    figs["noise_accuracy"] = fig
-    # paired differences against classic, per condition
-    fig, ax = subplots(figsize=(max(7.0, 1.1 * len(conds)), 4.2))
-    for i, (versus, rows_v) in enumerate(gaps.items()):
-        xs = [conds.index(g["condition"]) + (i - 0.5) * 0.25 for g in rows_v]
-        ax.errorbar(xs, [100 * g["mean"] for g in rows_v],
-                    yerr=[100 * (g["ci"] if not math.isnan(g["ci"]) else 0) for g in rows_v], fmt="o", capsize=3,
-                    color=COLOURS[versus], label=f"{versus} - classic")
+        series.append((attn, [j + (i - 1) * 0.22 for j in range(len(conds))], *zip(*stats)))
+    figs["noise_accuracy"], _ = panel(series, "test top-1 % (mean over sizes and seeds, 95% CI)",
+                                      "Classic and differential ViTs under noise")
+    series = [(f"{versus} - classic", [conds.index(g["condition"]) + (i - 0.5) * 0.25 for g in rows_v],
+               [g["mean"] for g in rows_v], [g["ci"] for g in rows_v]) for i, (versus, rows_v) in enumerate(gaps.items())]
+    fig, ax = panel(series, "paired difference, points (95% CI)", "Differential minus classic, paired by size and seed")
     ax.axhline(0, color="black", lw=0.8)
-    ax.set_xticks(range(len(conds)), conds, rotation=20, ha="right")
-    ax.set_ylabel("paired difference, points (95% CI)")
-    ax.set_title("Differential minus classic, paired by size and seed")
-    ax.grid(True, alpha=0.3)
-    ax.legend()
     figs["noise_paired_difference"] = fig
     # attention shares per layer on the digit (and clutter), per attention, per condition with labelled patches
     share_conds = [c for c in conds if any(s["condition"] == c for s in shares)]
