@@ -40,7 +40,8 @@ from vitlab.data.datasets import CanvasDigits  # noqa: E402
 from vitlab.data.loaders import _tensors  # noqa: E402
 from vitlab.data.noise import NoisyImages  # noqa: E402
 from vitlab.experiments.runs import find_runs  # noqa: E402
-from vitlab.plots.common import save, subplots  # noqa: E402
+from vitlab.names import csv_cell, printable  # noqa: E402
+from vitlab.plots.common import plot_text, save, subplots  # noqa: E402
 from vitlab.train import load_checkpoint  # noqa: E402
 
 ATTENTIONS = {"vit": "classic", "diff_vit": "differential", "diff2_vit": "differential V2"}  # by architecture
@@ -250,7 +251,7 @@ def figures(rows: list[dict], gaps: dict[str, list[dict]], shares: list[dict], m
         for label, xs, means, halves in series:
             ax.errorbar(xs, [100 * m for m in means], yerr=[0 if math.isnan(h) else 100 * h for h in halves],
                         fmt="o", capsize=3, color=COLOURS[label.split(" - ")[0]], label=label)
-        ax.set_xticks(range(len(conds)), conds, rotation=20, ha="right")
+        ax.set_xticks(range(len(conds)), [plot_text(c) for c in conds], rotation=20, ha="right")
         ax.set_ylabel(ylabel)
         ax.set_title(title)
         ax.grid(True, alpha=0.3)
@@ -285,7 +286,7 @@ def figures(rows: list[dict], gaps: dict[str, list[dict]], shares: list[dict], m
                             label=f"{attn}, {kind}" if cond == share_conds[-1] else None)
             area = [s for s in shares if s["condition"] == cond]
             ax.axhline(100 * statistics.fmean(s["area digit"] for s in area), color="grey", lw=0.8, ls="--")
-            ax.set_title(cond)
+            ax.set_title(plot_text(cond))
             ax.set_xlabel("layer")
             ax.grid(True, alpha=0.3)
         axes[0][0].set_ylabel("% of the read-out query's attention")
@@ -318,7 +319,7 @@ def figures(rows: list[dict], gaps: dict[str, list[dict]], shares: list[dict], m
         for a in axes.flat:
             a.set_xticks([])
             a.set_yticks([])
-        fig.suptitle(f"{map_runs[0]['condition']}, size {map_runs[0]['size']}, seed {map_runs[0]['seed']}: last "
+        fig.suptitle(f"{plot_text(map_runs[0]['condition'])}, size {map_runs[0]['size']}, seed {map_runs[0]['seed']}: last "
                      "layer's read-out\n"
                      "query over the patches (red: weight; blue: negative weight)", fontsize=9)
         figs["attention_maps"] = fig
@@ -329,12 +330,13 @@ def write_csv(path: Path, rows: list[dict], columns: list[str]) -> None:
     with open(path, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
         w.writeheader()
-        w.writerows(rows)
+        w.writerows({k: csv_cell(v) for k, v in r.items()} for r in rows)  # names from run dirs: never formulas
 
 
 def markdown(columns: list[str], rows: list[dict]) -> list[str]:
     return ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns),
-            *("| " + " | ".join(str(r.get(c, "")) for c in columns) + " |" for r in rows), ""]
+            *("| " + " | ".join(printable(str(r.get(c, ""))).replace("|", "\\|") for c in columns) + " |"
+              for r in rows), ""]
 
 
 def main() -> None:
