@@ -84,8 +84,11 @@ def _parser() -> argparse.ArgumentParser:
     m.add_argument("pattern", nargs="?", default="*", help="shell pattern, e.g. 'vit_small*'")
     m.add_argument("--aliases", action="store_true", help="also list aliases (b16, l16, ...)")
 
+    cf = sub.add_parser("configs", help="list the shipped presets (recipes and sweep specs) by name")
+    cf.add_argument("pattern", nargs="?", default="*", help="shell pattern or part of a name, e.g. 'gdt/*' or seed003")
+
     sw = sub.add_parser("sweep", help="one run per point of a grid (SPEC: base, grid, zip, set); rerun resumes")
-    sw.add_argument("spec", help="sweep spec YAML (e.g. configs/sweeps/quickstart_2x2.yaml)")
+    sw.add_argument("spec", help="sweep spec YAML, or a preset's name (e.g. sweeps/quickstart_2x2)")
     sw.add_argument("--output", help="folder of the sweep's runs (default output/sweeps/<spec name>)")
     sw.add_argument("--launcher", choices=("local", "torchrun", "slurm"), default="local",
                     help="local: run here one after another; torchrun/slurm: write the launch script")
@@ -129,7 +132,7 @@ def _add_train(t: argparse.ArgumentParser) -> None:
     (translated by `compat`), then `key=value` overrides."""
     from .compat import flag_bool
 
-    t.add_argument("--config", help="YAML config file (e.g. configs/quickstart.yaml)")
+    t.add_argument("--config", help="YAML config file, or a preset's name (`vitlab configs`; e.g. quickstart)")
     t.add_argument("--reload", action="store_true", help="resume the run from its last checkpoint")
     t.add_argument("--local", action="store_true", help="train in this one process even under torchrun/srun "
                                                         "(the GDT-ViT project's fallback; other ranks exit)")
@@ -248,6 +251,14 @@ def cmd_predict(args) -> int:
     names = info.class_names or [str(i) for i in range(a["num_classes"])]
     for path, p_row, i_row in zip(args.images, probs.tolist(), idx.tolist()):
         print(f"{path}: " + ", ".join(f"{names[i]} {p:.3f}" for p, i in zip(p_row, i_row)))
+    return 0
+
+
+def cmd_configs(args) -> int:
+    from .presets import PRESETS, preset_table
+
+    print(preset_table(args.pattern))
+    print(f"config: vitlab train --config NAME; sweep: vitlab sweep NAME (files in {PRESETS})")
     return 0
 
 
@@ -388,6 +399,7 @@ def describe_os_error(exc: OSError) -> str:
 
 
 COMMANDS = {"train": cmd_train, "evaluate": cmd_evaluate, "predict": cmd_predict, "models": cmd_models,
+            "configs": cmd_configs,
             "sweep": cmd_sweep, "collect": cmd_collect, "plot": cmd_plot, "compare": cmd_compare,
             "report": cmd_report, "upload": cmd_upload, "download": cmd_download}
 

@@ -20,8 +20,9 @@ from typing import Any
 
 from .data import canonical_dataset
 from .errors import VitlabError
+from .presets import PRESETS
 
-CONFIGS = Path(__file__).resolve().parents[2] / "configs"  # the checkout's recipes
+CONFIGS = PRESETS  # the recipes, shipped as package data
 
 FINETUNE_VIT = {"data": {"img_size": 224, "normalization": "half"},
                 "optim": {"name": "sgd", "lr": 0.03, "momentum": 0.9, "weight_decay": 0.0, "schedule": "onecycle",

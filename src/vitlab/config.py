@@ -325,16 +325,18 @@ def as_number(value: Any) -> Any:
 
 
 def read_yaml(path: str | Path) -> dict[str, Any]:
-    """A config (or sweep spec) file as a mapping; one line for a file that is missing, not a regular file
-    (a folder, FIFO, device), over the size any config has, not UTF-8, not YAML, nested or aliased beyond
-    bounds, naming a key twice, or not a mapping."""
+    """A config (or sweep spec) file, or a preset's name (`vitlab.presets`), as a mapping; one line for a file
+    that is missing, not a regular file (a folder, FIFO, device), over the size any config has, not UTF-8, not
+    YAML, nested or aliased beyond bounds, naming a key twice, or not a mapping."""
     import yaml
 
+    from .presets import config_file
     from .untrusted import YAML_MAX_CHARS, parse_yaml, read_bytes
 
-    path = Path(path)
+    path = config_file(path)  # a file, or the name of a shipped preset
     if not path.exists():
-        raise VitlabError(f"config file '{path}' not found; pass an existing YAML file (e.g. configs/quickstart.yaml)")
+        raise VitlabError(f"config file '{path}' not found; pass an existing YAML file or a preset name "
+                          f"(`vitlab configs` lists them, e.g. quickstart)")
     if path.is_file() and path.stat().st_size > YAML_MAX_CHARS:
         raise VitlabError(f"config file '{path}' is {path.stat().st_size / (1 << 20):.1f} MiB, more than the "
                           f"{YAML_MAX_CHARS >> 20} MiB vitlab reads (a config is a few KiB); pass the right file")

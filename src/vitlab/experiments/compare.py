@@ -9,6 +9,7 @@ from typing import Any
 from ..config import read_yaml
 from ..errors import VitlabError
 from ..names import atomic_write, safe_name
+from ..presets import config_file
 from ..resolve import build
 from .collect import csv_text, markdown, result_cells
 from .runs import Run, load_run
@@ -23,7 +24,7 @@ def comparison(configs: list[str], epochs: int | None, overrides: dict[str, Any]
     fixed = {**(overrides or {}), **({"train.epochs": epochs} if epochs else {})}
     points, datasets = [], {}
     for c in configs:
-        path = Path(c)
+        path = config_file(c)  # a file, or a preset's name
         cfg = build(read_yaml(path), list(fixed.items()))
         datasets[path.name] = cfg.data.dataset
         points.append(Point(safe_name(path.stem, f"config '{c}': its file name names its run, and",

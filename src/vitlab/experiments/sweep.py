@@ -34,6 +34,7 @@ import yaml
 from ..config import as_number, read_yaml
 from ..errors import VitlabError
 from ..names import atomic_write, check_path_text, safe_name
+from ..presets import config_file
 from ..resolve import build
 
 SPEC_KEYS = {"base", "set", "grid", "zip", "name"}
@@ -84,7 +85,7 @@ def _yaml_scalar(value: Any) -> str:
 
 
 def load_spec(path: str | Path) -> Sweep:
-    path = Path(path)
+    path = config_file(path)  # a file, or a preset's name
     spec = read_yaml(path)
     unknown = set(spec) - SPEC_KEYS
     if unknown:
@@ -93,8 +94,8 @@ def load_spec(path: str | Path) -> Sweep:
     if "base" not in spec:
         raise VitlabError(f"sweep spec '{path}' needs `base: <config.yaml>`")
     base = Path(spec["base"])
-    if not base.is_file() and (path.parent / base).is_file():
-        base = path.parent / base
+    if not base.is_file():  # relative to the spec, else a preset's name
+        base = path.parent / base if (path.parent / base).is_file() else config_file(base)
     grid, zipped, fixed = spec.get("grid") or {}, spec.get("zip") or {}, spec.get("set") or {}
     for section, value in (("grid", grid), ("zip", zipped), ("set", fixed)):
         if not isinstance(value, dict):
