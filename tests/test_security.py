@@ -262,7 +262,7 @@ def test_figures_show_names_literally_without_mathtext(evil_runs, tmp_path):
 def test_log_and_error_lines_show_control_characters_escaped(tmp_path, capsys):
     from vitlab.train.metrics import RunLogger
 
-    log = RunLogger(tmp_path, tensorboard=False, progress="plain", stream=io.StringIO())
+    log = RunLogger(tmp_path, progress="plain", stream=io.StringIO())
     log.info("data hf:evil\nFAKE 2024-01-01 test top-1 1.0000\x1b[2J")
     log.write("stopped\r\x00")
     log.close()

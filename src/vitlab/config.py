@@ -27,7 +27,8 @@ from .names import path_inside, safe_name
 @dataclass
 class ModelConfig:
     name: str = "vit_micro_patch2_8"
-    pretrained: Optional[str] = None  # local .safetensors/.pth/.npz file to start from
+    # a local .safetensors/.pth/.npz file, or a Hub name: hf-hub:<owner>/<name>[@rev], timm's <arch>.<tag>
+    pretrained: Optional[str] = None
     # Any other constructor argument of the model, e.g. {"depth": 4, "beta": 0.5}; typed by vitlab.resolve.
     # img_size, in_chans and num_classes default to the dataset's; None means "the model's default".
     args: dict[str, Any] = field(default_factory=dict)
@@ -132,7 +133,11 @@ class LoraConfig:
 class OutputConfig:
     dir: str = "./output"
     savefile: str = "run_01"
-    tensorboard: bool = True
+    tensorboard: bool = True  # false: leave tensorboard out of `loggers`
+    # experiment trackers (vitlab.train.trackers): tensorboard, csv, wandb, mlflow; metrics.jsonl is always written
+    loggers: list[str] = field(default_factory=lambda: ["tensorboard"])
+    wandb_project: str = ""  # W&B project; empty: the task name
+    mlflow_tracking_uri: str = ""  # empty: MLFLOW_TRACKING_URI, else sqlite:///<output.dir>/mlflow.db
     progress: Literal["auto", "bar", "plain", "none"] = "auto"  # auto: a bar on a terminal, else plain lines
     # by_architecture: also write the final weights and training log as (the classic-vs-differential project's)
     # <dir>/<task_name>/checkpoints/<architecture>/model_<savefile>_<size>_<dataset>.{safetensors,_training.log}
@@ -382,8 +387,28 @@ def load_config(path: str | Path | None = None, overrides: Iterable[str] = ()) -
     return build_config(tree, [parse_override(o) for o in overrides])
 
 
+LOGGERS = ("tensorboard", "csv", "wandb", "mlflow")  # output.loggers (vitlab.train.trackers)
+TRACKER_PACKAGES = {"wandb": "wandb", "mlflow": "mlflow"}  # logger: the package and the extra that brings it
+
+
+def check_loggers(names: list[str]) -> None:
+    """output.loggers: known names, each once, and each tracker's package installed (one line otherwise, when
+    the config is built: a missing extra fails at once, not after loading the data)."""
+    import importlib.util
+
+    if not isinstance(names, list) or any(n not in LOGGERS for n in names) or len(set(names)) != len(names):
+        raise VitlabError(f"output.loggers {names!r}: a list of {', '.join(LOGGERS)}, each at most once "
+                          f"(e.g. output.loggers=[tensorboard,wandb])")
+    for name in names:
+        package = TRACKER_PACKAGES.get(name)
+        if package and importlib.util.find_spec(package) is None:
+            raise VitlabError(f"output.loggers has {name}, but the {package} package is not installed; "
+                              f"pip install 'vitlab[{package}]' (or leave {name} out of output.loggers)")
+
+
 def validate(cfg: Config) -> None:
     """Cross-field checks of the fixed sections."""
+    check_loggers(cfg.output.loggers)
     positive = {"train.epochs": cfg.train.epochs, "train.batch_size": cfg.train.batch_size,
                 "train.accum_steps": cfg.train.accum_steps, "train.log_every": cfg.train.log_every,
                 "optim.lr": cfg.optim.lr}

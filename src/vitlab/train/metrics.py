@@ -1,4 +1,5 @@
-"""Run logging: per-batch JSON lines, a human-readable log, TensorBoard scalars and a progress display.
+"""Run logging: per-batch JSON lines, a human-readable log, the experiment trackers (TensorBoard, CSV, W&B,
+MLflow: `trackers`) and a progress display.
 
 The trainer buffers per-batch values as device tensors and converts them in one `tolist()` per `log_every`
 batches, so the hot loop never waits on the GPU for logging. Only rank 0 logs; other ranks get `NullLogger`.
@@ -95,17 +96,14 @@ class EpochLog:
 
 
 class RunLogger:
-    def __init__(self, run_dir: Path, tensorboard: bool = True, progress: str = "auto", append: bool = False,
+    def __init__(self, run_dir: Path, trackers: list | None = None, progress: str = "auto", append: bool = False,
                  stream: TextIO | None = None):
         self.run_dir = Path(run_dir)
         mode = "a" if append else "w"
         self.jsonl = open(self.run_dir / "metrics.jsonl", mode, buffering=1)
         self.log_file = open(self.run_dir / "train.log", mode, buffering=1)
         self.stream = stream or sys.stdout
-        self.tb = None
-        if tensorboard:
-            from torch.utils.tensorboard import SummaryWriter
-            self.tb = SummaryWriter(str(self.run_dir / "tb"))
+        self.trackers = list(trackers or [])  # vitlab.train.trackers.Tracker
         if progress == "auto":
             progress = "bar" if self.stream.isatty() else "plain"
         self.progress = progress
@@ -128,12 +126,25 @@ class RunLogger:
         print(text, file=self.stream, flush=True)
 
     def record(self, kind: str, **values: Any) -> None:
-        """One JSON line; numbers also go to TensorBoard under `kind/key` at the record's step."""
+        """One JSON line; every tracker gets the record too, at its optimizer step."""
         self.jsonl.write(json.dumps({"kind": kind, **values}) + "\n")
-        if self.tb is not None and "step" in values:
-            for k, v in values.items():
-                if k not in ("step", "epoch", "batch") and isinstance(v, (int, float)):
-                    self.tb.add_scalar(f"{kind}/{k}", v, values["step"])
+        self._track("log", kind, values, values.get("step", 0))
+
+    def finish(self, results: dict[str, Any], files: list[Path]) -> None:
+        """The trackers get the results and the run's files (config, results, final weights)."""
+        self._track("finish", results, files)
+
+    def _track(self, method: str, *args: Any) -> None:
+        """Call `method` on every tracker. A tracker that fails (a full disk, a lost server) is dropped with a
+        line in the log: it never ends the training run, whose own files are complete without it."""
+        for tracker in list(self.trackers):
+            try:
+                getattr(tracker, method)(*args)
+            except Exception as exc:  # noqa: BLE001  (any tracker's error; the run goes on)
+                self.trackers.remove(tracker)
+                first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+                self.info(f"warning: logger {type(tracker).__name__} stopped ({type(exc).__name__}: {first}); "
+                          f"metrics.jsonl has every record")
 
     # -- per-batch training values -----------------------------------------------------------------------
     def batches(self, epoch: int, first_batch: int, first_step: int, records: list[dict[str, float]]) -> None:
@@ -177,10 +188,9 @@ class RunLogger:
 
     def close(self) -> None:
         self.end_epoch()
+        self._track("close")
         for f in (self.jsonl, self.log_file):
             f.close()
-        if self.tb is not None:
-            self.tb.close()
 
 
 class NullLogger:
@@ -189,6 +199,7 @@ class NullLogger:
     def info(self, text: str) -> None: ...
     def write(self, text: str) -> None: ...
     def record(self, kind: str, **values: Any) -> None: ...
+    def finish(self, *args: Any) -> None: ...
     def batches(self, *args: Any) -> None: ...
     def val_batches(self, *args: Any) -> None: ...
     def start_epoch(self, *args: Any) -> None: ...

@@ -31,14 +31,15 @@ from ..layers.lora import adapter_state_dict, merged_state_dict
 from . import checkpoint as ckpt
 from .distributed import all_gather_object, full_state, load_full_state
 from .metrics import RunLogger
+from .trackers import open_trackers
 from .rng import rng_state, seed_all, set_rng_state
 from .runlock import RunLock
 
 
 # what a run writes at its top level: any of them means an earlier run (or its remains) is there
 RUN_FILES = ("results.json", "metrics.jsonl", "train.log", "config.yaml", "adapter.safetensors",
-             "merged.safetensors")
-RUN_FOLDERS = ("checkpoints", "tb")
+             "merged.safetensors", "trackers.json")
+RUN_FOLDERS = ("checkpoints", "tb", "csv", "wandb")  # tb, csv, wandb: the trackers' (vitlab.train.trackers)
 
 
 def check_run_files(path: Path) -> None:
@@ -152,8 +153,9 @@ class RunDirectory:
         if resumed is not None:
             truncate_metrics(self.path / "metrics.jsonl", *resumed)
         atomic_write(self.path / "config.yaml", cfg.dump())
-        return RunLogger(self.path, cfg.output.tensorboard, cfg.output.progress, append=resumed is not None,
-                         stream=stream)
+        loggers = [n for n in cfg.output.loggers if n != "tensorboard" or cfg.output.tensorboard]
+        trackers = open_trackers(loggers, self.path, cfg, resumed=resumed is not None)
+        return RunLogger(self.path, trackers, cfg.output.progress, append=resumed is not None, stream=stream)
 
     def finish(self, results: dict[str, Any], cfg: Config, eval_model, metadata: dict[str, str]) -> None:
         """results.json; with LoRA, the adapter alone (small) and merged weights that load into the plain model."""
@@ -163,6 +165,13 @@ class RunDirectory:
             ckpt.save_weights(self.path / "merged.safetensors", merged_state_dict(eval_model),
                               {**metadata, "config": plain})
         atomic_write(self.path / "results.json", json.dumps(results, indent=2) + "\n")
+
+    def artefacts(self) -> list[Path]:
+        """The finished run's files a tracker keeps: config, results, the final weights (EMA and LoRA files too)."""
+        last = self.checkpoints / "last"
+        names = [self.path / "config.yaml", self.path / "results.json", last / ckpt.MODEL_FILE, last / ckpt.EMA_FILE,
+                 self.path / "adapter.safetensors", self.path / "merged.safetensors"]
+        return [p for p in names if p.is_file()]
 
 
 def truncate_metrics(path: Path, epoch: int, step: int) -> None:

@@ -289,6 +289,7 @@ class Trainer:
         if self.env.is_main:
             self.directory.finish(out, self.cfg, self.eval_model(), metadata(self))
         self.log.record("test", step=self.step, loss=test["loss"], top1=test["top1"], top5=test["top5"])
+        self.log.finish(out, self.directory.artefacts())  # the trackers: results, config, final weights
         self.log.info(summary.test_line(test, wall, self.run_dir))
         self.log.close()
         return out
