@@ -18,8 +18,8 @@ class FakeHub:
     """One repository; `repo_type="dataset"` serves it as a dataset repository (what `datasets` reads)."""
 
     def __init__(self, repo: str = "alice/vits", files: dict[str, bytes] | None = None, down: bool = False,
-                 repo_type: str = "model"):
-        self.repo, self.files, self.down = repo, dict(files or {}), down
+                 repo_type: str = "model", gated: bool = False):
+        self.repo, self.files, self.down, self.gated = repo, dict(files or {}), down, gated
         self.kind = "datasets" if repo_type == "dataset" else "models"
         self.requests: list[httpx2.Request] = []
         self.commits: list[dict] = []
@@ -48,6 +48,9 @@ class FakeHub:
             return httpx2.Response(404, json={"error": "not here"})
         if request.headers.get("authorization") not in (None, "Bearer hf_GOODTOKEN123"):
             return httpx2.Response(401, json={"error": "Invalid credentials in Authorization header"})
+        if self.gated and request.headers.get("authorization") is None:
+            return httpx2.Response(401, headers={"X-Error-Code": "GatedRepo"},
+                                   json={"error": "Access to model is restricted; you must have access to it"})
         if path == f"{api}/preupload/main":
             files = json.loads(request.content)["files"]
             return httpx2.Response(200, json={"files": [{"path": f["path"], "uploadMode": "regular",

@@ -14,6 +14,15 @@ def load_pretrained(model, path, **kwargs):
     return _load(model, path, **kwargs)
 
 
+def create_model(name, pretrained=False, **kwargs):
+    """A registered model: `create_model("vit_small_patch16_224", num_classes=10)`. Like timm, with weights from
+    the Hugging Face Hub: `create_model("vit_small_patch16_224.augreg_in21k_ft_in1k", pretrained=True)` or
+    `create_model("hf-hub:<owner>/<name>", pretrained=True)` build the architecture its config.json names;
+    `pretrained=` a Hub name or a local file loads into the registered model `name` (see `vitlab.hub_models`)."""
+    from .hub_models import create_pretrained
+    return create_pretrained(name, pretrained, **kwargs)
+
+
 def load_config(path=None, overrides=()):
     """Load a YAML config, apply `section.key=value` overrides, check names and type the model arguments
     (see `vitlab.config` and `vitlab.resolve`)."""
@@ -28,7 +37,7 @@ def compare(configs, epochs=None, output="output/compare", **overrides):
 
 
 def __getattr__(name):
-    if name in ("create_model", "list_models", "register_model"):
+    if name in ("list_models", "register_model"):
         from . import registry
         return getattr(registry, name)
     if name == "train":  # `vitlab.train(config, **overrides)`: the training package, callable (vitlab.api.train)

@@ -139,6 +139,9 @@ def _add_train(t: argparse.ArgumentParser) -> None:
     # plain flags: their `dest` is the config key they set
     t.add_argument("--data_dir", "--data-dir", dest="data.data_dir", help="dataset folder (data.data_dir)")
     t.add_argument("--output", dest="output.dir", help="base output folder (output.dir, default ./output)")
+    t.add_argument("--pretrained", dest="model.pretrained",
+                   help="weights to start from: a local file, hf-hub:<owner>/<name>[@rev] or timm's <arch>.<tag> "
+                        "(model.pretrained)")
     t.add_argument("--savefile", dest="output.savefile",
                    help="run name under <output>/<task_name>/ (output.savefile, default run_01)")
     t.add_argument("--num_workers", "--num-workers", dest="data.num_workers", type=int,

@@ -56,10 +56,34 @@ def resolve_config(cfg: Config) -> Config:
     if dataset is None:
         raise VitlabError(f"unknown dataset '{cfg.data.dataset}'{did_you_mean(cfg.data.dataset, dataset_names())}; "
                           f"choose one of: {', '.join(dataset_names())}, or hf:<owner>/<name> (a Hugging Face dataset)")
+    cfg = with_hub_settings(cfg)
     model = dataclasses.replace(cfg.model, args=resolve_model_args(cfg.model.name, cfg.model.args))
     resolved = dataclasses.replace(cfg, model=model, data=dataclasses.replace(cfg.data, dataset=dataset))
     resolved._resolved = True  # not a field: not dumped, not copied by dataclasses.replace
     return resolved
+
+
+def with_hub_settings(cfg: Config) -> Config:
+    """`model.pretrained=hf-hub:...` or `<architecture>.<tag>`: what the repository's config.json says, where
+    the config leaves it open. model.name still at its default becomes the Hub model's architecture (with the
+    arguments config.json gives it, under the config's own), and data.normalization still `dataset` becomes
+    the model's (half or imagenet), as timm feeds it. The resolved config.yaml then names both, so a run
+    re-resolved later needs no download."""
+    from .config import ModelConfig
+    from .hub_models import architecture_args, hub_config, hub_name, settings
+
+    name = hub_name(cfg.model.pretrained)
+    pick_model, pick_norm = cfg.model.name == ModelConfig.name, cfg.data.normalization == "dataset"
+    if name is None or not (pick_model or pick_norm):
+        return cfg
+    hub = settings(hub_config(name))
+    model, data = cfg.model, cfg.data
+    if pick_model:
+        architecture, args = architecture_args(hub, name)
+        model = dataclasses.replace(model, name=architecture, args={**args, **model.args})
+    if pick_norm and hub.normalization:
+        data = dataclasses.replace(data, normalization=hub.normalization)
+    return dataclasses.replace(cfg, model=model, data=data)
 
 
 def build(tree: dict[str, Any] | None = None, overrides: Iterable[tuple[str, Any]] = ()) -> Config:
