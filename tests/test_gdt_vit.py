@@ -426,3 +426,25 @@ def test_prior_context_breaks_flat_ties_towards_the_content():
     plain = one_stage("heuristic", stages=[(16, 8, 0.25)]).grow(x).selections[0][0].tolist()
     near = one_stage("heuristic", stages=[(16, 8, 0.25)], prior_context=0.01).grow(x).selections[0][0].tolist()
     assert plain == [0, 1, 2, 15] and near == [10, 11, 14, 15]
+
+
+def test_a_learned_tree_starts_from_a_trained_classifier(tmp_path):
+    """model.pretrained from a heuristic tree's weights (no learned tree in them): every classifier weight
+    loads, the tree's own parameters keep their fresh start, so the prior scorer starts at the heuristic; a
+    checkpoint that misses a classifier weight is still refused."""
+    from safetensors.torch import save_file
+    from vitlab.pretrained import load_pretrained
+    trained = one_stage("heuristic", seed=1)
+    save_file(trained.state_dict(), tmp_path / "heuristic.safetensors")
+    learned = one_stage("prior", seed=2)
+    load_pretrained(learned, tmp_path / "heuristic.safetensors")
+    ours = learned.state_dict()
+    assert all(torch.equal(ours[k], v) for k, v in trained.state_dict().items())
+    assert learned.tokenizer.stages[0].selector.weight.abs().sum() == 0
+    x = canvas()
+    learned.eval(), trained.eval()
+    torch.testing.assert_close(learned(x), trained(x))  # the correction is zero: the same tree, the same logits
+    partial = {k: v for k, v in trained.state_dict().items() if not k.startswith("blocks.0.")}
+    save_file(partial, tmp_path / "partial.safetensors")
+    with pytest.raises(VitlabError, match="does not fit"):
+        load_pretrained(one_stage("prior"), tmp_path / "partial.safetensors")

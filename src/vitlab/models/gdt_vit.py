@@ -24,6 +24,9 @@ from .vit import VisionTransformer
 class GDTViT(VisionTransformer):
     _kind = "gdt_vit"
     derived_arguments = ("tokenizer", "tokens", "quadtree_sizes", "quadtree_score")  # the tree is learned
+    # What a checkpoint without a learned tree (a plain ViT's, or a `scorer=heuristic` run's) cannot provide: the
+    # tree starts fresh on a trained classifier (`model.pretrained`), the literature's "start from a trained model".
+    new_parameter_prefixes = ("patch_embed.stages.",)
 
     def __init__(self, img_size: int = 256, patch_size: int = 16, in_chans: int = 3, embed_dim: int = 768,
                  stages: Sequence[tuple[int, int, float]] = ((32, 16, 0.25), (16, 8, 0.25), (8, 4, 0.25),
