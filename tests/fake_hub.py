@@ -23,6 +23,7 @@ class FakeHub:
         self.kind = "datasets" if repo_type == "dataset" else "models"
         self.requests: list[httpx2.Request] = []
         self.commits: list[dict] = []
+        self.cards: list[str] = []  # README.md texts sent for validation
 
     def install(self) -> "FakeHub":
         huggingface_hub.set_client_factory(lambda: httpx2.Client(
@@ -39,6 +40,13 @@ class FakeHub:
         if self.down:
             raise httpx2.ConnectError("[Errno 111] Connection refused", request=request)
         path = request.url.path
+        if path == "/api/repos/create":  # create_repo(exist_ok=True): this one repository exists
+            return httpx2.Response(409 if json.loads(request.content).get("name") else 400,
+                                   json={"error": "You already created this model repo", "url":
+                                         f"https://huggingface.co/{self.repo}"})
+        if path == "/api/validate-yaml":  # a model card's front matter, checked before the commit
+            self.cards.append(json.loads(request.content)["content"])
+            return httpx2.Response(200, json={"errors": [], "warnings": []})
         api = f"/api/{self.kind}/{self.repo}"
         files_at = f"/{self.repo}/" if self.kind == "models" else f"/datasets/{self.repo}/"
         if not path.startswith((api, files_at)):

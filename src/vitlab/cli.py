@@ -1,5 +1,5 @@
-"""The `vitlab` command: train, evaluate, predict, models; sweep, collect, plot, compare, report; upload,
-download.
+"""The `vitlab` command: train, evaluate, predict, models, configs; sweep, collect, plot, compare, report;
+upload, download, push.
 
 Thin by design: parse, build a config, call library functions. A user error (VitlabError, bad flags)
 prints one line on stderr and exits 2; no traceback.
@@ -121,6 +121,12 @@ def _parser() -> argparse.ArgumentParser:
     up = sub.add_parser("upload", help="put a file or folder into a folder of HF_REPOSITORY (token: HF_TOKEN)")
     up.add_argument("local_path", metavar="LOCAL_PATH")
     up.add_argument("remote_dir", metavar="REMOTE_DIR", help="folder in the repository ('.' for its root)")
+    ps = sub.add_parser("push", help="a finished run as a Hub model repository: weights, timm-style config.json, "
+                                     "model card (token: HF_TOKEN)")
+    ps.add_argument("run", metavar="RUN", help="the run directory")
+    ps.add_argument("--repo", help="owner/name (default HF_REPOSITORY); created when it does not exist")
+    ps.add_argument("--license", default="other", help="the model's license identifier (default other)")
+    ps.add_argument("--private", action="store_true", help="create the repository private")
     dl = sub.add_parser("download", help="fetch a file or folder of HF_REPOSITORY into a local folder")
     dl.add_argument("remote_path", metavar="REMOTE_PATH")
     dl.add_argument("local_dir", metavar="LOCAL_DIR")
@@ -371,6 +377,15 @@ def cmd_upload(args) -> int:
     return 0
 
 
+def cmd_push(args) -> int:
+    from .push import push
+
+    repo, sent = push(args.run, args.repo, args.license, args.private)
+    print(f"pushed {len(sent)} file(s) to {repo}: " + ", ".join(sent[:8]) + (" ..." if len(sent) > 8 else ""))
+    print(f"load it: vitlab.create_model(\"hf-hub:{repo}\", pretrained=True)")
+    return 0
+
+
 def cmd_download(args) -> int:
     from .hub import download, hub_target
 
@@ -404,7 +419,8 @@ def describe_os_error(exc: OSError) -> str:
 COMMANDS = {"train": cmd_train, "evaluate": cmd_evaluate, "predict": cmd_predict, "models": cmd_models,
             "configs": cmd_configs,
             "sweep": cmd_sweep, "collect": cmd_collect, "plot": cmd_plot, "compare": cmd_compare,
-            "report": cmd_report, "upload": cmd_upload, "download": cmd_download}
+            "report": cmd_report, "upload": cmd_upload, "download": cmd_download,
+            "push": cmd_push}
 
 
 def _shown(message: object) -> str:

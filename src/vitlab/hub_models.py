@@ -146,11 +146,15 @@ class HubSettings:
 
 
 def settings(config: dict[str, Any]) -> HubSettings:
-    """timm's config.json, either layout (pretrained_cfg nested, or the legacy flat one)."""
+    """timm's config.json, either layout (pretrained_cfg nested, or the legacy flat one). A repository that
+    `vitlab push` wrote also names the vitlab model and all its arguments (any family): those win."""
     pretrained = config.get("pretrained_cfg") if isinstance(config.get("pretrained_cfg"), dict) else config
     size = pretrained.get("input_size")
     labels = config.get("label_names", pretrained.get("label_names", pretrained.get("labels")))
     args = config.get("model_args") if isinstance(config.get("model_args"), dict) else {}
+    ours = config.get("vitlab")
+    if isinstance(ours, dict) and isinstance(ours.get("name"), str) and isinstance(ours.get("args"), dict):
+        config, args = {**config, "architecture": ours["name"]}, ours["args"]
     classes = config.get("num_classes", pretrained.get("num_classes"))
     return HubSettings(
         architecture=config["architecture"], model_args=dict(args),
