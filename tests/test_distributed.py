@@ -1,4 +1,5 @@
 """Data parallelism with real processes on CPU (gloo): detection, exact equivalence, rank-0 writes, failures."""
+import importlib.util
 import json
 import os
 import signal
@@ -224,8 +225,10 @@ def _weights(run: Path) -> dict[str, torch.Tensor]:
 @pytest.mark.parametrize("strategy,batch,accum", [("ddp", 16, 1), ("fsdp", 16, 1), ("ddp", 8, 2)])
 def test_two_ranks_equal_one_process_with_double_batch(single, tmp_path, strategy, batch, accum):
     """2 SLURM-launched ranks x batch 16 (or 8 x 2 accumulation steps with no_sync) == 1 process x batch 32:
-    weights within 1e-5. Only rank 0 writes; --reload restores the (sharded) state."""
+    weights within 1e-5. Only rank 0 writes and tracks (one MLflow run); --reload restores the (sharded) state."""
     extra = [f"train.strategy={strategy}", f"train.accum_steps={accum}"]
+    tracked = strategy == "ddp" and accum == 1 and importlib.util.find_spec("mlflow") is not None
+    extra += ["output.loggers=[csv,mlflow]"] if tracked else []
     ranks = launch_slurm(2, train_args(tmp_path, "two", batch, *extra), slurm_job_id())
     assert all(r.returncode == 0 for r in ranks), ranks[0].stderr[-2000:] + ranks[1].stderr[-2000:]
     run = tmp_path / "vitlab" / "two"
@@ -258,10 +261,19 @@ def test_two_ranks_equal_one_process_with_double_batch(single, tmp_path, strateg
     assert (res["world_size"], res["global_batch"], ref_res["global_batch"]) == (2, 32, 32)
     assert res["params"] == ref_res["params"]
     assert res["test_samples"] == ref_res["test_samples"] == 25
+    if tracked:  # one tracked run, holding rank 0's reduced records once
+        from mlflow.tracking import MlflowClient
+        client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path.resolve() / 'mlflow.db'}")
+        runs = client.search_runs([client.get_experiment_by_name("vitlab").experiment_id])
+        assert len(runs) == 1
+        history = client.get_metric_history(runs[0].info.run_id, "train_batch/loss")
+        assert sorted((m.step, m.value) for m in history) == [(r["step"], r["loss"]) for r in batches]
+        assert len((run / "csv" / "train_batch.csv").read_text().splitlines()) == len(batches) + 1
     assert res["test_top1"] == ref_res["test_top1"]
     assert res["test_loss"] == pytest.approx(ref_res["test_loss"], abs=1e-5)
-    assert sorted(p.name for p in run.iterdir()) == [".lock", "checkpoints", "config.yaml", "metrics.jsonl",
-                                                     "results.json", "train.log"]
+    assert sorted(p.name for p in run.iterdir()) == sorted([".lock", "checkpoints", "config.yaml", "metrics.jsonl",
+                                                            "results.json", "train.log"]
+                                                           + (["csv", "trackers.json"] if tracked else []))
     # --reload of the finished run loads the (possibly sharded) weights and optimizer back and re-tests.
     again = launch_slurm(2, train_args(tmp_path, "two", batch, *extra, "--reload"), slurm_job_id())
     assert all(r.returncode == 0 for r in again), again[0].stderr[-2000:] + again[1].stderr[-2000:]

@@ -16,6 +16,7 @@ from fake_hub import FakeHub
 
 timm = pytest.importorskip("timm")
 
+SRC = Path(__file__).resolve().parents[1] / "src"
 REPO = "timm/vit_tiny_patch16_224.augreg_in21k"
 TAG_NAME = "vit_tiny_patch16_224.augreg_in21k"
 LABELS = ["cat", "dog", "emu", "fox", "gnu", "owl", "yak"]
@@ -132,7 +133,7 @@ def test_offline_uses_the_cache_and_names_what_is_missing(hub, cache, tmp_path):
     """A real process with HF_HUB_OFFLINE=1 (read by huggingface_hub at import, as users set it)."""
     import vitlab
     vitlab.create_model(TAG_NAME, pretrained=True)  # cached online first
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(cache), "PYTHONPATH": str(Path("src").resolve())}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(cache), "PYTHONPATH": str(SRC)}
     env.pop("HF_TOKEN", None)
     code = (f"import vitlab, torch; m = vitlab.create_model({TAG_NAME!r}, pretrained=True); "
             f"print(m.vitlab_name, m.num_classes)")
@@ -142,3 +143,36 @@ def test_offline_uses_the_cache_and_names_what_is_missing(hub, cache, tmp_path):
                              env=env, capture_output=True, text=True, cwd=tmp_path)
     assert missing.returncode == 2 and missing.stderr.count("\n") == 1
     assert "not in the Hugging Face cache" in missing.stderr and "HF_HUB_OFFLINE=1" in missing.stderr
+
+
+def test_hub_down_and_uncached_is_one_line_with_the_tries(hub, capsys, monkeypatch, caplog):
+    import logging
+
+    import huggingface_hub.utils._http as hf_http
+    monkeypatch.setattr(hf_http.time, "sleep", lambda seconds: None)  # the client's back-off, skipped
+    hub.down = True
+    code, _, err = run_cli(["train", "--pretrained", f"hf-hub:{REPO}"], capsys)
+    assert code == 2 and err.count("\n") == 1 and "not in the Hugging Face cache" in err and "tries" in err
+    assert not [r for r in caplog.records if r.name.startswith("huggingface_hub") and r.levelno >= logging.WARNING]
+
+
+def test_names_the_client_would_refuse_and_missing_local_files_make_no_request(hub, capsys):
+    import vitlab
+    for bad in ("hf-hub:alice/a--b", "hf-hub:alice/name."):
+        code, _, err = run_cli(["train", "--pretrained", bad], capsys)
+        assert code == 2 and err.count("\n") == 1 and "is not a Hub name" in err
+    before = len(hub.requests)
+    code, _, err = run_cli(["train", *QUICK, "--pretrained", "weights.ckpt", "train.max_steps=1"], capsys)
+    assert code == 2 and "pretrained file 'weights.ckpt' not found" in err and len(hub.requests) == before
+    untrained = vitlab.create_model(TAG_NAME)  # as timm: the architecture, no download
+    assert untrained.vitlab_name == "vit_tiny_patch16_224" and len(hub.requests) == before
+
+
+def test_a_path_object_is_loaded_not_ignored(tmp_path):
+    from safetensors.torch import save_file
+
+    import vitlab
+    source = vitlab.create_model("vit_micro_patch2_8", num_classes=4)
+    save_file(source.state_dict(), tmp_path / "w.safetensors")
+    model = vitlab.create_model("vit_micro_patch2_8", pretrained=tmp_path / "w.safetensors", num_classes=4)
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), source.state_dict().values()))

@@ -132,3 +132,9 @@ def test_installed_wheel_runs_an_original_command_line(installed, tmp_path):
     assert "as config: vitlab train --config configs/seed003/bdia_mnist.yaml" in done.stderr
     results = json.loads(next((tmp_path / "out").rglob("results.json")).read_text())
     assert results["model"] == "vit_small_bdia" and results["dataset"] == "mnist"
+
+
+def test_a_folder_named_like_a_preset_does_not_hide_it(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "mnist").mkdir()  # a dataset folder in the working directory
+    assert config_file("mnist") == (PRESETS / "mnist.yaml").resolve()

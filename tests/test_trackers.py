@@ -174,6 +174,11 @@ def test_unknown_logger_and_missing_package_are_one_line(capsys, tmp_path, monke
     code, _, err = run_cli([*TRAIN, "--output", str(tmp_path), "output.loggers=[wandb]"], capsys)
     assert code == 2 and err.count("\n") == 1 and "pip install 'vitlab[wandb]'" in err
     assert not list(tmp_path.rglob("metrics.jsonl"))  # refused before the run started
+    from vitlab.config import load_config
+    load_config(None, ["output.loggers=[wandb]"])  # a W&B run's config still builds (evaluate, push, collect)
+    code, _, err = run_cli([*TRAIN, "--output", str(tmp_path), "output.mlflow_tracking_uri=http://u:secret@host"],
+                           capsys)
+    assert code == 2 and err.count("\n") == 1 and "MLFLOW_TRACKING_PASSWORD" in err and "secret" not in err
 
 
 def test_a_failing_tracker_never_ends_the_run(capsys, tmp_path, monkeypatch):
@@ -186,3 +191,43 @@ def test_a_failing_tracker_never_ends_the_run(capsys, tmp_path, monkeypatch):
     log = (run_dir / "train.log").read_text()
     assert log.count("logger CSVFiles stopped (OSError: disk full)") == 1
     assert records(run_dir, "test")  # trained and tested to the end
+
+
+def test_csv_rows_after_the_checkpoint_are_dropped_on_resume(capsys, tmp_path):
+    """A hard kill leaves rows the resumed run replays: the CSV files are cut back as metrics.jsonl is."""
+    run_dir = train(capsys, tmp_path, "output.loggers=[csv]")
+    with open(run_dir / "csv" / "train_batch.csv", "a") as f:  # what a killed second epoch had written
+        f.write("2,1,999,9.0,0.0,0.001\n")
+    (run_dir / "results.json").unlink()  # as if killed before testing
+    code, _, err = run_cli([*TRAIN, "--output", str(tmp_path), "output.loggers=[csv]", "train.epochs=2",
+                            "--reload"], capsys)
+    assert code == 0, err
+    import csv
+    with open(run_dir / "csv" / "train_batch.csv", newline="") as f:
+        steps = [int(r["step"]) for r in csv.DictReader(f)]
+    assert steps == [r["step"] for r in records(run_dir, "train_batch")] == list(range(1, len(steps) + 1))
+    assert "trackers.json" not in {p.name for p in run_dir.iterdir()}  # nothing to continue: no ids file
+
+
+def test_damaged_tracker_ids_are_one_line_on_resume(capsys, tmp_path, mlflow_client):
+    run_dir = train(capsys, tmp_path, "output.loggers=[mlflow]")
+    (run_dir / "trackers.json").write_text("[1, 2")
+    code, _, err = run_cli([*TRAIN, "--output", str(tmp_path), "output.loggers=[mlflow]", "train.epochs=2",
+                            "--reload"], capsys)
+    assert code == 2 and err.count("\n") == 1 and "trackers.json' is damaged" in err
+
+
+def test_a_run_that_raises_is_marked_failed(tmp_path, mlflow_client, monkeypatch):
+    from vitlab.config import load_config
+    from vitlab.train import train as train_run
+    from vitlab.train.trainer import Trainer
+
+    def broken(self, seconds, images):
+        raise RuntimeError("out of memory")
+    monkeypatch.setattr(Trainer, "_end_epoch", broken)
+    cfg = load_config(None, [*QUICK, "train.epochs=1", f"output.dir={tmp_path}", "output.loggers=[mlflow]"])
+    with pytest.raises(RuntimeError, match="out of memory"):
+        train_run(cfg)
+    client = mlflow_client(tmp_path)
+    run_id = json.loads((cfg.run_dir / "trackers.json").read_text())["mlflow"]
+    assert client.get_run(run_id).info.status == "FAILED"

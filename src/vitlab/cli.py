@@ -124,9 +124,11 @@ def _parser() -> argparse.ArgumentParser:
     ps = sub.add_parser("push", help="a finished run as a Hub model repository: weights, timm-style config.json, "
                                      "model card (token: HF_TOKEN)")
     ps.add_argument("run", metavar="RUN", help="the run directory")
-    ps.add_argument("--repo", help="owner/name (default HF_REPOSITORY); created when it does not exist")
+    ps.add_argument("--repo", required=True, help="owner/name of the model repository; created (with --private, "
+                                                   "private) when it does not exist")
     ps.add_argument("--license", default="other", help="the model's license identifier (default other)")
-    ps.add_argument("--private", action="store_true", help="create the repository private")
+    ps.add_argument("--private", action="store_true", help="create the repository private (an existing one keeps "
+                                                           "its visibility)")
     dl = sub.add_parser("download", help="fetch a file or folder of HF_REPOSITORY into a local folder")
     dl.add_argument("remote_path", metavar="REMOTE_PATH")
     dl.add_argument("local_dir", metavar="LOCAL_DIR")

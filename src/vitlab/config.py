@@ -392,13 +392,17 @@ TRACKER_PACKAGES = {"wandb": "wandb", "mlflow": "mlflow"}  # logger: the package
 
 
 def check_loggers(names: list[str]) -> None:
-    """output.loggers: known names, each once, and each tracker's package installed (one line otherwise, when
-    the config is built: a missing extra fails at once, not after loading the data)."""
-    import importlib.util
-
+    """output.loggers: known names, each once (checked whenever a config is built)."""
     if not isinstance(names, list) or any(n not in LOGGERS for n in names) or len(set(names)) != len(names):
         raise VitlabError(f"output.loggers {names!r}: a list of {', '.join(LOGGERS)}, each at most once "
                           f"(e.g. output.loggers=[tensorboard,wandb])")
+
+
+def check_tracker_packages(names: list[str]) -> None:
+    """Each tracker's package installed: one line otherwise. Checked when training starts, before the data
+    loads (not when a config is built: evaluating or pushing a W&B run needs no wandb)."""
+    import importlib.util
+
     for name in names:
         package = TRACKER_PACKAGES.get(name)
         if package and importlib.util.find_spec(package) is None:
@@ -409,6 +413,10 @@ def check_loggers(names: list[str]) -> None:
 def validate(cfg: Config) -> None:
     """Cross-field checks of the fixed sections."""
     check_loggers(cfg.output.loggers)
+    if "@" in cfg.output.mlflow_tracking_uri.split("://", 1)[-1].split("/", 1)[0]:
+        raise VitlabError("output.mlflow_tracking_uri holds credentials (user:password@host), which would be "
+                          "written into config.yaml; give MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD "
+                          "in the environment instead")
     positive = {"train.epochs": cfg.train.epochs, "train.batch_size": cfg.train.batch_size,
                 "train.accum_steps": cfg.train.accum_steps, "train.log_every": cfg.train.log_every,
                 "optim.lr": cfg.optim.lr}

@@ -187,7 +187,7 @@ def hub_errors(target: HubTarget) -> Iterator[None]:
     where = f"{target.repo_type} repository {target.repo_id}"
     retries: list[str] = []
     try:
-        with _quiet_retries(retries):
+        with quiet_retries(retries):
             yield
     except VitlabError:
         raise
@@ -205,7 +205,7 @@ def hub_errors(target: HubTarget) -> Iterator[None]:
         first = clean(str(exc)).splitlines()[0] if str(exc) else type(exc).__name__
         raise VitlabError(f"the Hub answered HTTP {status} for {where}: {first}") from None
     except (ConnectionError, TimeoutError, socket.gaierror, hf_errors.OfflineModeIsEnabled,
-            *_transport_errors()) as exc:  # network only: a local disk error must not read as "unreachable"
+            *transport_errors()) as exc:  # network only: a local disk error must not read as "unreachable"
         reason = clean(str(exc)).splitlines()[0] if str(exc) else type(exc).__name__
         tries = f", {len(retries) + 1} tries" if retries else ""
         raise VitlabError(f"cannot reach the Hugging Face Hub at {target.endpoint} ({reason}{tries}): check the "
@@ -219,7 +219,7 @@ _RETRY_WORDS = ("thrown while requesting", "Retrying in", "[Retry ", "Rate limit
 
 
 @contextmanager
-def _quiet_retries(retries: list[str]) -> Iterator[None]:
+def quiet_retries(retries: list[str]) -> Iterator[None]:
     """huggingface_hub logs every retry of a failed request as a warning of its own (on a refused connection:
     an error and a "Retrying in 8s [Retry 4/5]" line each time, 11 lines before vitlab's one). Here they are
     kept in `retries` instead, and the final error says how many tries there were."""
@@ -245,7 +245,7 @@ def _quiet_retries(retries: list[str]) -> Iterator[None]:
         logger.removeFilter(keep)
 
 
-def _transport_errors() -> tuple[type[BaseException], ...]:
+def transport_errors() -> tuple[type[BaseException], ...]:
     """The HTTP client's connection errors (huggingface_hub >= 1 uses httpx2 or httpx; older, requests)."""
     errors: list[type[BaseException]] = []
     for module, name in (("httpx2", "TransportError"), ("httpx", "TransportError"),
@@ -398,6 +398,12 @@ def upload_files(files: dict[str, Path], target: HubTarget | None = None, messag
         _api(target).create_commit(repo_id=target.repo_id, repo_type=target.repo_type, operations=ops,
                                    commit_message=message)
     return list(files)
+
+
+def ensure_repo(target: HubTarget, private: bool = False) -> None:
+    """Create the repository when it does not exist (`vitlab push`); an existing one is left as it is."""
+    with hub_errors(target):
+        _api(target).create_repo(target.repo_id, repo_type=target.repo_type, private=private, exist_ok=True)
 
 
 def download(remote_path: str, local_dir: str | Path, target: HubTarget | None = None) -> list[Path]:

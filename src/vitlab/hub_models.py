@@ -17,6 +17,7 @@ offline cache without the files, an architecture vitlab does not have.
 from __future__ import annotations
 
 import json
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,19 +44,35 @@ class HubName:
 
 def hub_name(text: Any) -> HubName | None:
     """The Hub repository `text` names, or None when it is not a Hub name (a local path). A local file
-    that exists is never a Hub name; an `hf-hub:` name that is malformed is a VitlabError."""
+    that exists is never a Hub name; `<architecture>.<tag>` is one only for an architecture vitlab has (else
+    it is a missing local file, and no request is made); an `hf-hub:` name that is malformed is a
+    VitlabError."""
     if not isinstance(text, str) or not text or Path(text).expanduser().exists():
         return None
     if text.startswith("hf-hub:"):
         repo, _, revision = text.removeprefix("hf-hub:").partition("@")
-        if not REPO.fullmatch(repo) or ".." in repo or (revision and not re.fullmatch(r"[\w./-]{1,100}", revision)) \
-                or ".." in revision:
+        if not _valid_repo(repo) or (revision and not re.fullmatch(r"[\w./-]{1,100}", revision)) or ".." in revision:
             raise VitlabError(f"'{text[:120]}' is not a Hub name; write hf-hub:<owner>/<name> or "
                               f"hf-hub:<owner>/<name>@<revision>")
         return HubName(repo, revision or None, text)
     if TIMM_NAME.fullmatch(text) and not text.endswith(LOCAL_SUFFIXES):
-        return HubName(f"timm/{text}", None, text)
+        from .registry import list_models
+        if text.split(".")[0] in list_models("*", aliases=True):
+            return HubName(f"timm/{text}", None, text)
     return None
+
+
+def _valid_repo(repo: str) -> bool:
+    """owner/name as the Hub allows it (huggingface_hub's own check: no '--', '..', or edge '.' and '-')."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    if not REPO.fullmatch(repo):
+        return False
+    try:
+        validate_repo_id(repo)
+    except HFValidationError:
+        return False
+    return True
 
 
 def _token() -> str | None:
@@ -71,14 +88,19 @@ def _token() -> str | None:
 
 
 def _download(name: HubName, filename: str) -> Path:
-    """One file of the repository through huggingface_hub's cache; its errors as one line each."""
+    """One file of the repository through huggingface_hub's cache; its errors as one line each (the client's
+    retry warnings are counted, not printed)."""
     from huggingface_hub import hf_hub_download
     from huggingface_hub.utils import (EntryNotFoundError, GatedRepoError, HfHubHTTPError, LocalEntryNotFoundError,
                                        RepositoryNotFoundError, RevisionNotFoundError)
 
+    from .hub import quiet_retries, transport_errors
+
     where = f"'{name}' (Hub repository {name.repo}{'@' + name.revision if name.revision else ''})"
+    retries: list[str] = []
     try:
-        return Path(hf_hub_download(name.repo, filename, revision=name.revision, token=_token()))
+        with quiet_retries(retries):
+            return Path(hf_hub_download(name.repo, filename, revision=name.revision, token=_token()))
     except GatedRepoError:
         raise VitlabError(f"{where} is gated: accept its terms on the Hub, then set HF_TOKEN (environment or .env) "
                           f"to a token of that account") from None
@@ -89,12 +111,13 @@ def _download(name: HubName, filename: str) -> Path:
     except RevisionNotFoundError:
         raise VitlabError(f"{where}: no revision '{name.revision}'; name a branch, tag or commit of it") from None
     except LocalEntryNotFoundError:  # offline (HF_HUB_OFFLINE=1 or no network) and not in the cache
+        tries = f", {len(retries) + 1} tries" if retries else ""
         raise VitlabError(f"{where}: {filename} is not in the Hugging Face cache and the Hub cannot be reached "
-                          f"(HF_HUB_OFFLINE=1 or no network); run once online to cache it, or pass a local "
+                          f"(HF_HUB_OFFLINE=1 or no network{tries}); run once online to cache it, or pass a local "
                           f"file") from None
     except EntryNotFoundError:
         raise VitlabError(f"{where} has no {filename}") from None
-    except (HfHubHTTPError, OSError) as exc:
+    except (HfHubHTTPError, ConnectionError, TimeoutError, *transport_errors()) as exc:  # not local disk errors
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
         raise VitlabError(f"{where}: the Hub download failed ({type(exc).__name__}: {first}); try again, or "
                           f"set HF_HUB_OFFLINE=1 to use the cache") from None
@@ -190,14 +213,17 @@ def create_pretrained(name: str, pretrained: bool | str = False, **kwargs: Any):
     from .pretrained import load_pretrained
     from .registry import create_model
 
+    if not isinstance(pretrained, (bool, str, os.PathLike)):
+        raise VitlabError(f"pretrained={pretrained!r}: pass True (with a Hub name), a Hub name or a file path")
     source = None
     if hub_name(name) is not None:
+        if pretrained is False and TIMM_NAME.fullmatch(name):  # as timm: the architecture, without weights
+            return create_model(name.split(".")[0], **kwargs)
         if pretrained is not True:
-            raise VitlabError(f"'{name}' is a Hub name; pass pretrained=True to download it (or a registered "
-                              f"architecture name without weights)")
+            raise VitlabError(f"'{name}' is a Hub name; pass pretrained=True to download it")
         source = hub_name(name)
-    elif isinstance(pretrained, str):
-        source = hub_name(pretrained) or pretrained
+    elif isinstance(pretrained, (str, os.PathLike)):
+        source = hub_name(os.fspath(pretrained)) or pretrained
     elif pretrained is True:
         raise VitlabError(f"pretrained=True needs a Hub name: '{name}.<tag>' (timm's tags) or "
                           f"'hf-hub:<owner>/<name>'; for a local file pass pretrained='FILE'")

@@ -39,10 +39,11 @@ def preset_path(name: str | Path) -> Path | None:
 
 
 def config_file(path: str | Path) -> Path:
-    """A config or sweep spec as a file: `path` itself when it exists, else the preset it names. A path that
-    is neither is returned as it is (the reader says it is missing, and names `vitlab configs`)."""
+    """A config or sweep spec as a file: `path` itself when it is a file, else the preset it names (a folder
+    of the same name, such as a dataset's, does not hide a preset). A path that is neither is returned as it
+    is (the reader says what is wrong, and names `vitlab configs`)."""
     path = Path(path)
-    if path.exists():
+    if path.is_file():
         return path
     return preset_path(path) or path
 
@@ -54,13 +55,13 @@ def presets() -> list[Preset]:
     found = []
     for path in sorted(PRESETS.rglob("*.yaml")):
         tree = read_yaml(path)
-        kind = "sweep" if {"grid", "zip"} & set(tree) else "config"
+        kind = "sweep" if "base" in tree else "config"  # a sweep spec names its base config
         found.append(Preset(path.relative_to(PRESETS).with_suffix("").as_posix(), path, kind, _summary(path)))
     return found
 
 
 def _summary(path: Path) -> str:
-    """The first comment line that says what the file is, not how to run it."""
+    """The first comment line that says what the file is, not how to run it (cut at 100 characters)."""
     for line in path.read_text(encoding="utf-8").splitlines():
         if not line.startswith("#"):
             break

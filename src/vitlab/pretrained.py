@@ -176,13 +176,18 @@ def adapt_state_dict(sd: dict[str, torch.Tensor], model: nn.Module) -> tuple[dic
 
 
 def load_pretrained(model: nn.Module, path: str | Path, strict: bool = True) -> list[str]:
-    """Load a local checkpoint into `model`; returns notes on what was adapted.
+    """Load a checkpoint (a local file or a Hub name) into `model`; returns notes on what was adapted, including
+    the parameters a family adds that keep their initialisation.
 
     With `strict`, every model parameter except a dropped head must come from the file, and the file may
     hold no keys the model lacks; mismatches are a VitlabError listing the first few keys."""
     sd, notes = adapt_state_dict(read_state_dict(path), model)
     missing, unexpected = model.load_state_dict(sd, strict=False)
-    new = ("head.", *getattr(model, "new_parameter_prefixes", ()))
+    added = tuple(getattr(model, "new_parameter_prefixes", ()))
+    fresh = sorted({p for p in added for k in missing if k.startswith(p)})
+    if fresh:
+        notes.append(f"{', '.join(p + '*' for p in fresh)} not in the checkpoint: kept their initialisation")
+    new = ("head.", *added)
     missing = [k for k in missing if not k.startswith(new) and ".lora_" not in k]
     if strict and (missing or unexpected):
         raise VitlabError(f"'{path}' does not fit model {getattr(model, 'vitlab_name', type(model).__name__)}: "

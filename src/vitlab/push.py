@@ -222,23 +222,23 @@ def repository_files(run_dir: Path, repo: str, folder: Path, license: str = "oth
     return files
 
 
-def push(run_dir: str | Path, repo: str | None = None, license: str = "other",
-         private: bool = False) -> tuple[str, list[str]]:
-    """Build the repository files of a finished run and commit them to `repo` (else HF_REPOSITORY), creating
-    the repository when it does not exist; returns (repository id, paths written)."""
+def push(run_dir: str | Path, repo: str, license: str = "other", private: bool = False) -> tuple[str, list[str]]:
+    """Build the repository files of a finished run and commit them to the model repository `repo`
+    (owner/name; not HF_REPOSITORY, which `vitlab upload` fills with runs), creating it, private when asked,
+    if it does not exist; returns (repository id, paths written)."""
     import os
 
-    from .hub import _api, hub_errors, hub_target, upload_files
+    from .hub import ensure_repo, hub_target, upload_files
+    from .hub_models import REPO
 
+    if not REPO.fullmatch(repo or "") or ".." in repo:
+        raise VitlabError(f"--repo {str(repo)[:100]!r} is not a model repository; write owner/name")
     if not re.fullmatch(r"[a-z0-9][a-z0-9.+-]{0,63}", license):
         raise VitlabError(f"--license {license[:70]!r} is not a license identifier; use one of the Hub's "
                           f"(apache-2.0, mit, cc-by-4.0, ..., or other)")
-    target = hub_target(need_token=True, environ={**os.environ, **({"HF_REPOSITORY": repo} if repo else {})})
-    if target.repo_type != "model":
-        raise VitlabError(f"'{target.repo_id}' is a {target.repo_type} repository; push writes a model repository")
+    target = hub_target(need_token=True, environ={**os.environ, "HF_REPOSITORY": repo})
     with tempfile.TemporaryDirectory(prefix="vitlab-push-") as tmp:
         files = repository_files(Path(run_dir), target.repo_id, Path(tmp), license)
-        with hub_errors(target):
-            _api(target).create_repo(target.repo_id, repo_type="model", private=private, exist_ok=True)
+        ensure_repo(target, private)
         sent = upload_files(files, target, f"vitlab push: {Path(run_dir).name}")
     return target.repo_id, sent

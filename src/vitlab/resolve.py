@@ -68,7 +68,8 @@ def with_hub_settings(cfg: Config) -> Config:
     the config leaves it open. model.name still at its default becomes the Hub model's architecture (with the
     arguments config.json gives it, under the config's own), and data.normalization still `dataset` becomes
     the model's (half or imagenet), as timm feeds it. The resolved config.yaml then names both, so a run
-    re-resolved later needs no download."""
+    re-resolved later (evaluate, resume) makes no request; one whose mean/std is neither keeps `dataset`, and
+    reads config.json again from the cache."""
     from .config import ModelConfig
     from .hub_models import architecture_args, hub_config, hub_name, settings
 

@@ -16,7 +16,8 @@ from ..names import csv_cell, printable
 from .runs import Run
 
 # Keys that always differ between runs without describing them.
-IGNORED = {"output.savefile", "output.dir", "output.progress", "output.tensorboard", "output.upload"}
+IGNORED = {"output.savefile", "output.dir", "output.progress", "output.tensorboard", "output.upload", "output.loggers",
+           "output.wandb_project", "output.mlflow_tracking_uri"}
 RESULT_COLUMNS = [  # (header, results.json key, format)
     ("top-1 %", "test_top1", lambda v: f"{100 * v:.2f}"),
     ("top-5 %", "test_top5", lambda v: f"{100 * v:.2f}"),

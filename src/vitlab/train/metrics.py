@@ -6,6 +6,7 @@ batches, so the hot loop never waits on the GPU for logging. Only rank 0 logs; o
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 import time
@@ -104,6 +105,7 @@ class RunLogger:
         self.log_file = open(self.run_dir / "train.log", mode, buffering=1)
         self.stream = stream or sys.stdout
         self.trackers = list(trackers or [])  # vitlab.train.trackers.Tracker
+        self.closed = False
         if progress == "auto":
             progress = "bar" if self.stream.isatty() else "plain"
         self.progress = progress
@@ -142,6 +144,8 @@ class RunLogger:
                 getattr(tracker, method)(*args)
             except Exception as exc:  # noqa: BLE001  (any tracker's error; the run goes on)
                 self.trackers.remove(tracker)
+                with contextlib.suppress(Exception):
+                    tracker.close(failed=True)
                 first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
                 self.info(f"warning: logger {type(tracker).__name__} stopped ({type(exc).__name__}: {first}); "
                           f"metrics.jsonl has every record")
@@ -186,15 +190,18 @@ class RunLogger:
             self.bar.close()
             self.bar = None
 
-    def close(self) -> None:
+    def close(self, failed: bool = False) -> None:
+        """Close the files and the trackers (`failed`: the run raised; MLflow marks it FAILED)."""
         self.end_epoch()
-        self._track("close")
+        self._track("close", failed)
         for f in (self.jsonl, self.log_file):
             f.close()
+        self.closed = True
 
 
 class NullLogger:
     """The logger of ranks other than 0: data-parallel jobs write one run directory and print once."""
+    closed = True
 
     def info(self, text: str) -> None: ...
     def write(self, text: str) -> None: ...
@@ -205,7 +212,7 @@ class NullLogger:
     def start_epoch(self, *args: Any) -> None: ...
     def update(self, *args: Any) -> None: ...
     def end_epoch(self) -> None: ...
-    def close(self) -> None: ...
+    def close(self, failed: bool = False) -> None: ...
 
 
 def _hms(seconds: float) -> str:

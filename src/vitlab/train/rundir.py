@@ -31,9 +31,9 @@ from ..layers.lora import adapter_state_dict, merged_state_dict
 from . import checkpoint as ckpt
 from .distributed import all_gather_object, full_state, load_full_state
 from .metrics import RunLogger
-from .trackers import open_trackers
 from .rng import rng_state, seed_all, set_rng_state
 from .runlock import RunLock
+from .trackers import open_trackers
 
 
 # what a run writes at its top level: any of them means an earlier run (or its remains) is there
@@ -154,7 +154,7 @@ class RunDirectory:
             truncate_metrics(self.path / "metrics.jsonl", *resumed)
         atomic_write(self.path / "config.yaml", cfg.dump())
         loggers = [n for n in cfg.output.loggers if n != "tensorboard" or cfg.output.tensorboard]
-        trackers = open_trackers(loggers, self.path, cfg, resumed=resumed is not None)
+        trackers = open_trackers(loggers, self.path, cfg, resumed)
         return RunLogger(self.path, trackers, cfg.output.progress, append=resumed is not None, stream=stream)
 
     def finish(self, results: dict[str, Any], cfg: Config, eval_model, metadata: dict[str, str]) -> None:

@@ -17,20 +17,25 @@ the final weights). Only rank 0 has a logger, so only rank 0 tracks.
                the experiment is the task name.
 
 A resumed run (`--reload`) continues the same tracked run: the W&B run id and MLflow run id are kept in
-<run>/trackers.json.
+<run>/trackers.json. The CSV files, as metrics.jsonl, lose the rows after the checkpoint, whose batches are
+replayed; W&B and MLflow histories cannot be rewritten, so after a hard kill the steps between the last
+checkpoint and the kill appear there twice (a stop by signal saves first, and replays nothing).
 """
 from __future__ import annotations
 
+import contextlib
 import csv
+import io
 import json
+import logging
 import os
 import time
 from pathlib import Path
 from typing import Any
 
-from ..config import check_loggers
 from ..errors import VitlabError
 from ..names import atomic_write
+from ..untrusted import read_bytes
 
 STATE_FILE = "trackers.json"
 
@@ -44,28 +49,42 @@ class Tracker:
     def finish(self, results: dict[str, Any], files: list[Path]) -> None:
         """The run's results and files, once, after testing."""
 
-    def close(self) -> None:
-        """End of this process's part (a finished or a stopped run)."""
+    def close(self, failed: bool = False) -> None:
+        """End of this process's part: a finished or stopped run, or (`failed`) one that raised."""
 
 
-def open_trackers(names: list[str], run_dir: Path, cfg, resumed: bool) -> list[Tracker]:
-    """The trackers `names` for the run in `run_dir`; `resumed`: continue the tracked runs saved there."""
-    check_loggers(names)
-    state_path = run_dir / STATE_FILE
-    state = json.loads(state_path.read_text()) if resumed and state_path.is_file() else {}
+def open_trackers(names: list[str], run_dir: Path, cfg, resumed: tuple[int, int] | None) -> list[Tracker]:
+    """The trackers `names` for the run in `run_dir`; `resumed`: the (epoch, step) of the checkpoint a resumed
+    run continues from, whose tracked runs it continues."""
+    state = _read_state(run_dir / STATE_FILE) if resumed else {}
     build = {"tensorboard": TensorBoard, "csv": CSVFiles, "wandb": WandB, "mlflow": MLflow}
-    trackers = []
+    trackers: list[Tracker] = []
     for name in names:
         try:
-            trackers.append(build[name](run_dir, cfg, state))
+            trackers.append(build[name](run_dir, cfg, state, resumed))
         except Exception as exc:  # noqa: BLE001  (a store that cannot be opened, a server out of reach, ...)
             for opened in trackers:
-                opened.close()
+                opened.close(failed=True)
             first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
             raise VitlabError(f"output.loggers: {name} could not start ({type(exc).__name__}: {first}); fix its "
                               f"settings or leave {name} out of output.loggers") from None
-    atomic_write(state_path, json.dumps(state, indent=2) + "\n")  # the tracked runs' ids, for a resume
+    if state:  # the tracked runs' ids, for a resume
+        atomic_write(run_dir / STATE_FILE, json.dumps(state, indent=2) + "\n")
     return trackers
+
+
+def _read_state(path: Path) -> dict[str, str]:
+    """trackers.json of the run being resumed: {tracker: run id}; one line when it is not what vitlab wrote."""
+    if not path.is_file():
+        return {}
+    try:
+        state = json.loads(read_bytes(path, "trackers.json", limit=1 << 16).decode("utf-8"))
+    except (ValueError, UnicodeDecodeError):
+        state = None
+    if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in state.items()):
+        raise VitlabError(f"'{path}' is damaged (not the tracked runs' ids vitlab writes); delete it to resume into "
+                          f"new W&B / MLflow runs")
+    return state
 
 
 def _numbers(values: dict[str, Any]) -> dict[str, float]:
@@ -84,7 +103,7 @@ def _flat(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 class TensorBoard(Tracker):
-    def __init__(self, run_dir: Path, cfg, state: dict):
+    def __init__(self, run_dir: Path, cfg, state: dict, resumed: tuple[int, int] | None):
         from torch.utils.tensorboard import SummaryWriter
 
         self.writer = SummaryWriter(str(run_dir / "tb"))
@@ -94,17 +113,21 @@ class TensorBoard(Tracker):
             if k not in ("step", "epoch", "batch"):
                 self.writer.add_scalar(f"{kind}/{k}", v, step)
 
-    def close(self) -> None:
+    def close(self, failed: bool = False) -> None:
         self.writer.close()
 
 
 class CSVFiles(Tracker):
-    """One file per record kind; its columns are fixed by its first row (a resumed run keeps the header)."""
+    """One file per record kind; its columns are fixed by its first row (a resumed run keeps the header, and
+    the rows after its checkpoint are dropped, as in metrics.jsonl)."""
 
-    def __init__(self, run_dir: Path, cfg, state: dict):
+    def __init__(self, run_dir: Path, cfg, state: dict, resumed: tuple[int, int] | None):
         self.dir = run_dir / "csv"
         self.dir.mkdir(exist_ok=True)
         self.files: dict[str, tuple[Any, csv.DictWriter]] = {}
+        if resumed:
+            for path in self.dir.glob("*.csv"):
+                _truncate(path, *resumed)
 
     def log(self, kind: str, values: dict[str, Any], step: int) -> None:
         if kind not in self.files:
@@ -120,14 +143,36 @@ class CSVFiles(Tracker):
             self.files[kind] = (f, writer)
         self.files[kind][1].writerow(values)
 
-    def close(self) -> None:
+    def close(self, failed: bool = False) -> None:
         for f, _ in self.files.values():
             f.close()
         self.files.clear()
 
 
+def _truncate(path: Path, epoch: int, step: int) -> None:
+    """Keep the rows metrics.jsonl keeps on a resume at (epoch, step): epochs done, batches up to the step."""
+    with open(path, newline="") as f:
+        reader = csv.DictReader(f)
+        rows, header = list(reader), reader.fieldnames
+    if not header:
+        return
+    batches = path.stem in ("train_batch", "val_batch")
+
+    def number(row: dict, key: str, default: int) -> int:
+        try:
+            return int(row.get(key) or default)
+        except ValueError:
+            return default
+    kept = [r for r in rows if number(r, "epoch", 0) <= epoch or (batches and number(r, "step", step + 1) <= step)]
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=header)
+    writer.writeheader()
+    writer.writerows(kept)
+    atomic_write(path, buffer.getvalue())
+
+
 class WandB(Tracker):
-    def __init__(self, run_dir: Path, cfg, state: dict):
+    def __init__(self, run_dir: Path, cfg, state: dict, resumed: tuple[int, int] | None):
         import wandb
 
         self.wandb = wandb
@@ -148,15 +193,32 @@ class WandB(Tracker):
             artifact.add_file(str(path), name=path.name)
         self.run.log_artifact(artifact)
 
-    def close(self) -> None:
-        self.run.finish()
+    def close(self, failed: bool = False) -> None:
+        self.run.finish(exit_code=1 if failed else 0)
+
+
+@contextlib.contextmanager
+def _start_quickly():
+    """MLflow's HTTP client retries a refused connection for minutes (7 tries, 120 s timeouts): while the
+    tracker starts, one try of 10 s, so a server out of reach is one line at once. Later calls keep MLflow's
+    retries (a blip mid-run); values the user set are kept."""
+    keys = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
+    saved = {k: os.environ.get(k) for k in keys}
+    os.environ.update({k: v for k, v in keys.items() if saved[k] is None})
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
 
 
 class MLflow(Tracker):
-    def __init__(self, run_dir: Path, cfg, state: dict):
+    def __init__(self, run_dir: Path, cfg, state: dict, resumed: tuple[int, int] | None):
         from mlflow.entities import Param
         from mlflow.tracking import MlflowClient
 
+        logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)  # "Creating initial tables..."
         uri = cfg.output.mlflow_tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
         artifacts = None  # a tracking server or a user's store keeps artifacts where it is set up to
         if not uri:  # a local store beside the runs
@@ -164,18 +226,19 @@ class MLflow(Tracker):
             root.mkdir(parents=True, exist_ok=True)
             uri, artifacts = f"sqlite:///{root / 'mlflow.db'}", (root / "mlartifacts").as_uri()
         self.client, self.pending, self.finished = MlflowClient(tracking_uri=uri), [], False
-        if state.get("mlflow"):  # a resume: the same run, running again
-            self.run_id = state["mlflow"]
-            self.client.update_run(self.run_id, status="RUNNING")
-        else:
-            experiment = self.client.get_experiment_by_name(cfg.task_name)
-            experiment_id = (experiment.experiment_id if experiment else
-                             self.client.create_experiment(cfg.task_name, artifact_location=artifacts))
-            self.run_id = self.client.create_run(experiment_id, run_name=run_dir.name).info.run_id
-            params = [Param(k, (v if isinstance(v, str) else json.dumps(v))[:6000])  # MLflow's value limit
-                      for k, v in _flat(cfg.to_dict()).items()]
-            for start in range(0, len(params), 100):  # at most 100 parameters a call
-                self.client.log_batch(self.run_id, params=params[start:start + 100])
+        with _start_quickly():
+            if state.get("mlflow"):  # a resume: the same run, running again
+                self.run_id = state["mlflow"]
+                self.client.update_run(self.run_id, status="RUNNING")
+            else:
+                experiment = self.client.get_experiment_by_name(cfg.task_name)
+                experiment_id = (experiment.experiment_id if experiment else
+                                 self.client.create_experiment(cfg.task_name, artifact_location=artifacts))
+                self.run_id = self.client.create_run(experiment_id, run_name=run_dir.name).info.run_id
+                params = [Param(k, (v if isinstance(v, str) else json.dumps(v))[:6000])  # MLflow's value limit
+                          for k, v in _flat(cfg.to_dict()).items()]
+                for start in range(0, len(params), 100):  # at most 100 parameters a call
+                    self.client.log_batch(self.run_id, params=params[start:start + 100])
         state["mlflow"] = self.run_id
 
     def log(self, kind: str, values: dict[str, Any], step: int) -> None:
@@ -202,6 +265,7 @@ class MLflow(Tracker):
             self.client.log_artifact(self.run_id, str(path))
         self.finished = True
 
-    def close(self) -> None:
+    def close(self, failed: bool = False) -> None:
         self._flush()
-        self.client.set_terminated(self.run_id, status="FINISHED" if self.finished else "KILLED")
+        status = "FAILED" if failed else "FINISHED" if self.finished else "KILLED"
+        self.client.set_terminated(self.run_id, status=status)

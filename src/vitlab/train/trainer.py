@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..config import Config
+from ..config import Config, check_tracker_packages
 from ..data import set_epoch
 from ..errors import TrainingStopped, VitlabError
 from ..hub import hub_target
@@ -52,12 +52,18 @@ class Trainer:
             self._build(resolve_config(cfg), reload, stream)
 
     def release(self) -> None:
-        """Give up the run directory's lock (the process's exit does too)."""
+        """Close a log the run left open (it raised: its trackers are told it failed) and give up the run
+        directory's lock (the process's exit does too)."""
+        log = getattr(self, "log", None)
+        if log is not None and not log.closed:
+            log.close(failed=True)
         self.directory.release()
 
     def _build(self, cfg: Config, reload: bool, stream) -> None:
         """Everything from the config, in this order: the order of random draws is part of an exact resume."""
         self.cfg, tc, env = cfg, cfg.train, self.env
+        if env.is_main:  # the trackers' packages (wandb, mlflow), before anything slow
+            check_tracker_packages(cfg.output.loggers)
         resume_from, damaged = self.directory.to_resume(reload)
         if tc.strategy == "fsdp" and tc.ema:
             raise VitlabError("train.ema is not supported with train.strategy=fsdp yet; use train.strategy=ddp "
