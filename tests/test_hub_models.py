@@ -158,14 +158,21 @@ def test_hub_down_and_uncached_is_one_line_with_the_tries(hub, capsys, monkeypat
 
 def test_names_the_client_would_refuse_and_missing_local_files_make_no_request(hub, capsys):
     import vitlab
+    from vitlab.errors import VitlabError
     for bad in ("hf-hub:alice/a--b", "hf-hub:alice/name."):
         code, _, err = run_cli(["train", "--pretrained", bad], capsys)
         assert code == 2 and err.count("\n") == 1 and "is not a Hub name" in err
     before = len(hub.requests)
     code, _, err = run_cli(["train", *QUICK, "--pretrained", "weights.ckpt", "train.max_steps=1"], capsys)
-    assert code == 2 and "pretrained file 'weights.ckpt' not found" in err and len(hub.requests) == before
+    assert code == 2 and "'weights.ckpt' is neither a file here nor a timm name" in err and len(hub.requests) == before
     untrained = vitlab.create_model(TAG_NAME)  # as timm: the architecture, no download
     assert untrained.vitlab_name == "vit_tiny_patch16_224" and len(hub.requests) == before
+    assert vitlab.create_model("vit_tiny_patch16_224", pretrained=None).vitlab_name == "vit_tiny_patch16_224"
+    for call in (lambda: vitlab.create_model("deit_tiny_patch16_224.fb_in1k", pretrained=True),
+                 lambda: vitlab.create_model("vit_tiny_patch16_224", pretrained="deit_tiny_patch16_224.fb_in1k")):
+        with pytest.raises(VitlabError, match="has no architecture 'deit_tiny_patch16_224'"):
+            call()
+    assert len(hub.requests) == before
 
 
 def test_a_path_object_is_loaded_not_ignored(tmp_path):

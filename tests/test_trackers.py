@@ -178,7 +178,12 @@ def test_unknown_logger_and_missing_package_are_one_line(capsys, tmp_path, monke
     load_config(None, ["output.loggers=[wandb]"])  # a W&B run's config still builds (evaluate, push, collect)
     code, _, err = run_cli([*TRAIN, "--output", str(tmp_path), "output.mlflow_tracking_uri=http://u:secret@host"],
                            capsys)
-    assert code == 2 and err.count("\n") == 1 and "MLFLOW_TRACKING_PASSWORD" in err and "secret" not in err
+    assert code == 2 and err.count("\n") == 1 and "MLFLOW_TRACKING_URI" in err and "secret" not in err
+    from vitlab.errors import VitlabError
+    with pytest.raises(VitlabError, match="password or token"):
+        load_config(None, ["output.mlflow_tracking_uri=https://host/api?token=abc"])
+    for fine in ("postgresql://bob@db/mlflow", "file:///runs@v2/mlruns", "databricks://profile", "sqlite:///a@b.db"):
+        load_config(None, [f"output.mlflow_tracking_uri={fine}"])  # a user without a password, an @ in a path
 
 
 def test_a_failing_tracker_never_ends_the_run(capsys, tmp_path, monkeypatch):

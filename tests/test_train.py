@@ -77,6 +77,12 @@ def test_gradient_accumulation_matches_large_batch(tmp_path):
     a, b = run("big", 64, 1), run("accum", 32, 2)
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-6)
+    # a micro-batch's record carries the optimizer step it counts towards: the two of a step share it, and the
+    # epoch's record ends on the same step
+    records = [json.loads(line) for line in (tmp_path / "vitlab" / "accum" / "metrics.jsonl").read_text().splitlines()]
+    steps = [r["step"] for r in records if r["kind"] == "train_batch"]
+    assert steps == [1 + i // 2 for i in range(len(steps))]
+    assert [r["step"] for r in records if r["kind"] == "epoch"] == [steps[-1]]
 
 
 def test_load_checkpoint_rebuilds_model(trained_run):

@@ -410,13 +410,25 @@ def check_tracker_packages(names: list[str]) -> None:
                               f"pip install 'vitlab[{package}]' (or leave {name} out of output.loggers)")
 
 
+def _holds_secret(uri: str) -> bool:
+    """A URI with a password (scheme://user:password@host) or a password/token in its query."""
+    from urllib.parse import parse_qs, urlsplit
+
+    try:
+        parts = urlsplit(uri)
+        return bool(parts.password) or any(k.lower() in ("password", "token", "access_token")
+                                           for k in parse_qs(parts.query))
+    except ValueError:  # a malformed address: MLflow will say so when it starts
+        return False
+
+
 def validate(cfg: Config) -> None:
     """Cross-field checks of the fixed sections."""
     check_loggers(cfg.output.loggers)
-    if "@" in cfg.output.mlflow_tracking_uri.split("://", 1)[-1].split("/", 1)[0]:
-        raise VitlabError("output.mlflow_tracking_uri holds credentials (user:password@host), which would be "
-                          "written into config.yaml; give MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD "
-                          "in the environment instead")
+    if _holds_secret(cfg.output.mlflow_tracking_uri):
+        raise VitlabError("output.mlflow_tracking_uri holds a password or token, which would be written into "
+                          "config.yaml and the trackers' parameters; set the URI in MLFLOW_TRACKING_URI (never "
+                          "written), or give a server's MLFLOW_TRACKING_USERNAME/PASSWORD in the environment")
     positive = {"train.epochs": cfg.train.epochs, "train.batch_size": cfg.train.batch_size,
                 "train.accum_steps": cfg.train.accum_steps, "train.log_every": cfg.train.log_every,
                 "optim.lr": cfg.optim.lr}

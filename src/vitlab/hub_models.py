@@ -51,7 +51,7 @@ def hub_name(text: Any) -> HubName | None:
         return None
     if text.startswith("hf-hub:"):
         repo, _, revision = text.removeprefix("hf-hub:").partition("@")
-        if not _valid_repo(repo) or (revision and not re.fullmatch(r"[\w./-]{1,100}", revision)) or ".." in revision:
+        if not valid_repo(repo) or (revision and not re.fullmatch(r"[\w./-]{1,100}", revision)) or ".." in revision:
             raise VitlabError(f"'{text[:120]}' is not a Hub name; write hf-hub:<owner>/<name> or "
                               f"hf-hub:<owner>/<name>@<revision>")
         return HubName(repo, revision or None, text)
@@ -62,7 +62,16 @@ def hub_name(text: Any) -> HubName | None:
     return None
 
 
-def _valid_repo(repo: str) -> bool:
+def unknown_architecture(text: str) -> str | None:
+    """For `<architecture>.<tag>` whose architecture vitlab lacks (e.g. deit_tiny_patch16_224.fb_in1k): the
+    sentence that says so, for the error the caller raises; else None."""
+    if isinstance(text, str) and TIMM_NAME.fullmatch(text) and not text.endswith(LOCAL_SUFFIXES):
+        return (f"'{text}' is neither a file here nor a timm name vitlab can load: vitlab has no architecture "
+                f"'{text.split('.')[0]}' (`vitlab models` lists them)")
+    return None
+
+
+def valid_repo(repo: str) -> bool:
     """owner/name as the Hub allows it (huggingface_hub's own check: no '--', '..', or edge '.' and '-')."""
     from huggingface_hub.utils import HFValidationError, validate_repo_id
 
@@ -213,6 +222,8 @@ def create_pretrained(name: str, pretrained: bool | str = False, **kwargs: Any):
     from .pretrained import load_pretrained
     from .registry import create_model
 
+    if pretrained is None or pretrained == "":  # as timm: no weights
+        pretrained = False
     if not isinstance(pretrained, (bool, str, os.PathLike)):
         raise VitlabError(f"pretrained={pretrained!r}: pass True (with a Hub name), a Hub name or a file path")
     source = None
@@ -225,8 +236,8 @@ def create_pretrained(name: str, pretrained: bool | str = False, **kwargs: Any):
     elif isinstance(pretrained, (str, os.PathLike)):
         source = hub_name(os.fspath(pretrained)) or pretrained
     elif pretrained is True:
-        raise VitlabError(f"pretrained=True needs a Hub name: '{name}.<tag>' (timm's tags) or "
-                          f"'hf-hub:<owner>/<name>'; for a local file pass pretrained='FILE'")
+        raise VitlabError(unknown_architecture(name) or f"pretrained=True needs a Hub name: '{name}.<tag>' "
+                          f"(timm's tags) or 'hf-hub:<owner>/<name>'; for a local file pass pretrained='FILE'")
     hub = settings(hub_config(source)) if isinstance(source, HubName) else None
     if hub is not None:
         architecture, args = architecture_args(hub, source)

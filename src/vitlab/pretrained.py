@@ -30,10 +30,12 @@ from .layers import resample_pos_embed
 def read_state_dict(path) -> dict[str, torch.Tensor]:
     """A flat {key: tensor} from any supported file, or a Hub name (`vitlab.hub_models`: its weights file in the
     Hugging Face cache), in timm's key layout."""
-    from .hub_models import HubName, hub_name, hub_weights
+    from .hub_models import HubName, hub_name, hub_weights, unknown_architecture
 
     name = path if isinstance(path, HubName) else hub_name(str(path))
     path = hub_weights(name) if name is not None else Path(path).expanduser()
+    if not path.is_file() and unknown_architecture(str(path)):
+        raise VitlabError(unknown_architecture(str(path)))
     if not path.is_file():
         raise VitlabError(f"pretrained file '{path}' not found; pass a local .safetensors, .pth or .npz file, or a "
                           f"Hub name (hf-hub:<owner>/<name>, or timm's <architecture>.<tag>)")

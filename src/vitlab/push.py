@@ -229,9 +229,9 @@ def push(run_dir: str | Path, repo: str, license: str = "other", private: bool =
     import os
 
     from .hub import ensure_repo, hub_target, upload_files
-    from .hub_models import REPO
+    from .hub_models import valid_repo
 
-    if not REPO.fullmatch(repo or "") or ".." in repo:
+    if not valid_repo(repo or ""):
         raise VitlabError(f"--repo {str(repo)[:100]!r} is not a model repository; write owner/name")
     if not re.fullmatch(r"[a-z0-9][a-z0-9.+-]{0,63}", license):
         raise VitlabError(f"--license {license[:70]!r} is not a license identifier; use one of the Hub's "

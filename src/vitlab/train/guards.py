@@ -26,7 +26,7 @@ def too_many_skipped(skipped: int, limit: int) -> None:
                                f"{limit}; the last checkpoint is intact: lower optim.lr or set optim.clip_grad")
 
 
-def check_losses_finite(epoch: int, first_batch: int, first_step: int, records: list[dict[str, float]],
+def check_losses_finite(epoch: int, first_batch: int, steps: list[int], records: list[dict[str, float]],
                         skipped_batches: set[int]) -> None:
     """Stop at the first non-finite training loss, at a flush (values already on the host: no extra sync),
     before anything is saved; batches of skipped steps are allowed."""
@@ -34,7 +34,7 @@ def check_losses_finite(epoch: int, first_batch: int, first_step: int, records: 
         batch = first_batch + i
         if not math.isfinite(rec["loss"]) and batch not in skipped_batches:
             raise TrainingDiverged(
-                f"the training loss is {rec['loss']} at epoch {epoch}, batch {batch} (step {first_step + i}); "
+                f"the training loss is {rec['loss']} at epoch {epoch}, batch {batch} (step {steps[i]}); "
                 f"stopped, the last checkpoint is intact. Lower optim.lr, set optim.clip_grad=1.0, prefer "
                 f"train.amp=bf16 to fp16, or let train.skip_nonfinite_steps=N skip rare bad batches")
 

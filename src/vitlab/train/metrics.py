@@ -25,6 +25,7 @@ class BatchBuffer:
         self.device = device
         self.sizes: list[int] = []
         self.lrs: list[float] = []
+        self.steps: list[int] = []  # the optimizer step each batch counts towards (micro-batches share one)
         self.rows: list[torch.Tensor] = []  # per batch: (loss, hits, *extras) sums over the batch's samples
         self.keys: list[str] = []
 
@@ -37,7 +38,7 @@ class BatchBuffer:
         return sum(self.sizes)
 
     def add(self, size: int, loss: torch.Tensor, hits: torch.Tensor, lr: float,
-            extras: dict[str, torch.Tensor]) -> None:
+            extras: dict[str, torch.Tensor], step: int) -> None:
         """`loss` and `extras` are batch means, `hits` a count; the first batch fixes the extras' keys."""
         if not self.rows:
             self.keys = list(extras)
@@ -45,6 +46,7 @@ class BatchBuffer:
         self.rows.append(torch.stack(values))
         self.sizes.append(size)
         self.lrs.append(lr)
+        self.steps.append(step)
 
     def flush(self, reduce) -> list[dict[str, float]]:
         """Per-batch records {loss, acc, lr, *extras}, averaged over every rank's samples; empties the buffer.
@@ -57,7 +59,7 @@ class BatchBuffer:
             rec = {"loss": row[0] / count, "acc": row[1] / count, "lr": lr}
             rec.update({k: v / count for k, v in zip(self.keys, row[2:-1])})
             records.append(rec)
-        self.sizes, self.lrs, self.rows = [], [], []
+        self.sizes, self.lrs, self.rows, self.steps = [], [], [], []
         return records
 
 
@@ -66,11 +68,11 @@ class EpochLog:
     together at each `flush` (one reduction over ranks and one device-to-host copy for each kind)."""
 
     def __init__(self, log, device: torch.device, reduce, world_size: int, epoch: int, epochs: int, start: int,
-                 n_batches: int, step: int):
+                 n_batches: int):
         self.log, self.reduce, self.world = log, reduce, world_size
         self.epoch, self.epochs, self.start, self.n_batches = epoch, epochs, start, n_batches
         self.buffer, self.pending_val = BatchBuffer(device), []
-        self.first_batch, self.first_step = start + 1, step + 1  # of the records not yet written
+        self.first_batch = start + 1  # of the records not yet written
         self.t0 = self.t_flush = time.perf_counter()
         log.start_epoch(epoch, epochs, n_batches)
 
@@ -78,22 +80,23 @@ class EpochLog:
         self.pending_val.append((self.epoch, batch, step, loss))
 
     def flush(self, batches_done: int, batches_left: int, check) -> None:
-        """Write what is buffered after batch `batches_done` of the epoch; `check(first_batch, first_step,
-        records)` sees the training records first (it may stop the run before they are written)."""
+        """Write what is buffered after batch `batches_done` of the epoch; `check(first_batch, steps, records)`
+        sees the training records first (it may stop the run before they are written)."""
         if self.pending_val:  # validation losses: the mean over ranks
             values = (self.reduce(torch.stack([p[3] for p in self.pending_val])) / self.world).tolist()
             self.log.val_batches([(e, b, s, loss) for (e, b, s, _), loss in zip(self.pending_val, values)])
             self.pending_val.clear()
-        count, samples, sizes = len(self.buffer), self.buffer.samples, list(self.buffer.sizes)
+        count, samples, sizes, steps = (len(self.buffer), self.buffer.samples, list(self.buffer.sizes),
+                                        list(self.buffer.steps))
         records = self.buffer.flush(self.reduce)
-        check(self.first_batch, self.first_step, records)
-        self.log.batches(self.epoch, self.first_batch, self.first_step, records)
+        check(self.first_batch, steps, records)
+        self.log.batches(self.epoch, self.first_batch, steps, records)
         now = time.perf_counter()
         eta = batches_left * (now - self.t0) / (batches_done - self.start)
         mean = lambda key: sum(r[key] * n for r, n in zip(records, sizes)) / samples  # noqa: E731
         self.log.update(count, self.epoch, self.epochs, batches_done, self.n_batches, mean("loss"), mean("acc"),
                         samples * self.world / (now - self.t_flush), eta)
-        self.first_batch, self.first_step, self.t_flush = batches_done + 1, self.first_step + count, now
+        self.first_batch, self.t_flush = batches_done + 1, now
 
 
 class RunLogger:
@@ -151,11 +154,12 @@ class RunLogger:
                           f"metrics.jsonl has every record")
 
     # -- per-batch training values -----------------------------------------------------------------------
-    def batches(self, epoch: int, first_batch: int, first_step: int, records: list[dict[str, float]]) -> None:
-        """Write buffered per-batch records (values already reduced over ranks)."""
+    def batches(self, epoch: int, first_batch: int, steps: list[int], records: list[dict[str, float]]) -> None:
+        """Write buffered per-batch records (values already reduced over ranks); `steps`: each one's optimizer
+        step (with train.accum_steps > 1 the micro-batches of a step share it)."""
         lines = []
         for i, rec in enumerate(records):
-            batch, step = first_batch + i, first_step + i
+            batch, step = first_batch + i, steps[i]
             self.record("train_batch", epoch=epoch, batch=batch, step=step, **rec)
             extra = "".join(f" {k} {v:.4g}" for k, v in rec.items() if k not in ("loss", "acc", "lr"))
             lines.append(f"epoch {epoch} batch {batch} step {step} loss {rec['loss']:.4f} acc {rec['acc']:.3f} "

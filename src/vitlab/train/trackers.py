@@ -79,7 +79,7 @@ def _read_state(path: Path) -> dict[str, str]:
         return {}
     try:
         state = json.loads(read_bytes(path, "trackers.json", limit=1 << 16).decode("utf-8"))
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):
         state = None
     if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in state.items()):
         raise VitlabError(f"'{path}' is damaged (not the tracked runs' ids vitlab writes); delete it to resume into "
@@ -163,7 +163,8 @@ def _truncate(path: Path, epoch: int, step: int) -> None:
             return int(row.get(key) or default)
         except ValueError:
             return default
-    kept = [r for r in rows if number(r, "epoch", 0) <= epoch or (batches and number(r, "step", step + 1) <= step)]
+    whole = [r for r in rows if None not in r and None not in r.values()]  # a row torn by a kill is dropped
+    kept = [r for r in whole if number(r, "epoch", 0) <= epoch or (batches and number(r, "step", step + 1) <= step)]
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=header)
     writer.writeheader()
@@ -200,9 +201,10 @@ class WandB(Tracker):
 @contextlib.contextmanager
 def _start_quickly():
     """MLflow's HTTP client retries a refused connection for minutes (7 tries, 120 s timeouts): while the
-    tracker starts, one try of 10 s, so a server out of reach is one line at once. Later calls keep MLflow's
-    retries (a blip mid-run); values the user set are kept."""
-    keys = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
+    tracker starts, one retry and 10 s timeouts, so a server out of reach is one line within seconds (a
+    rate-limited one gets its second chance). Later calls keep MLflow's retries (a blip mid-run); values the
+    user set are kept."""
+    keys = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
     saved = {k: os.environ.get(k) for k in keys}
     os.environ.update({k: v for k, v in keys.items() if saved[k] is None})
     try:

@@ -14,6 +14,7 @@ import gc
 import math
 import os
 import signal
+import sys
 import time
 from typing import Any
 
@@ -51,19 +52,23 @@ class Trainer:
         with self.directory.undone_on_failure():
             self._build(resolve_config(cfg), reload, stream)
 
-    def release(self) -> None:
-        """Close a log the run left open (it raised: its trackers are told it failed) and give up the run
-        directory's lock (the process's exit does too)."""
+    def release(self, failed: bool = False) -> None:
+        """Close a log the run left open (it raised; `failed`: an error rather than an interruption, and its
+        trackers are told so) and give up the run directory's lock (the process's exit does too). An error
+        while closing never hides the run's own."""
         log = getattr(self, "log", None)
-        if log is not None and not log.closed:
-            log.close(failed=True)
-        self.directory.release()
+        try:
+            if log is not None and not log.closed:
+                log.close(failed=failed)
+        except Exception:  # noqa: BLE001  (a full disk closing the files: the run's error is the one to see)
+            pass
+        finally:
+            self.directory.release()
 
     def _build(self, cfg: Config, reload: bool, stream) -> None:
         """Everything from the config, in this order: the order of random draws is part of an exact resume."""
         self.cfg, tc, env = cfg, cfg.train, self.env
-        if env.is_main:  # the trackers' packages (wandb, mlflow), before anything slow
-            check_tracker_packages(cfg.output.loggers)
+        check_tracker_packages(cfg.output.loggers)  # on every rank: all stop together, before the data loads
         resume_from, damaged = self.directory.to_resume(reload)
         if tc.strategy == "fsdp" and tc.ema:
             raise VitlabError("train.ema is not supported with train.strategy=fsdp yet; use train.strategy=ddp "
@@ -149,7 +154,7 @@ class Trainer:
             self.epoch_rng, batches = rng_state(), iter(loader)
         # train.max_steps may end training inside this epoch
         n_batches = min(len(loader), start + (self.total_steps - self.step) * tc.accum_steps)
-        meter = EpochLog(self.log, self.device, all_reduce_sum, world, epoch, self.epochs, start, n_batches, self.step)
+        meter = EpochLog(self.log, self.device, all_reduce_sum, world, epoch, self.epochs, start, n_batches)
         self._skipped_batches, self._group_finite, val_stream, images = set(), None, None, 0
         for i, (x, y) in enumerate(batches, start=start):
             if i == n_batches:
@@ -212,8 +217,9 @@ class Trainer:
         hard = y.argmax(dim=-1) if y.ndim == 2 else y  # soft (mixed) targets: the dominant class
         hits = out.logits.detach().argmax(dim=1) == hard  # (B,) or, segmenting, (B, H, W) pixels
         extras = {**({"ce": ce} if terms else {}), **terms, **out.metrics}
+        # the record's step: the optimizer step this micro-batch counts towards (taken above on a group's last)
         buffer.add(y.shape[0], loss, hits.flatten(1).float().mean(1).sum() if hits.ndim > 1 else hits.sum(),
-                   self.optimizer.param_groups[0]["lr"], extras)
+                   self.optimizer.param_groups[0]["lr"], extras, self.step if step_now else self.step + 1)
         return step_now
 
     def _optimizer_step(self, batches: range) -> None:
@@ -242,8 +248,8 @@ class Trainer:
 
     def _check_losses(self, epoch: int):
         """The check a flush runs on the training records before writing them."""
-        return lambda first_batch, first_step, records: check_losses_finite(
-            epoch, first_batch, first_step, records, self._skipped_batches)
+        return lambda first_batch, steps, records: check_losses_finite(
+            epoch, first_batch, steps, records, self._skipped_batches)
 
     def _end_epoch(self, seconds: float, images: int) -> None:
         """Validate, log, and write `best` (when the validation loss improved) and `last`."""
@@ -320,7 +326,7 @@ def train(cfg: Config, reload: bool = False, stream=None, local: bool = False,
         try:
             results = trainer.fit()
         finally:  # free DDP/FSDP state, which holds the group, before the group is destroyed
-            trainer.release()
+            trainer.release(failed=isinstance(sys.exc_info()[1], Exception))  # an error, not Ctrl-C
             del trainer
             gc.collect()
     if env.is_main:  # outside the group: a long upload cannot time out the other ranks' exit barrier
