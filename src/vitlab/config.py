@@ -112,6 +112,11 @@ class TrainConfig:
     # optimizer steps whose loss or gradient norm is not finite (at the cost of one host sync per step)
     skip_nonfinite_steps: int = 0
     checkpoint_every_n_steps: int = 0  # also write `last` every N optimizer steps (mid-epoch); 0: epoch ends only
+    # knowledge distillation (Hinton et al. 2015): a trained vitlab run (its folder or a checkpoint) whose
+    # softened predictions are a second target: loss = (1 - w) CE + w T^2 KL(teacher_T || student_T)
+    teacher: Optional[str] = None
+    distill_weight: float = 0.5  # w
+    distill_temperature: float = 1.0  # T
 
 
 @dataclass
@@ -425,6 +430,9 @@ def _holds_secret(uri: str) -> bool:
 def validate(cfg: Config) -> None:
     """Cross-field checks of the fixed sections."""
     check_loggers(cfg.output.loggers)
+    if not 0 <= cfg.train.distill_weight <= 1 or cfg.train.distill_temperature <= 0:
+        raise VitlabError(f"train.distill_weight must be in [0, 1] and train.distill_temperature positive, got "
+                          f"{cfg.train.distill_weight} and {cfg.train.distill_temperature}")
     if _holds_secret(cfg.output.mlflow_tracking_uri):
         raise VitlabError("output.mlflow_tracking_uri holds a password or token, which would be written into "
                           "config.yaml and the trackers' parameters; set the URI in MLFLOW_TRACKING_URI (never "

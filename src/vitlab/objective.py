@@ -21,6 +21,15 @@ class ModelOutput:
     metrics: dict[str, torch.Tensor] = field(default_factory=dict)  # scalars logged, not optimised
 
 
+def distillation_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
+    """T^2 KL(softmax(teacher / T) || softmax(student / T)), the batch mean (Hinton et al. 2015: the T^2 keeps
+    the soft target's gradients on the hard target's scale as T changes)."""
+    t = temperature
+    log_student = torch.log_softmax(student / t, dim=-1)
+    log_teacher = torch.log_softmax(teacher / t, dim=-1)
+    return t * t * torch.nn.functional.kl_div(log_student, log_teacher, log_target=True, reduction="batchmean")
+
+
 def as_output(out: torch.Tensor | ModelOutput) -> ModelOutput:
     """Bare logits are a `ModelOutput` with no auxiliary terms."""
     return out if isinstance(out, ModelOutput) else ModelOutput(out)

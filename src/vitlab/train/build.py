@@ -121,6 +121,32 @@ def build_loaders(cfg: Config, data: DataBundle, env: DistEnv, pin: bool) -> dic
             "test": data.loader("test", eval_bs, dc.num_workers, pin_memory=pin, **shard)}
 
 
+def build_teacher(cfg: Config, data: DataBundle, device: torch.device) -> nn.Module | None:
+    """train.teacher: the trained model distilled from, frozen, in eval mode, on `device`. It must read the
+    same images as the student (size, channels, normalisation) and predict the same classes."""
+    if not cfg.train.teacher:
+        return None
+    from .evaluate import load_checkpoint
+
+    teacher, _, extra = load_checkpoint(cfg.train.teacher)
+    seen = extra.get("dataset_info") or {}
+    a, info = teacher.vitlab_args, data.info
+    if info.task != "classify":
+        raise VitlabError("train.teacher distils class predictions; it is not supported for segmentation")
+    if a.get("num_classes") != info.num_classes:
+        raise VitlabError(f"the teacher predicts {a.get('num_classes')} classes but {info.name} has "
+                          f"{info.num_classes}; distil from a model trained on the same classes")
+    ours = (data.img_size, data.in_chans, [round(v, 4) for v in info.mean], [round(v, 4) for v in info.std])
+    theirs = (a.get("img_size"), a.get("in_chans"), [round(v, 4) for v in seen.get("mean", [])],
+              [round(v, 4) for v in seen.get("std", [])])
+    if ours != theirs:
+        raise VitlabError(f"the teacher reads other images ({theirs[0]} px, {theirs[1]} channels, mean "
+                          f"{theirs[2]}) than this run ({ours[0]} px, {ours[1]} channels, mean {ours[2]}); "
+                          f"set data.img_size / data.normalization to the teacher's")
+    teacher.requires_grad_(False)
+    return teacher.eval().to(device)
+
+
 def build_ema(cfg: Config, model: nn.Module) -> nn.Module | None:
     """An exponential moving average of the weights (train.ema), evaluated and tested in their place."""
     if not cfg.train.ema:

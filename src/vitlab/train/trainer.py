@@ -25,10 +25,10 @@ from ..config import Config, check_tracker_packages
 from ..data import set_epoch
 from ..errors import TrainingStopped, VitlabError
 from ..hub import hub_target
-from ..objective import as_output
+from ..objective import as_output, distillation_loss
 from ..resolve import resolve_config
 from ..stats import MemoryMeter, forward_gflops
-from .build import build_data_for, build_ema, build_loaders, build_model, build_optimization
+from .build import build_data_for, build_ema, build_loaders, build_model, build_optimization, build_teacher
 from .distributed import DistEnv, all_reduce_sum, barrier, detect, no_sync, parallelize, process_group, resolve_device
 from .evaluate import autocast, evaluate, validation_batch_loss
 from .export import publish
@@ -83,6 +83,7 @@ class Trainer:
         self.gflops = forward_gflops(self.model)
         self.model.to(self.device)
         self.ema = build_ema(cfg, self.model)
+        self.teacher = build_teacher(cfg, self.data, self.device)  # train.teacher: distilled from, frozen
         # `model` stays the plain module (checkpoints, evaluation); `train_model` is what the loop calls
         self.train_model = parallelize(self.model, self.device, tc.strategy, tc.compile)
         seed_all(tc.seed + env.rank)  # per-rank streams for dropout, drop-path, mixup
@@ -202,12 +203,18 @@ class Trainer:
         with no_sync(self.train_model, sync=step_now):  # all-reduce gradients only on a group's last micro-batch
             with autocast(self.device, self.cfg.train.amp):
                 out = as_output(self.train_model(x))
+                with torch.no_grad():  # train.teacher: its predictions on the same batch, a second target
+                    soft = self.teacher(x).float() if self.teacher is not None else None
             # the objective: cross-entropy plus every auxiliary term the model returned, in fp32
             ce = self.criterion(out.logits.float(), y)
             terms = dict(out.losses)
+            ce_weight = 1.0
+            if soft is not None:  # (1 - w) CE + w T^2 KL: the hard labels' share moves to the teacher's
+                w, t = self.cfg.train.distill_weight, self.cfg.train.distill_temperature
+                terms["distill"], ce_weight = w * distillation_loss(out.logits.float(), soft, t), 1.0 - w
             if self.cfg.optim.dice_weight and y.ndim == 3:  # segmentation masks (B, H, W)
                 terms["dice"] = self.cfg.optim.dice_weight * soft_dice_loss(out.logits, y)
-            loss = ce + sum(term.float() for term in terms.values())
+            loss = ce_weight * ce + sum(term.float() for term in terms.values())
             self.scaler.scale(loss / group_size).backward()  # the mean over the group's micro-batches
         if self.cfg.train.skip_nonfinite_steps:  # a device flag over the group's micro-batches, read at its step
             finite = torch.isfinite(loss.detach())
