@@ -28,8 +28,13 @@ def test_a_run_distils_from_a_trained_run(trained_run, capsys, tmp_path):
                if r["kind"] == "train_batch"]
     # the logged loss is 0.3 CE + the distillation term (which already holds its weight 0.7)
     for r in batches:
-        assert r["loss"] == pytest.approx(0.3 * r["ce"] + r["distill"], rel=1e-5)
-    assert all(r["distill"] > 0 for r in batches)
+        assert r["loss"] == pytest.approx(0.3 * r["ce"] + r["kd"], rel=1e-5)
+    assert all(r["kd"] > 0 for r in batches)
+    # a resume must distil as the run began: another teacher, weight or temperature is refused
+    code, _, err = run_cli(["train", *QUICK, "train.epochs=2", "--output", str(tmp_path), f"train.teacher={teacher_dir}",
+                            "train.distill_weight=0.5", "train.distill_temperature=2", "model.depth=1", "--reload"],
+                           capsys)
+    assert code == 2 and err.count("\n") == 1 and "train.distill_weight: 0.7 -> 0.5" in err
 
 
 def test_a_student_with_the_teachers_weights_has_nothing_to_learn(trained_run):
@@ -38,8 +43,8 @@ def test_a_student_with_the_teachers_weights_has_nothing_to_learn(trained_run):
     from vitlab.resolve import load
     from vitlab.train.build import build_data_for, build_model, build_teacher
     teacher_dir, _ = trained_run
-    cfg = load(None, [*QUICK, f"train.teacher={teacher_dir}",
-                      f"model.pretrained={teacher_dir / 'checkpoints' / 'last' / 'model.safetensors'}"])
+    weights = teacher_dir / "checkpoints" / "last" / "model.safetensors"  # the same file for both
+    cfg = load(None, [*QUICK, f"train.teacher={weights}", f"model.pretrained={weights}"])
     data = build_data_for(cfg)
     student, teacher = build_model(cfg, data).eval(), build_teacher(cfg, data, torch.device("cpu"))
     assert not teacher.training and not any(p.requires_grad for p in teacher.parameters())
@@ -52,7 +57,10 @@ def test_bad_teachers_are_one_line(trained_run, capsys, tmp_path):
     teacher_dir, _ = trained_run
     code, _, err = run_cli(["train", *QUICK, "--output", str(tmp_path), f"train.teacher={teacher_dir}",
                             "data.img_size=16"], capsys)
-    assert code == 2 and err.count("\n") == 1 and "the teacher reads other images" in err
+    assert code == 2 and err.count("\n") == 1 and "the teacher reads other images" in err and "data.img_size" in err
+    code, _, err = run_cli(["train", *QUICK, "--output", str(tmp_path), f"train.teacher={teacher_dir}",
+                            "data.normalization=half"], capsys)
+    assert code == 2 and err.count("\n") == 1 and "mean [" in err and "(data.normalization)" in err
     code, _, err = run_cli(["train", *QUICK, "--output", str(tmp_path), f"train.teacher={tmp_path / 'none'}"], capsys)
     assert code == 2 and err.count("\n") == 1
     code, _, err = run_cli(["train", *QUICK, "--output", str(tmp_path), "train.distill_weight=1.5"], capsys)

@@ -122,27 +122,47 @@ def build_loaders(cfg: Config, data: DataBundle, env: DistEnv, pin: bool) -> dic
 
 
 def build_teacher(cfg: Config, data: DataBundle, device: torch.device) -> nn.Module | None:
-    """train.teacher: the trained model distilled from, frozen, in eval mode, on `device`. It must read the
-    same images as the student (size, channels, normalisation) and predict the same classes."""
+    """train.teacher: the trained model distilled from, frozen, in eval mode, on `device`. It must classify
+    the same classes and read the same images as the student: size, channels and the normalisation applied
+    (mean and std per channel); each difference is named in one line."""
     if not cfg.train.teacher:
         return None
+    if data.info.task != "classify":
+        raise VitlabError("train.teacher distils class predictions; it is not supported for segmentation")
+    from ..data.tensor_loader import match_channels
     from .evaluate import load_checkpoint
 
     teacher, _, extra = load_checkpoint(cfg.train.teacher)
-    seen = extra.get("dataset_info") or {}
-    a, info = teacher.vitlab_args, data.info
-    if info.task != "classify":
-        raise VitlabError("train.teacher distils class predictions; it is not supported for segmentation")
-    if a.get("num_classes") != info.num_classes:
-        raise VitlabError(f"the teacher predicts {a.get('num_classes')} classes but {info.name} has "
-                          f"{info.num_classes}; distil from a model trained on the same classes")
-    ours = (data.img_size, data.in_chans, [round(v, 4) for v in info.mean], [round(v, 4) for v in info.std])
-    theirs = (a.get("img_size"), a.get("in_chans"), [round(v, 4) for v in seen.get("mean", [])],
-              [round(v, 4) for v in seen.get("std", [])])
-    if ours != theirs:
-        raise VitlabError(f"the teacher reads other images ({theirs[0]} px, {theirs[1]} channels, mean "
-                          f"{theirs[2]}) than this run ({ours[0]} px, {ours[1]} channels, mean {ours[2]}); "
-                          f"set data.img_size / data.normalization to the teacher's")
+    seen, a, info = extra.get("dataset_info") or {}, teacher.vitlab_args, data.info
+    if a.get("head", "classify") != "classify" or a.get("num_classes") != info.num_classes:
+        raise VitlabError(f"the teacher ({a.get('head', 'classify')}, {a.get('num_classes')} classes) must classify "
+                          f"{info.name}'s {info.num_classes} classes; distil from a classifier of the same classes")
+    names = seen.get("class_names")
+    if names and info.class_names and list(names) != list(info.class_names):
+        raise VitlabError(f"the teacher's classes ({', '.join(map(str, names[:4]))}, ...) are not {info.name}'s "
+                          f"({', '.join(info.class_names[:4])}, ...) in the same order; distil from a model of "
+                          f"this dataset")
+
+    def stats(key: str) -> list[float] | None:
+        values = seen.get(key)
+        ok = isinstance(values, list) and values and all(isinstance(v, (int, float)) and math.isfinite(v)
+                                                         for v in values)
+        return match_channels(tuple(values), data.in_chans) if ok else None
+    differ = []
+    if a.get("img_size") != data.img_size:
+        differ.append(f"{a.get('img_size')} px, not {data.img_size} (data.img_size)")
+    if a.get("in_chans") != data.in_chans:
+        differ.append(f"{a.get('in_chans')} channels, not {data.in_chans} (model.in_chans)")
+    for key in ("mean", "std"):
+        theirs, ours = stats(key), match_channels(tuple(getattr(info, key)), data.in_chans)
+        if theirs is None:
+            differ.append(f"no recorded {key}")
+        elif not all(math.isclose(t, o, rel_tol=1e-3, abs_tol=1e-6) for t, o in zip(theirs, ours)):
+            differ.append(f"{key} {[round(v, 4) for v in theirs]}, not {[round(v, 4) for v in ours]} "
+                          f"(data.normalization)")
+    if differ:
+        raise VitlabError(f"the teacher reads other images than this run: {'; '.join(differ)}; set them to the "
+                          f"teacher's, or distil from a teacher trained on this input")
     teacher.requires_grad_(False)
     return teacher.eval().to(device)
 

@@ -261,8 +261,11 @@ def _check_same_run(saved: dict[str, Any], now: dict[str, Any], path: Path) -> N
                           f"same model settings or start a new --savefile")
     changed = [f"optim.{k}: {v!r} -> {now['optim'][k]!r}" for k, v in saved["optim"].items()
                if now["optim"].get(k) != v]
-    changed += [f"train.{k}: {saved['train'][k]!r} -> {now['train'][k]!r}"
-                for k in ("batch_size", "accum_steps") if saved["train"].get(k) != now["train"][k]]
+    # the objective's distillation too (absent from checkpoints older than train.teacher: the defaults)
+    defaults = {"teacher": None, "distill_weight": 0.5, "distill_temperature": 1.0}
+    changed += [f"train.{k}: {saved['train'].get(k, defaults.get(k))!r} -> {now['train'][k]!r}"
+                for k in ("batch_size", "accum_steps", *defaults)
+                if saved["train"].get(k, defaults.get(k)) != now["train"][k]]
     if changed:
         raise VitlabError(f"resuming {path} with changed optimization ({'; '.join(changed)}): the saved optimizer "
                           f"and schedule would keep the old values; resume with the saved settings or start a "

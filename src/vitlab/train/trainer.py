@@ -204,14 +204,14 @@ class Trainer:
             with autocast(self.device, self.cfg.train.amp):
                 out = as_output(self.train_model(x))
                 with torch.no_grad():  # train.teacher: its predictions on the same batch, a second target
-                    soft = self.teacher(x).float() if self.teacher is not None else None
+                    soft = as_output(self.teacher(x)).logits.float() if self.teacher is not None else None
             # the objective: cross-entropy plus every auxiliary term the model returned, in fp32
             ce = self.criterion(out.logits.float(), y)
             terms = dict(out.losses)
             ce_weight = 1.0
             if soft is not None:  # (1 - w) CE + w T^2 KL: the hard labels' share moves to the teacher's
                 w, t = self.cfg.train.distill_weight, self.cfg.train.distill_temperature
-                terms["distill"], ce_weight = w * distillation_loss(out.logits.float(), soft, t), 1.0 - w
+                terms["kd"], ce_weight = w * distillation_loss(out.logits.float(), soft, t), 1.0 - w
             if self.cfg.optim.dice_weight and y.ndim == 3:  # segmentation masks (B, H, W)
                 terms["dice"] = self.cfg.optim.dice_weight * soft_dice_loss(out.logits, y)
             loss = ce_weight * ce + sum(term.float() for term in terms.values())
