@@ -99,6 +99,13 @@ class EpochLog:
         self.first_batch, self.t_flush = batches_done + 1, now
 
 
+def kept_on_resume(kind: str, at_epoch: int, at_step: int, epoch: int, step: int) -> bool:
+    """Whether a record written before a resume from a checkpoint at (`epoch` complete, `step`) stays: the
+    epochs done, and the batches of the epoch in progress up to that step; later ones are replayed. The one
+    rule for metrics.jsonl and every tracker file that can be cut back (the CSV files)."""
+    return at_epoch <= epoch or (kind in ("train_batch", "val_batch") and at_step <= step)
+
+
 class RunLogger:
     def __init__(self, run_dir: Path, trackers: list | None = None, progress: str = "auto", append: bool = False,
                  stream: TextIO | None = None):

@@ -30,7 +30,7 @@ from ..untrusted import regular
 from ..layers.lora import adapter_state_dict, merged_state_dict
 from . import checkpoint as ckpt
 from .distributed import all_gather_object, full_state, load_full_state
-from .metrics import RunLogger
+from .metrics import RunLogger, kept_on_resume
 from .rng import rng_state, seed_all, set_rng_state
 from .runlock import RunLock
 from .trackers import open_trackers
@@ -190,8 +190,7 @@ def truncate_metrics(path: Path, epoch: int, step: int) -> None:
         at_epoch, at_step = record.get("epoch", 0), record.get("step", step + 1)
         if not isinstance(at_epoch, int) or not isinstance(at_step, int):
             continue
-        batch_record = record.get("kind") in ("train_batch", "val_batch")
-        if at_epoch <= epoch or (batch_record and at_step <= step):
+        if kept_on_resume(record.get("kind"), at_epoch, at_step, epoch, step):
             kept.append(line)
     atomic_write(path, "".join(line + "\n" for line in kept))
 

@@ -36,6 +36,7 @@ from typing import Any
 from ..errors import VitlabError
 from ..names import atomic_write
 from ..untrusted import read_bytes
+from .metrics import kept_on_resume
 
 STATE_FILE = "trackers.json"
 
@@ -156,15 +157,14 @@ def _truncate(path: Path, epoch: int, step: int) -> None:
         rows, header = list(reader), reader.fieldnames
     if not header:
         return
-    batches = path.stem in ("train_batch", "val_batch")
-
     def number(row: dict, key: str, default: int) -> int:
         try:
             return int(row.get(key) or default)
         except ValueError:
             return default
     whole = [r for r in rows if None not in r and None not in r.values()]  # a row torn by a kill is dropped
-    kept = [r for r in whole if number(r, "epoch", 0) <= epoch or (batches and number(r, "step", step + 1) <= step)]
+    kept = [r for r in whole
+            if kept_on_resume(path.stem, number(r, "epoch", 0), number(r, "step", step + 1), epoch, step)]
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=header)
     writer.writeheader()
